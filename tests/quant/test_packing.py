@@ -1,0 +1,51 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transformers_kvquant.quant.packing import group_size, pack, packed_words, unpack
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), n=st.integers(1, 300), rows=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_pack_then_unpack_is_identity(bits, n, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, n), generator=g, dtype=torch.uint8)
+    words = pack(codes, bits)
+    assert words.dtype == torch.int32
+    assert words.shape == (rows, packed_words(n, bits))
+    assert torch.equal(unpack(words, bits, n), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_extreme_codes_round_trip(bits):
+    # All-ones codes set the sign bit of every word; all-max codes exercise the straddling 3-bit values.
+    for value in (0, 2**bits - 1):
+        codes = torch.full((2, 3, 67), value, dtype=torch.uint8)
+        assert torch.equal(unpack(pack(codes, bits), bits, 67), codes)
+
+
+def test_three_bit_layout_matches_kvquant():
+    # 32 codes fill 3 words; code i occupies bits 3i..3i+2 of the 96-bit group, so codes 10 and 21 straddle.
+    codes = torch.zeros(32, dtype=torch.uint8)
+    codes[10] = 0b111
+    w = pack(codes, 3).to(torch.int64) & 0xFFFFFFFF
+    assert w.tolist() == [0b11 << 30, 0b1, 0]
+    codes = torch.zeros(32, dtype=torch.uint8)
+    codes[21] = 0b101
+    w = pack(codes, 3).to(torch.int64) & 0xFFFFFFFF
+    assert w.tolist() == [0, 1 << 31, 0b10]
+
+
+def test_words_per_head_dim():
+    assert packed_words(128, 4) == 16 and packed_words(128, 3) == 12 and packed_words(128, 2) == 8
+    assert packed_words(64, 3) == 6
+    assert packed_words(8, 4) == 1 and packed_words(8, 2) == 1 and packed_words(8, 3) == 3
+    assert group_size(3) == 32
+
+
+def test_bad_bits_and_shapes_raise():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        pack(torch.zeros(4, dtype=torch.uint8), 5)
+    with pytest.raises(ValueError, match="expected 6 packed words"):
+        unpack(torch.zeros(5, dtype=torch.int32), 3, 64)

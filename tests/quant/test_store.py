@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+from transformers_kvquant.quant.codebook import uniform_codebook
+from transformers_kvquant.quant.memory import store_report
+from transformers_kvquant.quant.quantizer import ChannelKeyQuantizer, TokenQuantizer, fake_quantize
+from transformers_kvquant.quant.store import FullPrecisionStore, PackedStore
+
+
+def make_store(bits=3, h=2, d=32, slots=2, sink=1, window=0):
+    g = torch.Generator().manual_seed(0)
+    zero = torch.randn(h, d, generator=g) * 0.1
+    scale = torch.rand(h, d, generator=g) + 0.5
+    kq = ChannelKeyQuantizer(uniform_codebook(bits), zero, scale, slots)
+    vq = TokenQuantizer(uniform_codebook(bits), slots)
+    return PackedStore(kq, vq, bits, sink_tokens=sink, recent_window=window), kq, vq
+
+
+def data(b=2, h=2, t=23, d=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, t, d, generator=g) * 1.5, torch.randn(b, h, t, d, generator=g), torch.arange(t).expand(b, t)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_chunked_appends_equal_one_append_and_fake_quant(bits):
+    k, v, pos = data()
+    one, kq, vq = make_store(bits, sink=0)
+    one.append(k, v, pos)
+    many, _, _ = make_store(bits, sink=0)
+    for a, b in [(0, 5), (5, 6), (6, 23)]:
+        many.append(k[:, :, a:b], v[:, :, a:b], pos[:, a:b])
+    k1, v1 = one.keys_values()
+    k2, v2 = many.keys_values()
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert torch.equal(k1, fake_quantize(kq, k)) and torch.equal(v1, fake_quantize(vq, v))
+    assert torch.equal(one.positions(), pos.int())
+
+
+def test_sink_is_exact_and_follows_the_last_position_zero_under_left_padding():
+    k, v, _ = data(b=2, t=10)
+    pos = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5, 6], list(range(10))])  # row 0: 3 pads then the real token
+    store, _, _ = make_store(sink=1)
+    store.append(k, v, pos)
+    kd, vd = store.keys_values()
+    assert torch.equal(kd[0, :, 3], k[0, :, 3]) and torch.equal(vd[0, :, 3], v[0, :, 3])
+    assert torch.equal(kd[1, :, 0], k[1, :, 0])
+    assert not torch.equal(kd[0, :, 0], k[0, :, 0])  # a pad slot is quantized
+    assert store.sink_slot.tolist() == [[3], [0]]
+
+
+def test_recent_window_keeps_newest_tokens_exact_and_quantizes_on_exit():
+    k, v, pos = data(b=1, t=20)
+    store, kq, vq = make_store(window=4, sink=0)
+    for t in range(20):
+        store.append(k[:, :, t : t + 1], v[:, :, t : t + 1], pos[:, t : t + 1])
+        kd, _ = store.keys_values()
+        n = t + 1
+        exact = min(4, n)
+        assert torch.equal(kd[:, :, n - exact :], k[:, :, n - exact : n])
+        if n > 4:
+            assert torch.equal(kd[:, :, : n - 4], fake_quantize(kq, k[:, :, : n - 4]))
+    assert store.packed_length == 16 and store.length == 20
+
+
+def test_crop_then_append_matches_never_appended():
+    k, v, pos = data()
+    a, _, _ = make_store(window=3)
+    a.append(k[:, :, :15], v[:, :, :15], pos[:, :15])
+    a.append(k[:, :, 15:20] * 7, v[:, :, 15:20] * 7, pos[:, 15:20])
+    a.crop(5)
+    a.append(k[:, :, 15:], v[:, :, 15:], pos[:, 15:])
+    b, _, _ = make_store(window=3)
+    b.append(k[:, :, :15], v[:, :, :15], pos[:, :15])
+    b.append(k[:, :, 15:], v[:, :, 15:], pos[:, 15:])
+    # Both hold tokens 0..22. Tokens that `a` packed before the crop stay packed, so only the slots appended after
+    # the crop are compared exactly; positions must agree everywhere.
+    ka, va = a.keys_values()
+    kb, vb = b.keys_values()
+    assert ka.shape == kb.shape == k.shape
+    assert torch.equal(ka[:, :, 20:], kb[:, :, 20:])
+    assert torch.equal(a.positions(), b.positions())
+
+
+def test_crop_removes_sink_beyond_length():
+    k, v, pos = data(t=4)
+    s, _, _ = make_store()
+    s.append(k, v, pos)
+    s.crop(4)
+    assert (s.sink_slot == -1).all() and s.length == 0
+    s.append(k, v, pos)
+    kd, _ = s.keys_values()
+    assert torch.equal(kd[:, :, 0], k[:, :, 0])
+
+
+def test_map_rows_reorders_every_tensor():
+    k, v, pos = data(b=3)
+    s, _, _ = make_store(window=2)
+    s.append(k, v, pos)
+    before_k, before_v = s.keys_values()
+    idx = torch.tensor([2, 0, 0])
+    s.map_rows(lambda t: t.index_select(0, idx))
+    after_k, after_v = s.keys_values()
+    assert torch.equal(after_k, before_k[idx]) and torch.equal(after_v, before_v[idx])
+    s.append(k[:, :, :1], v[:, :, :1], pos[:, :1] + 23)
+    assert s.keys_values()[0].shape[2] == 24
+
+
+def test_eviction_and_growth_keep_the_retained_slots():
+    k, v, pos = data(b=1, t=200)
+    s, _, _ = make_store(window=5)
+    ref, _, _ = make_store(window=5)
+    ref.append(k, v, pos)
+    rk, rv = ref.keys_values()
+    for t in range(0, 200, 7):
+        s.append(k[:, :, t : t + 7], v[:, :, t : t + 7], pos[:, t : t + 7])
+        s.evict_before(s.length - 30)
+        kd, vd = s.keys_values()
+        assert kd.shape[2] == min(30, s.length)
+        assert torch.equal(s.positions(), pos[:, s.start : s.length].int())
+    # Retained packed tokens equal the reference store's (the sink slot was evicted, so compare slots >= 1).
+    kd, vd = s.keys_values()
+    assert torch.equal(kd[:, :, :-5], rk[:, :, s.start : 195])
+    assert s.buffers.capacity < 200  # evicted slots were reclaimed
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_accounting_counts_every_tensor(bits):
+    b, h, t, d, slots = 2, 3, 64, 64, 2
+    k, v, pos = data(b=b, h=h, t=t, d=d)
+    s, _, _ = make_store(bits=bits, h=h, d=d, slots=slots, sink=1)
+    s.append(k, v, pos)
+    rep = store_report(s)
+    codes = 2 * b * h * t * d * bits // 8
+    ranges = 2 * b * t * 2
+    outliers = 2 * b * t * slots * (2 + 2)
+    positions = b * t * 4
+    sink = 2 * b * h * d * 4 + b * 8
+    assert rep.total_bytes == codes + ranges + outliers + positions + sink
+    assert rep.elements == 2 * b * t * h * d
+
+
+def test_full_precision_store_is_exact():
+    k, v, pos = data()
+    s = FullPrecisionStore()
+    s.append(k[:, :, :9], v[:, :, :9], pos[:, :9])
+    s.append(k[:, :, 9:], v[:, :, 9:], pos[:, 9:])
+    kd, vd = s.keys_values()
+    assert torch.equal(kd, k) and torch.equal(vd, v)
+    s.crop(3)
+    assert s.keys_values()[0].shape[2] == 20

@@ -1,0 +1,389 @@
+"""Storage of one layer's keys and values for a batch: packed KVQuant codes or full precision.
+
+Tokens live in *slots* ``0, 1, 2, ...`` (the cache index, shared by all rows). A packed store holds, per slot:
+
+- ``key_codes`` / ``value_codes``: int32 ``[B, H, cap, words]`` bit-packed codes (pre-RoPE keys);
+- ``value_zero`` / ``value_scale``: 16-bit ``[B, cap]`` per-token ranges (keys use calibrated per-channel ranges);
+- ``key_outlier_*`` / ``value_outlier_*``: ``[B, cap, S]`` 16-bit values and int16 channel indices (-1 = empty);
+- ``positions``: int32 ``[B, cap]`` RoPE position of every slot (rows differ under left padding).
+
+Besides the packed slots: the *sink* (the first ``sink_tokens`` positions of each row, exact, with their slot)
+and the *recent window* (the newest ``recent_window`` tokens, exact, quantized when they leave it). Slots below
+``start`` have been evicted (sliding-window layers). Buffers grow geometrically; :meth:`reserve` preallocates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .packing import pack, packed_words, unpack
+from .quantizer import QuantizedVectors
+
+_TOKEN_DIM = {  # dimension of the slot axis in each packed buffer
+    "key_codes": 2,
+    "value_codes": 2,
+    "value_zero": 1,
+    "value_scale": 1,
+    "key_outlier_values": 1,
+    "key_outlier_index": 1,
+    "value_outlier_values": 1,
+    "value_outlier_index": 1,
+    "positions": 1,
+}
+
+
+class _SlotBuffers:
+    """Named tensors that share a growable slot axis (amortized O(1) appends, in-place writes)."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.capacity = 0
+
+    def allocate(self, specs: dict, capacity: int) -> None:
+        """specs: name -> (shape with None at the slot axis, dtype, device)."""
+        self._specs = specs
+        self.capacity = capacity
+        self.tensors = {n: self._empty(n, capacity) for n in specs}
+
+    def _empty(self, name, capacity):
+        shape, dtype, device = self._specs[name]
+        shape = tuple(capacity if s is None else s for s in shape)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def reserve(self, needed: int, used: int, offset: int = 0) -> None:
+        """Ensure room for ``needed`` slots; keeps physical slots [offset, used) moved to the front."""
+        if needed <= self.capacity and offset == 0:
+            return
+        cap = max(needed, self.capacity + self.capacity // 2, 16) if needed > self.capacity else self.capacity
+        for name, old in self.tensors.items():
+            new = self._empty(name, cap)
+            dim = _TOKEN_DIM[name]
+            if used > offset:
+                new.narrow(dim, 0, used - offset).copy_(old.narrow(dim, offset, used - offset))
+            self.tensors[name] = new
+        self.capacity = cap
+
+    def write(self, name: str, at: int, value: torch.Tensor) -> None:
+        self.tensors[name].narrow(_TOKEN_DIM[name], at, value.shape[_TOKEN_DIM[name]]).copy_(value)
+
+    def read(self, name: str, begin: int, end: int) -> torch.Tensor:
+        return self.tensors[name].narrow(_TOKEN_DIM[name], begin, end - begin)
+
+    def map_rows(self, fn) -> None:
+        self.tensors = {n: fn(t) for n, t in self.tensors.items()}
+
+
+class KVStore:
+    """Common bookkeeping of a layer store: slots, positions, eviction, batch operations."""
+
+    def __init__(self):
+        self.batch = 0
+        self.length = 0  # slots written (the next slot index)
+        self.start = 0  # first retained slot
+        self.initialized = False
+
+    @property
+    def retained(self) -> int:
+        return self.length - self.start
+
+
+class FullPrecisionStore(KVStore):
+    """Unquantized storage (``bits=16``): the whole KVQuant path with exact tensors, for exactness tests."""
+
+    bits = 16
+
+    def __init__(self):
+        super().__init__()
+        self.buffers = _SlotBuffers()
+        self._offset = 0  # physical index of slot `start` is (start - _offset)
+
+    def _init(self, keys, values):
+        b, h, _, d = keys.shape
+        self.batch, self.heads, self.head_dim = b, h, d
+        self.dtype, self.device = keys.dtype, keys.device
+        specs = {
+            "key_codes": ((b, h, None, d), keys.dtype, keys.device),
+            "value_codes": ((b, h, None, values.shape[-1]), values.dtype, values.device),
+            "positions": ((b, None), torch.int32, keys.device),
+        }
+        self.buffers.allocate(specs, 0)
+        self.initialized = True
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        if not self.initialized:
+            self._init(keys, values)
+        n = keys.shape[2]
+        self._ensure(n)
+        at = self.length - self._offset
+        self.buffers.write("key_codes", at, keys)
+        self.buffers.write("value_codes", at, values)
+        self.buffers.write("positions", at, positions.to(torch.int32).expand(self.batch, n))
+        self.length += n
+
+    def _ensure(self, n):
+        used = self.length - self._offset
+        dead = self.start - self._offset
+        if used + n > self.buffers.capacity and dead > 0:
+            # Drop evicted slots while growing.
+            self.buffers.reserve(used - dead + n, used, dead)
+            self._offset = self.start
+        else:
+            self.buffers.reserve(used + n, used)
+
+    def keys_values(self, begin: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        begin = self.start if begin is None else begin
+        a, b = begin - self._offset, self.length - self._offset
+        return self.buffers.read("key_codes", a, b), self.buffers.read("value_codes", a, b)
+
+    def positions(self, begin: int | None = None) -> torch.Tensor:
+        begin = self.start if begin is None else begin
+        return self.buffers.read("positions", begin - self._offset, self.length - self._offset)
+
+    def crop(self, n: int) -> None:
+        self.length = max(self.start, self.length - n)
+
+    def evict_before(self, slot: int) -> None:
+        self.start = max(self.start, min(slot, self.length))
+
+    def map_rows(self, fn) -> None:
+        if self.initialized:
+            self.buffers.map_rows(fn)
+            self.batch = self.buffers.tensors["positions"].shape[0]
+
+    def reserve(self, total_slots: int) -> None:
+        if self.initialized:
+            self.buffers.reserve(total_slots - self._offset, self.length - self._offset)
+
+    def nbytes(self) -> dict[str, int]:
+        if not self.initialized:
+            return {}
+        k, v = self.keys_values()
+        return {"keys": _nbytes(k), "values": _nbytes(v), "positions": _nbytes(self.positions())}
+
+
+class PackedStore(KVStore):
+    """KVQuant storage: packed codes, per-token value ranges, sparse outliers, exact sink and recent window."""
+
+    def __init__(self, key_quantizer, value_quantizer, bits: int, sink_tokens: int = 1, recent_window: int = 0):
+        super().__init__()
+        self.key_quantizer = key_quantizer
+        self.value_quantizer = value_quantizer
+        self.bits = bits
+        self.sink_tokens = sink_tokens
+        self.recent_window = recent_window
+        self.buffers = _SlotBuffers()
+        self._offset = 0
+        self.packed_length = 0  # slots [start, packed_length) are packed; [packed_length, length) are the window
+
+    def _init(self, keys, values):
+        b, h, _, d = keys.shape
+        self.batch, self.heads, self.head_dim = b, h, d
+        self.dtype, self.device = keys.dtype, keys.device
+        dev = keys.device
+        slots = self.key_quantizer.slots
+        probe = self.key_quantizer.quantize(keys[:, :, :0])
+        hd, idt = probe.outlier_values.dtype, probe.outlier_index.dtype
+        w = packed_words(d, self.bits)
+        specs = {
+            "key_codes": ((b, h, None, w), torch.int32, dev),
+            "value_codes": ((b, h, None, w), torch.int32, dev),
+            "value_zero": ((b, None), hd, dev),
+            "value_scale": ((b, None), hd, dev),
+            "key_outlier_values": ((b, None, slots), hd, dev),
+            "key_outlier_index": ((b, None, slots), idt, dev),
+            "value_outlier_values": ((b, None, self.value_quantizer.slots), hd, dev),
+            "value_outlier_index": ((b, None, self.value_quantizer.slots), idt, dev),
+            "positions": ((b, None), torch.int32, dev),
+        }
+        self.buffers.allocate(specs, 0)
+        self.window_keys = keys[:, :, :0].clone()
+        self.window_values = values[:, :, :0].clone()
+        n = self.sink_tokens
+        self.sink_keys = keys.new_zeros(b, h, n, d)
+        self.sink_values = values.new_zeros(b, h, n, d)
+        self.sink_slot = torch.full((b, n), -1, dtype=torch.long, device=dev)
+        self.initialized = True
+
+    # ------------------------------------------------------------------------------------------ writing
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store new tokens ``[B, H, T, D]`` (pre-RoPE keys) with their positions ``[B or 1, T]``."""
+        if not self.initialized:
+            self._init(keys, values)
+        n = keys.shape[2]
+        if n == 0:
+            return
+        positions = positions.to(device=self.device, dtype=torch.int32).expand(self.batch, n)
+        self._ensure(n)
+        self.buffers.write("positions", self.length - self._offset, positions)
+        self._capture_sink(keys, values, positions)
+        first_new = self.length
+        self.length += n
+        if self.recent_window == 0:
+            self._pack(keys, values, first_new)
+            self.packed_length = self.length
+            return
+        wk = torch.cat([self.window_keys, keys], dim=2)
+        wv = torch.cat([self.window_values, values], dim=2)
+        overflow = wk.shape[2] - self.recent_window
+        if overflow > 0:
+            self._pack(wk[:, :, :overflow], wv[:, :, :overflow], self.packed_length)
+            self.packed_length += overflow
+            wk, wv = wk[:, :, overflow:], wv[:, :, overflow:]
+        self.window_keys, self.window_values = wk.contiguous(), wv.contiguous()
+
+    def _capture_sink(self, keys, values, positions):
+        """Keep exact copies of the tokens at positions < sink_tokens; a later token of a position wins.
+
+        Left-padding slots carry position 0 too and come first, so the real first token overwrites them.
+        """
+        if self.sink_tokens == 0:
+            return
+        t = positions.shape[1]
+        order = torch.arange(t, device=self.device)
+        for p in range(self.sink_tokens):
+            hit = positions == p
+            if not bool(hit.any()):
+                continue
+            last = torch.where(hit, order, torch.full_like(order, -1)).amax(dim=1)  # [B]
+            rows = last >= 0
+            idx = last.clamp(min=0)
+            gather = idx.view(-1, 1, 1, 1).expand(self.batch, self.heads, 1, self.head_dim)
+            k = torch.gather(keys, 2, gather).squeeze(2)
+            v = torch.gather(values, 2, gather).squeeze(2)
+            self.sink_keys[:, :, p] = torch.where(rows.view(-1, 1, 1), k, self.sink_keys[:, :, p])
+            self.sink_values[:, :, p] = torch.where(rows.view(-1, 1, 1), v, self.sink_values[:, :, p])
+            self.sink_slot[:, p] = torch.where(rows, idx + self.length, self.sink_slot[:, p])
+
+    def _pack(self, keys, values, first_slot):
+        qk = self.key_quantizer.quantize(keys)
+        qv = self.value_quantizer.quantize(values)
+        at = first_slot - self._offset
+        self.buffers.write("key_codes", at, pack(qk.codes, self.bits))
+        self.buffers.write("value_codes", at, pack(qv.codes, self.bits))
+        self.buffers.write("value_zero", at, qv.zero)
+        self.buffers.write("value_scale", at, qv.scale)
+        self.buffers.write("key_outlier_values", at, qk.outlier_values)
+        self.buffers.write("key_outlier_index", at, qk.outlier_index)
+        self.buffers.write("value_outlier_values", at, qv.outlier_values)
+        self.buffers.write("value_outlier_index", at, qv.outlier_index)
+
+    def _ensure(self, n):
+        used = self.length - self._offset
+        dead = self.start - self._offset
+        if used + n > self.buffers.capacity and dead > 0:
+            self.buffers.reserve(used - dead + n, used, dead)
+            self._offset = self.start
+        else:
+            self.buffers.reserve(used + n, used)
+
+    def reserve(self, total_slots: int) -> None:
+        """Preallocate room for ``total_slots`` slots (avoids growth copies for known lengths)."""
+        if self.initialized:
+            self.buffers.reserve(total_slots - self._offset, self.length - self._offset)
+
+    # ------------------------------------------------------------------------------------------ reading
+    def packed_view(self, name: str, begin: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Raw packed buffer ``name`` over slots [begin, end) (default: the retained packed slots)."""
+        begin = self.start if begin is None else begin
+        end = self.packed_length if end is None else end
+        return self.buffers.read(name, begin - self._offset, end - self._offset)
+
+    def positions(self, begin: int | None = None) -> torch.Tensor:
+        begin = self.start if begin is None else begin
+        return self.buffers.read("positions", begin - self._offset, self.length - self._offset)
+
+    def keys_values(self, begin: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized pre-RoPE keys and values of slots [begin, length), in the model dtype."""
+        begin = self.start if begin is None else begin
+        pb = min(max(begin, self.start), self.packed_length)
+        parts_k, parts_v = [], []
+        if self.packed_length > pb:
+            qk = QuantizedVectors(
+                unpack(self.packed_view("key_codes", pb), self.bits, self.head_dim),
+                self.packed_view("key_outlier_values", pb),
+                self.packed_view("key_outlier_index", pb),
+            )
+            qv = QuantizedVectors(
+                unpack(self.packed_view("value_codes", pb), self.bits, self.head_dim),
+                self.packed_view("value_outlier_values", pb),
+                self.packed_view("value_outlier_index", pb),
+                self.packed_view("value_zero", pb),
+                self.packed_view("value_scale", pb),
+            )
+            parts_k.append(self.key_quantizer.dequantize(qk, self.dtype))
+            parts_v.append(self.value_quantizer.dequantize(qv, self.dtype))
+        window_first = self.length - self.window_keys.shape[2]
+        skip = max(0, begin - window_first)
+        parts_k.append(self.window_keys[:, :, skip:])
+        parts_v.append(self.window_values[:, :, skip:])
+        k = torch.cat(parts_k, dim=2) if len(parts_k) > 1 else parts_k[0]
+        v = torch.cat(parts_v, dim=2) if len(parts_v) > 1 else parts_v[0]
+        return self._apply_sink(k, v, begin)
+
+    def _apply_sink(self, k, v, begin):
+        if self.sink_tokens == 0:
+            return k, v
+        rel = self.sink_slot - begin  # [B, N] index into k's slot axis
+        valid = (self.sink_slot >= 0) & (rel >= 0) & (rel < k.shape[2])
+        if not bool(valid.any()):
+            return k, v
+        k, v = k.clone(), v.clone()
+        for p in range(self.sink_tokens):
+            rows = valid[:, p].nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            cols = rel[rows, p]
+            k[rows, :, cols] = self.sink_keys[rows, :, p]
+            v[rows, :, cols] = self.sink_values[rows, :, p]
+        return k, v
+
+    # ------------------------------------------------------------------------------------------ edits
+    def crop(self, n: int) -> None:
+        """Forget the newest ``n`` tokens. Packed tokens stay packed (each token is quantized on its own)."""
+        new_length = max(self.start, self.length - n)
+        window_first = self.length - self.window_keys.shape[2]
+        keep = max(0, new_length - window_first)
+        self.window_keys = self.window_keys[:, :, :keep]
+        self.window_values = self.window_values[:, :, :keep]
+        self.length = new_length
+        self.packed_length = min(self.packed_length, new_length)
+        self.sink_slot = torch.where(self.sink_slot >= new_length, torch.full_like(self.sink_slot, -1), self.sink_slot)
+
+    def evict_before(self, slot: int) -> None:
+        """Drop slots below ``slot`` (sliding window); memory is reclaimed when the buffers next grow."""
+        self.start = max(self.start, min(slot, self.length))
+        if self.packed_length < self.start:
+            # Window tokens that fell out of a sliding window are dropped too.
+            drop = self.start - self.packed_length
+            self.window_keys = self.window_keys[:, :, drop:]
+            self.window_values = self.window_values[:, :, drop:]
+            self.packed_length = self.start
+
+    def map_rows(self, fn) -> None:
+        """Apply a batch-axis operation (beam reorder, select, repeat) to every tensor of the store."""
+        if not self.initialized:
+            return
+        self.buffers.map_rows(fn)
+        self.window_keys = fn(self.window_keys)
+        self.window_values = fn(self.window_values)
+        self.sink_keys = fn(self.sink_keys)
+        self.sink_values = fn(self.sink_values)
+        self.sink_slot = fn(self.sink_slot)
+        self.batch = self.sink_slot.shape[0]
+
+    # ------------------------------------------------------------------------------------------ accounting
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of every stored tensor over the retained slots, by component."""
+        if not self.initialized:
+            return {}
+        out = {}
+        for name in self.buffers.tensors:
+            end = self.length if name == "positions" else self.packed_length
+            out[name] = _nbytes(self.packed_view(name, self.start, end))
+        out["sink"] = _nbytes(self.sink_keys) + _nbytes(self.sink_values) + _nbytes(self.sink_slot)
+        out["recent_window"] = _nbytes(self.window_keys) + _nbytes(self.window_values)
+        return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
