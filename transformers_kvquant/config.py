@@ -63,6 +63,7 @@ class ModelFingerprint:
     rope: dict
     model_id: str | None = None
     revision: str | None = None
+    weights_signature: list[float] | None = None
 
     MATCHED_FIELDS = ("model_type", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "rope")
 
@@ -85,6 +86,15 @@ class ModelFingerprint:
             revision=revision,
         )
 
+    @classmethod
+    def from_model(cls, model: Any) -> ModelFingerprint:
+        """Fingerprint of a loaded model: its config geometry, Hub id when known, and a weights signature."""
+        name = str(getattr(model, "name_or_path", "") or "")
+        model_id = name if _is_hub_id(name) else None
+        fp = cls.from_model_config(model.config, model_id=model_id)
+        fp.weights_signature = weights_signature(model)
+        return fp
+
     def mismatches(self, other: ModelFingerprint) -> list[str]:
         """Names and values of matched fields that differ (empty when the configs fit the same model)."""
         out = []
@@ -96,6 +106,11 @@ class ModelFingerprint:
                 same = a == b
             if not same:
                 out.append(f"{name}: config has {a!r}, model has {b!r}")
+        if self.model_id and other.model_id and self.model_id != other.model_id:
+            out.append(f"model_id: config has {self.model_id!r}, model is {other.model_id!r}")
+        a, b = self.weights_signature, other.weights_signature
+        if a and b and (len(a) != len(b) or any(not math.isclose(x, y, rel_tol=SIGNATURE_RTOL) for x, y in zip(a, b))):
+            out.append("weights_signature: the model's weights differ from those the config was calibrated on")
         return out
 
     def to_dict(self) -> dict:
@@ -110,7 +125,35 @@ class ModelFingerprint:
             "rope": self.rope,
             "model_id": self.model_id,
             "revision": self.revision,
+            "weights_signature": self.weights_signature,
         }
+
+
+SIGNATURE_RTOL = 2e-3  # fp32, bf16 and fp16 loads of the same weights agree far closer than this
+
+
+def weights_signature(model: Any) -> list[float] | None:
+    """Per-KV-head norms of the first and last layer's ``k_proj`` weights: tells checkpoints of one shape apart.
+
+    Norms over hundreds of thousands of weights barely move with the load dtype, unlike a byte hash.
+    """
+    weights = [p for n, p in model.named_parameters() if n.endswith("k_proj.weight")]
+    if not weights:
+        return None
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    out = []
+    for w in (weights[0], weights[-1]):
+        if w.device.type == "meta":
+            return None
+        norms = w.detach().float().reshape(heads, -1).norm(dim=1)
+        out.extend(float(f"{v:.6g}") for v in norms.tolist())
+    return out
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not os.path.exists(name)
 
 
 def _rope_summary(text_config) -> dict:
@@ -200,9 +243,13 @@ class KVQuantConfig:
     def value_quantizer(self, layer_idx: int) -> TokenQuantizer:
         return TokenQuantizer(self.layers[layer_idx].value_codebook, self.slots)
 
-    def check_model(self, model_config: Any, source: str | None = None) -> None:
-        """Raise :class:`KVQuantConfigError` unless this config was calibrated for a model of this geometry."""
-        other = ModelFingerprint.from_model_config(model_config)
+    def check_model(self, model: Any, source: str | None = None) -> None:
+        """Raise :class:`KVQuantConfigError` unless this config was calibrated for this model.
+
+        ``model`` is a loaded model (geometry, Hub id and weights are compared) or a model config (geometry only).
+        """
+        is_model = hasattr(model, "named_parameters")
+        other = ModelFingerprint.from_model(model) if is_model else ModelFingerprint.from_model_config(model)
         bad = self.fingerprint.mismatches(other)
         if bad:
             raise KVQuantConfigError(
@@ -352,8 +399,14 @@ def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KV
     for name in ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"):
         if fp[name] <= 0:
             raise fail(f"must be positive, got {fp[name]}", f"fingerprint.{name}", RECALIBRATE)
+    signature = fp.get("weights_signature")
+    if signature is not None:
+        signature = _float_list(signature if isinstance(signature, list) else [None], "fingerprint.weights_signature", fail)
     fingerprint = ModelFingerprint(
-        **{k: fp[k] for k in _FINGERPRINT_REQUIRED}, model_id=fp.get("model_id"), revision=fp.get("revision")
+        **{k: fp[k] for k in _FINGERPRINT_REQUIRED},
+        model_id=fp.get("model_id"),
+        revision=fp.get("revision"),
+        weights_signature=signature,
     )
     layers_json = data["layers"]
     if len(layers_json) != fingerprint.num_layers:

@@ -97,7 +97,10 @@ class FullPrecisionStore(KVStore):
         self.buffers = _SlotBuffers()
         self._offset = 0  # physical index of slot `start` is (start - _offset)
 
-    def _init(self, keys, values):
+    def initialize(self, keys, values):
+        """Allocate for the batch, heads, dtype and device of ``keys``/``values`` (no tokens are stored)."""
+        if self.initialized:
+            return
         b, h, _, d = keys.shape
         self.batch, self.heads, self.head_dim = b, h, d
         self.dtype, self.device = keys.dtype, keys.device
@@ -110,8 +113,7 @@ class FullPrecisionStore(KVStore):
         self.initialized = True
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        if not self.initialized:
-            self._init(keys, values)
+        self.initialize(keys, values)
         n = keys.shape[2]
         self._ensure(n)
         at = self.length - self._offset
@@ -175,7 +177,10 @@ class PackedStore(KVStore):
         self._offset = 0
         self.packed_length = 0  # slots [start, packed_length) are packed; [packed_length, length) are the window
 
-    def _init(self, keys, values):
+    def initialize(self, keys, values):
+        """Allocate for the batch, heads, dtype and device of ``keys``/``values`` (no tokens are stored)."""
+        if self.initialized:
+            return
         b, h, _, d = keys.shape
         self.batch, self.heads, self.head_dim = b, h, d
         self.dtype, self.device = keys.dtype, keys.device
@@ -207,8 +212,7 @@ class PackedStore(KVStore):
     # ------------------------------------------------------------------------------------------ writing
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Store new tokens ``[B, H, T, D]`` (pre-RoPE keys) with their positions ``[B or 1, T]``."""
-        if not self.initialized:
-            self._init(keys, values)
+        self.initialize(keys, values)
         n = keys.shape[2]
         if n == 0:
             return

@@ -1,0 +1,212 @@
+"""Pre-RoPE keys for LLaMA/Mistral attention through public extension points (no modeling code is copied).
+
+How a layer's forward runs once a model is patched and gets a :class:`~transformers_kvquant.cache.KVQuantCache`:
+
+1. A forward pre-hook on the attention module swaps ``position_embeddings`` for ``(1, 0)``, so the model's own
+   ``apply_rotary_pos_emb`` is the identity (``x*1 + rotate_half(x)*0 == x`` exactly) and the cache receives
+   *pre-RoPE* keys. It stages the row-wise ``position_ids`` on the cache layer and passes the real ``(cos, sin)``
+   and the layer through a kwarg.
+2. The attention implementation is ``kvquant_sdpa`` / ``kvquant_eager`` (registered in both ``AttentionInterface``
+   and ``AttentionMaskInterface``, the latter with the inner implementation's mask function). It rotates the
+   queries with the real ``(cos, sin)`` and the returned keys with the positions stored for them, then calls the
+   inner implementation; on CUDA it may instead attend directly over the packed cache with the Triton kernels.
+
+With any other cache (or none) the hook and the attention function do nothing: the model behaves as stock.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+
+SUPPORTED_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention")
+SUPPORTED_INNER = ("sdpa", "eager")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+CONTEXT_KWARG = "kvquant_context"
+PREFIX = "kvquant_"
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture or attention variant cannot run with the KVQuant cache."""
+
+
+class AttentionContext:
+    """What the attention function needs beyond its arguments. A plain object: accelerate never moves it."""
+
+    __slots__ = ("cos", "sin", "layer", "rotary")
+
+    def __init__(self, cos, sin, layer, rotary):
+        self.cos, self.sin, self.layer, self.rotary = cos, sin, layer, rotary
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` with ``cos, sin: [B, T, D]`` broadcast over heads: the same operations,
+    in the same order, as transformers' LLaMA/Mistral ``apply_rotary_pos_emb``, so results are bit-identical."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def key_rotation(rotary, like: torch.Tensor, positions: torch.Tensor):
+    """cos/sin of the model's rotary embedding at stored positions ``[B, L]``, on ``like``'s device and dtype."""
+    cos, sin = rotary(like, positions.to(like.device).long())
+    return cos.to(like.device), sin.to(like.device)
+
+
+# --------------------------------------------------------------------------------------------- checks
+def find_rotary(model) -> torch.nn.Module:
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb"):
+            return module
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no rotary embedding module: KVQuant quantizes keys before RoPE and needs a "
+        f"RoPE model; supported are LLaMA- and Mistral-family models ({', '.join(SUPPORTED_ATTENTION_CLASSES)})"
+    )
+
+
+def check_supported(model) -> list[torch.nn.Module]:
+    """Return the attention modules, or raise :class:`UnsupportedModelError` naming what is supported."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "k_proj")]
+    names = sorted({type(m).__name__ for m in modules})
+    unsupported = [n for n in names if n not in SUPPORTED_ATTENTION_CLASSES]
+    if not modules or unsupported:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses {', '.join(names or ['no recognised attention'])}; the KVQuant cache supports "
+            f"LLaMA- and Mistral-family models ({', '.join(SUPPORTED_ATTENTION_CLASSES)})"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and "rope_type" not in rope and all(isinstance(v, dict) for v in rope.values()):
+        raise UnsupportedModelError("per-layer-type RoPE parameters are not supported by the KVQuant cache")
+    rope_type = (rope.get("rope_type") if isinstance(rope, dict) else None) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE type {rope_type!r} is not supported: its frequencies change with the sequence length, so keys "
+            f"re-rotated at attention time would differ from the model's; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    if partial != 1.0:
+        raise UnsupportedModelError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
+    if getattr(config, "attention_chunk_size", None):
+        raise UnsupportedModelError("chunked attention (attention_chunk_size) is not supported by the KVQuant cache")
+    find_rotary(model)
+    return modules
+
+
+# --------------------------------------------------------------------------------------------- registration
+def _inner_function(inner: str, module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if inner == "eager":
+        # The eager function lives in each modeling file (it handles GQA with repeat_kv there).
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[inner]
+
+
+def _make_attention_function(inner: str):
+    def kvquant_attention(module, query, key, value, attention_mask, **kwargs):
+        ctx = kwargs.pop(CONTEXT_KWARG, None)
+        fn = _inner_function(inner, module)
+        if ctx is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        return ctx.layer.attend(module, query, key, value, attention_mask, ctx, fn, **kwargs)
+
+    kvquant_attention.__name__ = f"kvquant_{inner}_attention"
+    return kvquant_attention
+
+
+def register_attention_functions() -> None:
+    """Register ``kvquant_sdpa`` and ``kvquant_eager`` (idempotent; each name always wraps the same inner)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    for inner in SUPPORTED_INNER:
+        name = PREFIX + inner
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, _make_attention_function(inner))
+        if name not in AttentionMaskInterface._global_mapping:
+            # Without a mask function transformers builds no mask at all for an unknown name: silently wrong.
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+
+
+# --------------------------------------------------------------------------------------------- the hook
+_PATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _pre_hook(rotary):
+    from .cache import KVQuantCache
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, KVQuantCache):
+            return None
+        impl = module.config._attn_implementation or ""
+        if not impl.startswith(PREFIX):
+            raise RuntimeError(
+                f"the model's attention implementation was changed to {impl!r} after patching; a KVQuantCache needs "
+                "`kvquant_sdpa` or `kvquant_eager` (call transformers_kvquant.patch_model(model) again)"
+            )
+        if "position_embeddings" not in kwargs:
+            raise UnsupportedModelError(f"{type(module).__name__} was called without position_embeddings")
+        cos, sin = kwargs["position_embeddings"]
+        layer = cache.layers[module.layer_idx]
+        position_ids = kwargs.get("position_ids")
+        layer.stage(position_ids, cos.shape[-2])
+        kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+        kwargs[CONTEXT_KWARG] = AttentionContext(cos, sin, layer, rotary)
+        return args, kwargs
+
+    return hook
+
+
+def patch_model(model) -> None:
+    """Install the KVQuant attention hooks on a LLaMA/Mistral model (idempotent).
+
+    Other caches (the default ``DynamicCache``, ``StaticCache``, ...) are unaffected: with them the hook returns
+    at once and ``kvquant_<inner>`` delegates to ``<inner>`` unchanged.
+    """
+    if model in _PATCHED:
+        _ensure_attn_implementation(model)
+        return
+    modules = check_supported(model)
+    register_attention_functions()
+    rotary = find_rotary(model)
+    hook = _pre_hook(rotary)
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    _PATCHED[model] = handles
+    _ensure_attn_implementation(model)
+
+
+def _ensure_attn_implementation(model) -> None:
+    current = model.config._attn_implementation or "eager"
+    if current.startswith(PREFIX):
+        return
+    if current not in SUPPORTED_INNER:
+        raise UnsupportedModelError(
+            f"attention implementation {current!r} is not supported by the KVQuant cache; load the model with "
+            f"attn_implementation='sdpa' or 'eager'"
+        )
+    model.set_attn_implementation(PREFIX + current)
+
+
+def unpatch_model(model) -> None:
+    """Remove the hooks and restore the inner attention implementation."""
+    handles = _PATCHED.pop(model, None)
+    if handles is None:
+        return
+    for h in handles:
+        h.remove()
+    current = model.config._attn_implementation or ""
+    if current.startswith(PREFIX):
+        model.set_attn_implementation(current[len(PREFIX) :])
+
+
+def is_patched(model) -> bool:
+    return model in _PATCHED

@@ -1,0 +1,234 @@
+"""`KVQuantCache`: a `transformers.Cache` holding packed 2/3/4-bit pre-RoPE keys and values.
+
+One layer object per decoder layer; each owns a store (:mod:`.quant.store`) created on the first update, on the
+device of that layer's tensors, so Accelerate ``device_map`` splits put every layer's cache beside its layer.
+Layers report lengths and mask sizes exactly like transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer``,
+so masks, position ids and generation utilities (beam reorder, crop, batch select) behave as with the default
+cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention import apply_rope, key_rotation, patch_model
+from .quant.memory import MemoryReport, store_report
+from .settings import CacheSettings, resolve_settings
+
+
+class KVQuantLayer(CacheLayerMixin):
+    """Full-attention layer: every token is kept (quantized)."""
+
+    is_compileable = False  # dynamic storage: never let generate auto-compile it
+    is_sliding = False
+    is_croppable = True
+    _layer_type = None  # never register in transformers' global layer mappings
+
+    def __init__(self, settings: CacheSettings, layer_idx: int):
+        super().__init__()
+        self.settings = settings
+        self.layer_idx = layer_idx
+        self.store = None
+        self._staged = None
+        self._returned_begin = 0  # first slot of the keys returned by the last update
+
+    # ----------------------------------------------------------------------------- transformers contract
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.store = self.settings.make_store(self.layer_idx, key_states.dtype)
+        self.store.initialize(key_states, value_states)
+        if self.settings.max_length:
+            self.store.reserve(self.settings.max_length)
+        self.is_initialized = True
+
+    def stage(self, position_ids: torch.Tensor | None, query_length: int) -> None:
+        """Called by the attention pre-hook: the RoPE positions of the tokens about to be stored."""
+        if position_ids is None:
+            seen = self.get_seq_length()
+            position_ids = torch.arange(seen, seen + query_length).unsqueeze(0)
+        self._staged = position_ids
+
+    def _take_positions(self, n: int) -> torch.Tensor:
+        positions = self._staged
+        self._staged = None
+        if positions is None:
+            raise RuntimeError(
+                "KVQuantCache.update was called without the KVQuant attention hook: the keys would be post-RoPE. "
+                "Create the cache with KVQuantCache(model, ...) (it patches the model) or call "
+                "transformers_kvquant.patch_model(model) first."
+            )
+        if positions.shape[-1] != n:
+            raise RuntimeError(f"staged {positions.shape[-1]} positions for {n} new tokens")
+        return positions
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        positions = self._take_positions(key_states.shape[-2])
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.store.append(key_states, value_states, positions)
+        return self._visible(key_states.shape[-2])
+
+    def _visible(self, query_length: int):
+        self._returned_begin = self.store.start
+        return self.store.keys_values(self.store.start)
+
+    def returned_positions(self) -> torch.Tensor:
+        return self.store.positions(self._returned_begin)
+
+    def get_seq_length(self) -> int:
+        return self.store.length if self.store is not None else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove and self.store is not None:
+            self.store.crop(-tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices.to(t.device)])
+
+    def _map_rows(self, fn):
+        if self.store is not None:
+            self.store.map_rows(fn)
+
+    def offload(self):
+        self._map_rows(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.store is not None:
+            self._map_rows(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        self.store = None
+        self._staged = None
+        self.is_initialized = False
+
+    # ----------------------------------------------------------------------------- attention
+    def attend(self, module, query, key, value, attention_mask, ctx, inner, **kwargs):
+        """Reference path: rotate queries and the returned pre-RoPE keys, then the model's own attention."""
+        q = apply_rope(query, ctx.cos.to(query.device), ctx.sin.to(query.device))
+        cos_k, sin_k = key_rotation(ctx.rotary, key, self.returned_positions())
+        k = apply_rope(key, cos_k, sin_k)
+        return inner(module, q, k, value, attention_mask, **kwargs)
+
+    @property
+    def batch_size(self) -> int:
+        return self.store.batch if self.store is not None else -1
+
+
+class KVQuantSlidingWindowLayer(KVQuantLayer):
+    """Sliding-window layer: keeps the last ``sliding_window - 1`` tokens, like ``DynamicSlidingWindowLayer``."""
+
+    is_sliding = True
+
+    def __init__(self, settings: CacheSettings, layer_idx: int, sliding_window: int):
+        super().__init__(settings, layer_idx)
+        self.sliding_window = sliding_window
+        self.record_past = False
+
+    def activate_past_recording(self):
+        self.record_past = True
+
+    def _visible(self, query_length: int):
+        store = self.store
+        if self.record_past:
+            begin = max(store.start, store.length - (self.sliding_window - 1 + query_length))
+        else:
+            begin = store.start
+        self._returned_begin = begin
+        out = store.keys_values(begin)
+        if not self.record_past:
+            store.evict_before(store.length - self.sliding_window + 1)
+        return out
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        seen = self.get_seq_length()
+        kv_offset = max(seen - self.sliding_window + 1, 0)
+        if seen >= self.sliding_window:
+            return self.sliding_window - 1 + query_length, kv_offset
+        return seen + query_length, kv_offset
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.store is None:
+            return
+        if self.get_seq_length() >= self.sliding_window:
+            if not self.record_past:
+                raise RuntimeError(
+                    "crop was called on a sliding-window layer that already reached its window without past recording; "
+                    "call activate_past_recording() first"
+                )
+            if tokens_to_remove > 0:
+                raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+            self.store.crop(-tokens_to_remove)
+            self.store.evict_before(self.store.length - self.sliding_window + 1)
+        else:
+            super().crop(tokens_to_remove)
+
+
+class KVQuantCache(Cache):
+    """A KV cache that stores pre-RoPE keys and values with KVQuant (2/3/4 bits), or exactly with ``bits=16``.
+
+    Args:
+        model: the LLaMA/Mistral-family model it will be used with (it is patched: see :func:`patch_model`).
+        config: a :class:`~transformers_kvquant.KVQuantConfig`, a folder, a file or a Hub repo id. If omitted, the
+            config is looked up beside the model, then in the shipped ``hub_configs/``.
+        **cache_config: ``bits``, ``outlier_fraction``, ``sink_tokens``, ``recent_window``, ``backend``
+            (``"auto"``, ``"reference"`` or ``"triton"``), ``max_length`` (preallocate this many tokens), and
+            ``revision`` / ``local_files_only`` for Hub lookups. See docs/usage.md.
+    """
+
+    def __init__(self, model, config=None, **cache_config):
+        settings = resolve_settings(model, config, cache_config)
+        patch_model(model)
+        text = model.config.get_text_config(decoder=True)
+        layers = []
+        for idx, (layer_type, kwargs) in enumerate(_layer_types(text)):
+            if layer_type == "full_attention":
+                layers.append(KVQuantLayer(settings, idx))
+            elif layer_type == "sliding_attention":
+                layers.append(KVQuantSlidingWindowLayer(settings, idx, kwargs["sliding_window"]))
+            else:
+                raise ValueError(f"layer {idx} has type {layer_type!r}; the KVQuant cache supports full and sliding attention")
+        super().__init__(layers=layers)
+        self.settings = settings
+
+    def memory_report(self) -> MemoryReport:
+        """Real bytes of every stored tensor over all layers, and average bits per cached K/V element."""
+        total = MemoryReport()
+        for layer in self.layers:
+            if layer.store is not None:
+                total = total + store_report(layer.store)
+        return total
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def __repr__(self):
+        return f"KVQuantCache({self.settings.describe()}, layers={len(self.layers)})"
+
+
+def _layer_types(text_config):
+    """(layer_type, kwargs) per layer, as transformers' DynamicCache would build them."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(text_config)
+    if isinstance(kwargs, dict):  # transformers < 5.2x returns one dict for all layers
+        kwargs = [kwargs] * len(types)
+    return list(zip(types, kwargs))

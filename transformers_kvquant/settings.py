@@ -1,0 +1,122 @@
+"""What a `KVQuantCache` is asked for (`cache_config`) and which calibrated config serves it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .config import KVQuantConfig, KVQuantConfigError
+from .quant.store import FullPrecisionStore, PackedStore
+
+logger = logging.getLogger("transformers_kvquant")
+
+CACHE_CONFIG_KEYS = {
+    "bits": "2, 3 or 4 (quantized) or 16 (the full KVQuant path without quantization)",
+    "outlier_fraction": "fraction of each token's values kept exactly, e.g. 0.01 (selects the calibrated config)",
+    "config": "a KVQuantConfig, a folder or file holding kvquant_config.json, or a Hub repo id",
+    "sink_tokens": "leading positions kept in full precision (default: the config's, usually 1)",
+    "recent_window": "newest tokens kept in full precision (default: the config's, usually 0)",
+    "backend": "'auto' (Triton kernels on CUDA, reference elsewhere), 'reference' or 'triton'",
+    "max_length": "preallocate storage for this many tokens",
+    "revision": "Hub revision for config lookups",
+    "local_files_only": "never download configs",
+}
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass
+class CacheSettings:
+    bits: int
+    config: KVQuantConfig | None
+    sink_tokens: int
+    recent_window: int
+    backend: str = "auto"
+    max_length: int | None = None
+    source: str = ""
+
+    def make_store(self, layer_idx: int, dtype: torch.dtype):
+        if self.bits == 16:
+            return FullPrecisionStore()
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"the KVQuant cache supports float32, float16 and bfloat16 models, got {dtype}")
+        cfg = self.config
+        return PackedStore(
+            cfg.key_quantizer(layer_idx),
+            cfg.value_quantizer(layer_idx),
+            cfg.bits,
+            sink_tokens=self.sink_tokens,
+            recent_window=self.recent_window,
+        )
+
+    def describe(self) -> str:
+        if self.bits == 16:
+            return "bits=16 (unquantized)"
+        text = f"{self.config.name}, sink={self.sink_tokens}, window={self.recent_window}, backend={self.backend}"
+        return text + (f", config={self.source}" if self.source else "")
+
+
+def resolve_settings(model, config=None, cache_config: dict | None = None) -> CacheSettings:
+    """Validate ``cache_config`` and pick the calibrated config (explicit, beside the model, or shipped)."""
+    opts = dict(cache_config or {})
+    unknown = sorted(set(opts) - set(CACHE_CONFIG_KEYS))
+    if unknown:
+        listing = "; ".join(f"{k}: {v}" for k, v in CACHE_CONFIG_KEYS.items())
+        raise ValueError(f"unknown cache_config key(s) {unknown}. Accepted keys: {listing}")
+    if config is not None and opts.get("config") is not None:
+        raise ValueError("pass the KVQuant config either as an argument or as cache_config['config'], not both")
+    config = config if config is not None else opts.pop("config", None)
+    opts.pop("config", None)
+    bits = opts.pop("bits", None)
+    fraction = opts.pop("outlier_fraction", None)
+    backend = opts.pop("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    max_length = opts.pop("max_length", None)
+    sink = opts.pop("sink_tokens", None)
+    window = opts.pop("recent_window", None)
+    for name, value in (("sink_tokens", sink), ("recent_window", window), ("max_length", max_length)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"cache_config['{name}'] must be a non-negative integer, got {value!r}")
+    if bits is not None and bits not in (2, 3, 4, 16):
+        raise ValueError(f"cache_config['bits'] must be 2, 3, 4 or 16, got {bits!r}")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and 0 <= fraction < 0.5):
+        raise ValueError(f"cache_config['outlier_fraction'] must be a number in [0, 0.5), got {fraction!r}")
+
+    if bits == 16:
+        if config is not None:
+            raise ValueError("bits=16 runs without quantization; do not pass a KVQuant config with it")
+        return CacheSettings(16, None, sink or 0, window or 0, backend, max_length)
+
+    hub = {k: opts.pop(k) for k in ("revision", "local_files_only") if k in opts}
+    from .discovery import find_config, load_for_model
+
+    if config is not None:
+        cfg, source = load_for_model(model, config, **hub)
+        if bits is not None and bits != cfg.bits:
+            raise KVQuantConfigError(f"the config has {cfg.bits} bits but cache_config asks for {bits}", file=source, field="bits")
+        if fraction is not None and abs(fraction - cfg.outlier_fraction) > 1e-9:
+            raise KVQuantConfigError(
+                f"the config was calibrated with outlier_fraction={cfg.outlier_fraction}, cache_config asks for {fraction}",
+                file=source,
+                field="outlier_fraction",
+            )
+    else:
+        cfg, source = find_config(model, bits=bits, outlier_fraction=fraction, **hub)
+    if cfg.key_rope != "pre":
+        raise KVQuantConfigError(
+            "this config quantizes keys after RoPE (an ablation for `kvquant eval-ppl`); the cache stores pre-RoPE keys",
+            file=source,
+            field="key_rope",
+        )
+    logger.info("KVQuant cache uses %s (%s)", cfg.name, source)
+    return CacheSettings(
+        cfg.bits,
+        cfg,
+        cfg.sink_tokens if sink is None else sink,
+        cfg.recent_window if window is None else window,
+        backend,
+        max_length,
+        source,
+    )
