@@ -32,6 +32,7 @@ class KVQuantLayer(CacheLayerMixin):
         self.store = None
         self._staged = None
         self._returned_begin = 0  # first slot of the keys returned by the last update
+        self._kernels = None
 
     # ----------------------------------------------------------------------------- transformers contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -66,12 +67,29 @@ class KVQuantLayer(CacheLayerMixin):
         positions = self._take_positions(key_states.shape[-2])
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._before_append()
         self.store.append(key_states, value_states, positions)
-        return self._visible(key_states.shape[-2])
+        self._returned_begin = self._visible_begin(key_states.shape[-2])
+        if self.uses_kernels:
+            # The Triton path attends over the packed store directly; nothing is dequantized here.
+            return key_states, value_states
+        return self.store.keys_values(self._returned_begin)
 
-    def _visible(self, query_length: int):
-        self._returned_begin = self.store.start
-        return self.store.keys_values(self.store.start)
+    def _before_append(self) -> None:
+        """Hook for sliding layers to evict before new tokens arrive."""
+
+    def _visible_begin(self, query_length: int) -> int:
+        """First slot the queries of this forward may attend to."""
+        return self.store.start
+
+    @property
+    def uses_kernels(self) -> bool:
+        """Whether attention runs in the Triton kernels over the packed store (decided once per layer)."""
+        if self._kernels is None:
+            from .kernel_dispatch import kernels_enabled
+
+            self._kernels = kernels_enabled(self.settings, self.store)
+        return self._kernels
 
     def returned_positions(self) -> torch.Tensor:
         return self.store.positions(self._returned_begin)
@@ -114,11 +132,17 @@ class KVQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.store = None
         self._staged = None
+        self._kernels = None
         self.is_initialized = False
 
     # ----------------------------------------------------------------------------- attention
     def attend(self, module, query, key, value, attention_mask, ctx, inner, **kwargs):
-        """Reference path: rotate queries and the returned pre-RoPE keys, then the model's own attention."""
+        """Rotate queries and the returned pre-RoPE keys, then the model's own attention (reference path), or
+        attend over the packed store with the Triton kernels."""
+        if self.uses_kernels:
+            from .kernel_dispatch import fused_attention
+
+            return fused_attention(self, module, query, attention_mask, ctx, **kwargs)
         q = apply_rope(query, ctx.cos.to(query.device), ctx.sin.to(query.device))
         cos_k, sin_k = key_rotation(ctx.rotary, key, self.returned_positions())
         k = apply_rope(key, cos_k, sin_k)
@@ -142,17 +166,17 @@ class KVQuantSlidingWindowLayer(KVQuantLayer):
     def activate_past_recording(self):
         self.record_past = True
 
-    def _visible(self, query_length: int):
+    def _before_append(self) -> None:
+        # Evict before appending, not after attending: the queries of this forward still need the tokens that
+        # fall out of the window (DynamicSlidingWindowLayer returns them, then trims).
+        if not self.record_past:
+            self.store.evict_before(self.store.length - self.sliding_window + 1)
+
+    def _visible_begin(self, query_length: int) -> int:
         store = self.store
         if self.record_past:
-            begin = max(store.start, store.length - (self.sliding_window - 1 + query_length))
-        else:
-            begin = store.start
-        self._returned_begin = begin
-        out = store.keys_values(begin)
-        if not self.record_past:
-            store.evict_before(store.length - self.sliding_window + 1)
-        return out
+            return max(store.start, store.length - (self.sliding_window - 1 + query_length))
+        return store.start
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         seen = self.get_seq_length()
