@@ -1,5 +1,10 @@
 import os
 
+# Triton kernels run under the interpreter on CPU machines. This must be set before anything imports triton;
+# on a GPU machine, KVQUANT_TEST_COMPILED=1 runs the same tests compiled.
+if os.environ.get("KVQUANT_TEST_COMPILED") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
