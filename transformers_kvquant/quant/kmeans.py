@@ -10,10 +10,33 @@ from __future__ import annotations
 import torch
 
 
+class SortedSamples:
+    """1-D samples sorted once, with weighted prefix sums: fit many codebook sizes on the same data cheaply."""
+
+    def __init__(self, values: torch.Tensor, weights: torch.Tensor | None):
+        x = values.detach().flatten().to(torch.float64)
+        w = torch.ones_like(x) if weights is None else weights.detach().flatten().to(torch.float64)
+        if x.numel() != w.numel():
+            raise ValueError(f"{x.numel()} values but {w.numel()} weights")
+        keep = torch.isfinite(x) & torch.isfinite(w) & (w >= 0)
+        x, w = x[keep], w[keep]
+        if w.numel() and w.sum() <= 0:
+            w = torch.ones_like(x)
+        order = torch.argsort(x)
+        self.x, self.w = x[order], w[order]
+        zero = self.x.new_zeros(1)
+        self.cw = torch.cat([zero, torch.cumsum(self.w, 0)])
+        self.cwx = torch.cat([zero, torch.cumsum(self.w * self.x, 0)])
+        self.cwxx = torch.cat([zero, torch.cumsum(self.w * self.x * self.x, 0)])
+
+    def __len__(self) -> int:
+        return self.x.numel()
+
+
 def weighted_kmeans_1d(
-    values: torch.Tensor,
-    weights: torch.Tensor | None,
-    k: int,
+    values: torch.Tensor | SortedSamples,
+    weights: torch.Tensor | None = None,
+    k: int = 8,
     *,
     max_iter: int = 100,
     tol: float = 1e-7,
@@ -22,29 +45,21 @@ def weighted_kmeans_1d(
 ) -> torch.Tensor:
     """Centroids (ascending, float32) minimizing ``sum_i w_i (x_i - c(x_i))^2``.
 
-    ``weights`` None means unit weights (plain k-means). Runs ``n_init`` initializations (weighted quantiles,
-    an even grid, and random weighted draws from ``seed``) and keeps the lowest weighted error.
+    ``values`` may be a :class:`SortedSamples` (then ``weights`` is ignored). ``weights`` None means unit weights
+    (plain k-means). Runs ``n_init`` initializations (weighted quantiles, an even grid, and random weighted draws
+    from ``seed``) and keeps the lowest weighted error.
     """
-    x = values.detach().flatten().to(torch.float64)
-    w = torch.ones_like(x) if weights is None else weights.detach().flatten().to(torch.float64)
-    if x.numel() != w.numel():
-        raise ValueError(f"{x.numel()} values but {w.numel()} weights")
-    keep = torch.isfinite(x) & torch.isfinite(w) & (w >= 0)
-    x, w = x[keep], w[keep]
+    data = values if isinstance(values, SortedSamples) else SortedSamples(values, weights)
+    x, w, cw, cwx, cwxx = data.x, data.w, data.cw, data.cwx, data.cwxx
     if x.numel() < k:
         raise ValueError(f"k-means needs at least {k} values, got {x.numel()}")
-    if w.sum() <= 0:
-        w = torch.ones_like(x)
-    order = torch.argsort(x)
-    x, w = x[order], w[order]
-    cw = torch.cat([w.new_zeros(1), torch.cumsum(w, 0)])
-    cwx = torch.cat([w.new_zeros(1), torch.cumsum(w * x, 0)])
-    cwxx = torch.cat([w.new_zeros(1), torch.cumsum(w * x * x, 0)])
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     inits = [_weighted_quantiles(x, cw, k), torch.linspace(float(x[0]), float(x[-1]), k, dtype=x.dtype, device=x.device)]
     for _ in range(max(0, n_init - 2)):
-        idx = torch.multinomial((w / w.sum()).cpu().float(), k, replacement=False, generator=gen).to(x.device)
+        # Inverse-CDF draws: weighted random samples without materializing a multinomial over all values.
+        u = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device) * cw[-1]
+        idx = torch.searchsorted(cw[1:], u).clamp(max=x.numel() - 1)
         inits.append(x[idx])
 
     best, best_err = None, float("inf")

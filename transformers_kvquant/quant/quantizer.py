@@ -97,6 +97,12 @@ class ChannelKeyQuantizer:
             )
         return self._device_cache[key]
 
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized values (float32) and the mask of values outside the calibrated range (|x_hat| > 1)."""
+        zero, scale, _ = self._params(x.device)
+        normalized = (x.float() - zero) / scale
+        return normalized, normalized.abs() > 1.0
+
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         zero, scale, _ = self._params(x.device)
         xf = x.float()
@@ -146,27 +152,24 @@ class TokenQuantizer:
             self._tables[key] = self.codebook.decode_table(device)
         return self._tables[key]
 
-    def quantize(self, x: torch.Tensor) -> QuantizedVectors:
-        b, h, t, d = x.shape
-        c = h * d
-        hd = half_dtype(x.dtype)
-        idt = _index_dtype(c)
-        v = _to_vectors(x.float())
+    def _ranges(self, v: torch.Tensor, hd: torch.dtype):
+        """Per-token (zero, scale) rounded to ``hd`` and outlier channel indices, for vectors ``[B, T, C]``."""
+        b, t, c = v.shape
         s = min(self.slots, max(0, (c - 2) // 2))
         if s == 0:
             vmax, vmin = v.amax(-1), v.amin(-1)
-            idx = torch.empty(b, t, 0, dtype=torch.long, device=x.device)
+            idx = torch.empty(b, t, 0, dtype=torch.long, device=v.device)
         else:
             top_v, top_i = torch.topk(v, s + 1, dim=-1, largest=True)  # descending
             bot_v, bot_i = torch.topk(v, s + 1, dim=-1, largest=False)  # ascending
-            j = torch.arange(s + 1, device=x.device)
+            j = torch.arange(s + 1, device=v.device)
             # Remove j smallest and s-j largest: remaining range is top[s-j] - bot[j].
             ranges = top_v[..., s - j] - bot_v[..., j]
             low = ranges.argmin(-1, keepdim=True)  # [B, T, 1] number of low outliers
             high = s - low
             vmax = torch.gather(top_v, -1, high).squeeze(-1)
             vmin = torch.gather(bot_v, -1, low).squeeze(-1)
-            slot = torch.arange(s, device=x.device)
+            slot = torch.arange(s, device=v.device)
             from_top = slot < high
             top_pos = slot.expand(b, t, s)
             bot_pos = (slot - high).clamp(min=0)
@@ -174,6 +177,23 @@ class TokenQuantizer:
         zero = ((vmax + vmin) / 2).to(hd)
         scale = ((vmax - vmin) / 2).to(hd)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return zero, scale, idx
+
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized values ``[B, H, T, D]`` (float32) and the mask of elements stored as outliers."""
+        b, h, t, d = x.shape
+        v = _to_vectors(x.float())
+        zero, scale, idx = self._ranges(v, half_dtype(x.dtype))
+        normalized = (v - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)
+        outlier = torch.zeros_like(v, dtype=torch.bool).scatter_(-1, idx, True)
+        return _from_vectors(normalized, h), _from_vectors(outlier, h)
+
+    def quantize(self, x: torch.Tensor) -> QuantizedVectors:
+        b, h, t, d = x.shape
+        hd = half_dtype(x.dtype)
+        idt = _index_dtype(h * d)
+        v = _to_vectors(x.float())
+        zero, scale, idx = self._ranges(v, hd)
         normalized = (v - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)
         codes = _from_vectors(self.codebook.encode(normalized), h)
         values = torch.gather(v, -1, idx).to(hd)
