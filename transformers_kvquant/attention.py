@@ -141,11 +141,10 @@ _PATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _pre_hook(rotary):
-    from .cache import KVQuantCache
-
     def hook(module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        if not isinstance(cache, KVQuantCache):
+        # Caches that store pre-RoPE keys say so (KVQuantCache and the evaluation's simulated cache).
+        if not getattr(cache, "stores_pre_rope_keys", False):
             return None
         impl = module.config._attn_implementation or ""
         if not impl.startswith(PREFIX):

@@ -217,6 +217,8 @@ class KVQuantCache(Cache):
             ``revision`` / ``local_files_only`` for Hub lookups. See docs/usage.md.
     """
 
+    stores_pre_rope_keys = True  # the attention hook feeds this cache un-rotated keys
+
     def __init__(self, model, config=None, **cache_config):
         settings = resolve_settings(model, config, cache_config)
         patch_model(model)
