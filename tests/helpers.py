@@ -76,11 +76,19 @@ def quick_config(model, bits=3, outlier_fraction=0.01, tokens=None, nuq=True, se
         tokens = torch.randint(3, text.vocab_size, (2, 64), generator=g)
     keys, values = {}, {}
     hooks = []
+
+    def record(store, name):
+        # Returns None: a forward hook that returns a tensor replaces the module's output (bf16 -> fp32 here).
+        def hook(module, args, output):
+            store.setdefault(name, output.detach().float())
+
+        return hook
+
     for name, mod in model.named_modules():
         if name.endswith("k_proj"):
-            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: keys.setdefault(n, o.detach().float())))
+            hooks.append(mod.register_forward_hook(record(keys, name)))
         if name.endswith("v_proj"):
-            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: values.setdefault(n, o.detach().float())))
+            hooks.append(mod.register_forward_hook(record(values, name)))
     model(tokens.to(model.device))
     for h in hooks:
         h.remove()
