@@ -1,0 +1,1 @@
+"""Evaluation harnesses: perplexity with simulated quantization, and long-context fidelity through the cache."""

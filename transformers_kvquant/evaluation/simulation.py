@@ -1,0 +1,236 @@
+"""Simulated (fake) KV quantization for teacher-forced evaluation, through the same quantizer code as the cache.
+
+A :class:`SimulationCache` is used for one forward pass over a window. It goes through the same attention hook
+as :class:`~transformers_kvquant.KVQuantCache` (pre-RoPE keys in, RoPE applied at attention time), but instead of
+storing packed codes it returns quantized-then-dequantized K/V. Every query of the window sees every key quantized,
+which is exactly what a prefill through the real cache sees; methods with a full-precision recent window use
+streaming semantics instead (query ``i`` sees key ``j`` exactly iff ``i - j < window``), the view a token has
+during generation.
+
+Methods: ``kvquant`` (a calibrated config; keys pre- or post-RoPE; optional sink and recent window), ``int``
+(uniform per-token, keys after RoPE: the paper's baseline) and ``kivi`` (keys per channel in groups of tokens,
+values per token in groups of channels, recent tokens exact: KIVI's recipe).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..attention import apply_rope, key_rotation
+from ..config import KVQuantConfig
+from ..quant.codebook import uniform_codebook
+from ..quant.memory import store_report
+from ..quant.quantizer import TokenQuantizer, fake_quantize, half_dtype
+from ..quant.store import PackedStore
+
+
+class SimulatedMethod:
+    """How K and V are (fake-)quantized; ``name`` and ``avg_bits`` describe it in result tables."""
+
+    name = "fp"
+    sink_tokens = 0
+    window = 0
+
+    def keys_pre_rope(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        return keys
+
+    def keys_post_rope(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        return keys
+
+    def values(self, layer: int, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def avg_bits(self, heads: int, head_dim: int, tokens: int) -> float:
+        return 16.0
+
+
+class KVQuantMethod(SimulatedMethod):
+    """KVQuant from a calibrated config; ``codebook="uniform"``/``sink_tokens=0`` give two of the ablations."""
+
+    def __init__(self, config: KVQuantConfig, *, sink_tokens: int | None = None, recent_window: int | None = None, label: str | None = None):
+        self.config = config
+        self.sink_tokens = config.sink_tokens if sink_tokens is None else sink_tokens
+        self.window = config.recent_window if recent_window is None else recent_window
+        self.post_rope = config.key_rope == "post"
+        self._key_q = [config.key_quantizer(i) for i in range(len(config.layers))]
+        self._value_q = [config.value_quantizer(i) for i in range(len(config.layers))]
+        self.name = label or config.name
+
+    def keys_pre_rope(self, layer, keys):
+        return keys if self.post_rope else fake_quantize(self._key_q[layer], keys)
+
+    def keys_post_rope(self, layer, keys):
+        return fake_quantize(self._key_q[layer], keys) if self.post_rope else keys
+
+    def values(self, layer, values):
+        return fake_quantize(self._value_q[layer], values)
+
+    def avg_bits(self, heads, head_dim, tokens):
+        """Bits per element of a real store holding ``tokens`` tokens of a 16-bit model (sink, window included)."""
+        store = PackedStore(self._key_q[0], self._value_q[0], self.config.bits, self.sink_tokens, self.window)
+        g = torch.Generator().manual_seed(0)
+        k = torch.randn(1, heads, tokens, head_dim, generator=g).half()
+        store.append(k, torch.randn(1, heads, tokens, head_dim, generator=g).half(), torch.arange(tokens)[None])
+        return store_report(store).avg_bits
+
+
+class IntMethod(SimulatedMethod):
+    """Uniform asymmetric per-token quantization of post-RoPE keys and of values (fp16 zero and scale)."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.name = f"int{bits}"
+        self._q = TokenQuantizer(uniform_codebook(bits), 0)
+
+    def keys_post_rope(self, layer, keys):
+        return fake_quantize(self._q, keys)
+
+    def values(self, layer, values):
+        return fake_quantize(self._q, values)
+
+    def avg_bits(self, heads, head_dim, tokens):
+        return self.bits + 32 / (heads * head_dim)
+
+
+class KiviMethod(SimulatedMethod):
+    """KIVI: keys per channel over groups of ``group`` tokens, values per token over groups of ``group`` channels,
+    uniform codes with fp16 zero/scale per group, and the newest ``residual`` tokens kept in 16 bits."""
+
+    def __init__(self, bits: int, group: int = 32, residual: int = 128):
+        self.bits, self.group, self.window = bits, group, residual
+        self.name = f"kivi{bits}"
+        self._book = uniform_codebook(bits)
+
+    def _uniform(self, x, dim):
+        """Quantize ``x`` with one (zero, scale) per slice reduced over ``dim``."""
+        hd = half_dtype(x.dtype)
+        xf = x.float()
+        hi, lo = xf.amax(dim, keepdim=True), xf.amin(dim, keepdim=True)
+        zero = ((hi + lo) / 2).to(hd).float()
+        scale = ((hi - lo) / 2).to(hd).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        table = self._book.decode_table(x.device)
+        return (table[self._book.encode((xf - zero) / scale).long()] * scale + zero).to(x.dtype)
+
+    def keys_post_rope(self, layer, keys):
+        b, h, t, d = keys.shape
+        pad = (-t) % self.group
+        k = torch.nn.functional.pad(keys, (0, 0, 0, pad), mode="replicate") if pad else keys
+        k = k.reshape(b, h, -1, self.group, d)  # token groups aligned to the window start
+        return self._uniform(k, 3).reshape(b, h, -1, d)[:, :, :t]
+
+    def values(self, layer, values):
+        b, h, t, d = values.shape
+        v = values.permute(0, 2, 1, 3).reshape(b, t, -1, self.group)  # channel groups of each token
+        return self._uniform(v, 3).reshape(b, t, h, d).permute(0, 2, 1, 3)
+
+    def avg_bits(self, heads, head_dim, tokens):
+        c = heads * head_dim
+        quantized = max(0, tokens - self.window)
+        kept = tokens - quantized
+        bits = 2 * quantized * c * self.bits
+        bits += math.ceil(quantized / self.group) * c * 32  # key zero/scale per channel and token group
+        bits += quantized * math.ceil(c / self.group) * 32  # value zero/scale per token and channel group
+        bits += 2 * kept * c * 16
+        return bits / (2 * tokens * c)
+
+
+class SimulatedLayer(CacheLayerMixin):
+    """One layer of a :class:`SimulationCache`: fake-quantizes what the forward pass hands it."""
+
+    is_compileable = False
+    is_sliding = False
+    _layer_type = None
+
+    def __init__(self, method: SimulatedMethod, layer_idx: int):
+        super().__init__()
+        self.method, self.layer_idx = method, layer_idx
+        self.length = 0
+        self._staged = None
+
+    def lazy_initialization(self, key_states, value_states):
+        self.is_initialized = True
+
+    def stage(self, position_ids, query_length):
+        if position_ids is None:
+            position_ids = torch.arange(self.length, self.length + query_length).unsqueeze(0)
+        self._staged = position_ids
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.length:
+            raise RuntimeError("a SimulationCache covers one forward pass (teacher forcing); create a new one per window")
+        if self._staged is None:
+            raise RuntimeError("SimulationCache needs the KVQuant attention hook: call transformers_kvquant.patch_model(model)")
+        self.positions, self._staged = self._staged, None
+        self.length = key_states.shape[-2]
+        self.is_initialized = True
+        m = self.method
+        self.exact_keys, self.exact_values = key_states, value_states
+        keys = self._keep_sink(m.keys_pre_rope(self.layer_idx, key_states), key_states)
+        values = self._keep_sink(m.values(self.layer_idx, value_states), value_states)
+        return keys, values
+
+    def _keep_sink(self, quantized, exact):
+        if self.method.sink_tokens == 0:
+            return quantized
+        sink = (self.positions < self.method.sink_tokens).to(exact.device)  # [B or 1, T]
+        return torch.where(sink[:, None, :, None], exact, quantized)
+
+    def attend(self, module, query, key, value, attention_mask, ctx, inner, **kwargs):
+        m = self.method
+        q = apply_rope(query, ctx.cos.to(query.device), ctx.sin.to(query.device))
+        cos_k, sin_k = key_rotation(ctx.rotary, key, self.positions)
+        k = self._keep_sink(m.keys_post_rope(self.layer_idx, apply_rope(key, cos_k, sin_k)), apply_rope(self.exact_keys, cos_k, sin_k))
+        if not m.window:
+            return inner(module, q, k, value, attention_mask, **kwargs)
+        exact_k = apply_rope(self.exact_keys, cos_k, sin_k)
+        return _streaming_attention(module, q, k, value, exact_k, self.exact_values, self.positions, m, attention_mask)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def _streaming_attention(module, q, k_q, v_q, k_x, v_x, positions, method, attention_mask):
+    """Attention where query i sees key j exactly iff i - j < window (or j is a sink token), else quantized."""
+    n_rep = q.shape[1] // k_q.shape[1]
+
+    def expand(t):
+        return t.repeat_interleave(n_rep, dim=1).float()
+
+    qf = q.float() * module.scaling
+    s_q = qf @ expand(k_q).transpose(-1, -2)
+    s_x = qf @ expand(k_x).transpose(-1, -2)
+    pos = positions.to(q.device)
+    dist = pos[:, :, None] - pos[:, None, :]  # [B, Tq, Tk]
+    exact = (dist < method.window) | (pos[:, None, :] < method.sink_tokens)
+    exact = exact[:, None]
+    scores = torch.where(exact, s_x, s_q)
+    allowed = (dist >= 0)[:, None]
+    if attention_mask is not None:
+        allowed = allowed & (attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1e30)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = (p * exact) @ expand(v_x) + (p * ~exact) @ expand(v_q)
+    return out.to(q.dtype).transpose(1, 2).contiguous(), None
+
+
+class SimulationCache(Cache):
+    """Cache for one teacher-forced forward pass with simulated KV quantization (see module docstring)."""
+
+    stores_pre_rope_keys = True
+
+    def __init__(self, model, method: SimulatedMethod):
+        from ..attention import patch_model
+
+        patch_model(model)
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[SimulatedLayer(method, i) for i in range(layers)])
