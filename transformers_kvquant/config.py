@@ -2,8 +2,9 @@
 
 The JSON holds everything small (settings, per-layer codebooks and Q-Norm, the model fingerprint, calibration
 metadata); the per-channel key ranges live in ``kvquant_calibration.safetensors`` beside it, named in the JSON
-with its sha256. Loading validates every field and raises :class:`KVQuantConfigError`, which names the file, the
-field and the remedy. This module does not import transformers: model configs are read by attribute.
+with its sha256, and the JSON carries the sha256 of its own canonical content, so no change to either file goes
+unnoticed. Loading validates every field and raises :class:`KVQuantConfigError`, which names the file, the field
+and the remedy. docs/format.md describes every field; docs/kvquant_config.schema.json is its JSON Schema. This module does not import transformers: model configs are read by attribute.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ class KVQuantConfigError(ValueError):
     """A kvquant config is missing, malformed, corrupted or does not belong to the model."""
 
     def __init__(self, message: str, *, file: str | os.PathLike | None = None, field: str | None = None, remedy: str | None = None):
+        self.message = message
         self.file = str(file) if file is not None else None
         self.field = field
         self.remedy = remedy
@@ -96,21 +99,23 @@ class ModelFingerprint:
         return fp
 
     def mismatches(self, other: ModelFingerprint) -> list[str]:
-        """Names and values of matched fields that differ (empty when the configs fit the same model)."""
+        """``"field: config has X, model has Y"`` for every matched field that differs (empty when they fit)."""
+        return [f"{name}: {text}" for name, text in self.mismatched_fields(other)]
+
+    def mismatched_fields(self, other: ModelFingerprint) -> list[tuple[str, str]]:
+        """``(field, explanation)`` pairs: geometry and RoPE always; model ids when both are Hub ids; weights
+        signatures when both are known. Revisions are not compared (the signature tells changed weights apart)."""
         out = []
         for name in self.MATCHED_FIELDS:
             a, b = getattr(self, name), getattr(other, name)
-            if name == "rope":
-                same = _rope_equal(a, b)
-            else:
-                same = a == b
+            same = _rope_equal(a, b) if name == "rope" else a == b
             if not same:
-                out.append(f"{name}: config has {a!r}, model has {b!r}")
+                out.append((name, f"config has {a!r}, model has {b!r}"))
         if self.model_id and other.model_id and self.model_id != other.model_id:
-            out.append(f"model_id: config has {self.model_id!r}, model is {other.model_id!r}")
+            out.append(("model_id", f"config has {self.model_id!r}, model is {other.model_id!r}"))
         a, b = self.weights_signature, other.weights_signature
         if a and b and (len(a) != len(b) or any(not math.isclose(x, y, rel_tol=SIGNATURE_RTOL) for x, y in zip(a, b))):
-            out.append("weights_signature: the model's weights differ from those the config was calibrated on")
+            out.append(("weights_signature", "the model's weights differ from those the config was calibrated on"))
         return out
 
     def to_dict(self) -> dict:
@@ -211,6 +216,8 @@ class KVQuantConfig:
             raise KVQuantConfigError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}", field="bits")
         if not 0.0 <= self.outlier_fraction < 0.5:
             raise KVQuantConfigError(f"outlier_fraction must be in [0, 0.5), got {self.outlier_fraction}", field="outlier_fraction")
+        if self.codebook_kind not in CODEBOOK_KINDS:
+            raise KVQuantConfigError(f"codebook_kind must be one of {CODEBOOK_KINDS}, got {self.codebook_kind!r}", field="codebook_kind")
         if self.key_rope not in ("pre", "post"):
             raise KVQuantConfigError(f"key_rope must be 'pre' or 'post', got {self.key_rope!r}", field="key_rope")
         if self.sink_tokens < 0 or self.recent_window < 0:
@@ -250,13 +257,13 @@ class KVQuantConfig:
         """
         is_model = hasattr(model, "named_parameters")
         other = ModelFingerprint.from_model(model) if is_model else ModelFingerprint.from_model_config(model)
-        bad = self.fingerprint.mismatches(other)
+        bad = self.fingerprint.mismatched_fields(other)
         if bad:
             raise KVQuantConfigError(
-                "calibrated for a different model (" + "; ".join(bad) + ")",
+                "calibrated for a different model (" + "; ".join(f"fingerprint.{n}: {t}" for n, t in bad) + ")",
                 file=source,
-                field="fingerprint",
-                remedy="calibrate this model with `kvquant calibrate MODEL ...` or pass the config made for it",
+                field=f"fingerprint.{bad[0][0]}",
+                remedy="calibrate this model with `kvquant calibrate MODEL ... -o DIR` or pass the config made for it",
             )
 
     def with_runtime(self, **overrides) -> KVQuantConfig:
@@ -275,7 +282,22 @@ class KVQuantConfig:
         return f"nuq{self.bits}" + (f"-{pct}" if self.outlier_fraction else "")
 
     # ----------------------------------------------------------------------------------------- files
+    def __eq__(self, other: object) -> bool:
+        """Equal when every field, codebook and key-range tensor is identical."""
+        if not isinstance(other, KVQuantConfig):
+            return NotImplemented
+        if self.to_json_dict("") != other.to_json_dict(""):
+            return False
+        return all(
+            torch.equal(a.key_zero.float().cpu(), b.key_zero.float().cpu())
+            and torch.equal(a.key_scale.float().cpu(), b.key_scale.float().cpu())
+            for a, b in zip(self.layers, other.layers)
+        )
+
+    __hash__ = None  # mutable, holds tensors
+
     def to_json_dict(self, tensors_sha256: str) -> dict:
+        """The JSON content of ``kvquant_config.json`` without its ``content_sha256`` (see docs/format.md)."""
         return {
             "format_version": self.format_version,
             "bits": self.bits,
@@ -299,31 +321,106 @@ class KVQuantConfig:
             "tensors": {"file": TENSORS_NAME, "sha256": tensors_sha256},
         }
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-channel key ranges as stored in ``kvquant_calibration.safetensors`` (float32, CPU)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            out[f"layers.{i}.key_zero"] = layer.key_zero.detach().float().contiguous().cpu()
+            out[f"layers.{i}.key_scale"] = layer.key_scale.detach().float().contiguous().cpu()
+        return out
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``kvquant_config.json`` and ``kvquant_calibration.safetensors`` into a directory."""
+        """Write ``kvquant_config.json`` and ``kvquant_calibration.safetensors`` into a directory.
+
+        Refuses (with :class:`KVQuantConfigError`) values that loading would reject, so every written config loads.
+        Each file is written under a temporary name and renamed, so a crash never leaves a half-written config.
+        """
         from safetensors.torch import save_file
 
         out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for i, layer in enumerate(self.layers):
-            tensors[f"layers.{i}.key_zero"] = layer.key_zero.float().contiguous().cpu()
-            tensors[f"layers.{i}.key_scale"] = layer.key_scale.float().contiguous().cpu()
-        tpath = out / TENSORS_NAME
-        save_file(tensors, str(tpath), metadata={"format": "pt", "kvquant_format_version": str(self.format_version)})
-        sha = _sha256(tpath)
         cpath = out / CONFIG_NAME
-        text = json.dumps(self.to_json_dict(sha), indent=1, allow_nan=False)
-        cpath.write_text(text + "\n")
+        fix = "fix the value before saving (non-finite ranges or codebooks come from non-finite activations)"
+
+        def fail(message, field):
+            return KVQuantConfigError(message, file=cpath, field=field, remedy=fix)
+
+        tensors = self.tensors()
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                raise fail(f"tensor {name} holds NaN or inf", name)
+            if name.endswith("key_scale") and (t <= 0).any():
+                raise fail(f"tensor {name} must be positive", name)
+        data = _normalized_json(self.to_json_dict(""), fail)
+        bad = _find_non_finite(data)
+        if bad is not None:
+            raise fail(f"holds {bad[1]}", bad[0])
+        _check_calibration(data["calibration"], lambda m, f, r: fail(m, f))
+
+        out.mkdir(parents=True, exist_ok=True)
+        tpath = out / TENSORS_NAME
+        _write_atomically(tpath, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "kvquant_format_version": str(self.format_version)}))
+        data["tensors"]["sha256"] = _sha256(tpath)
+        data[CHECKSUM_FIELD] = content_sha256(data)
+        text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+        _write_atomically(cpath, lambda p: p.write_text(text, encoding="utf-8"))
         return cpath
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str | os.PathLike, **hub_kwargs) -> KVQuantConfig:
-        """Load from a directory, a path to ``kvquant_config.json``, or a Hub repo id (see :mod:`.hub`)."""
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> KVQuantConfig:
+        """Load and validate a config from a folder, a ``kvquant_config.json`` path, or a Hub repo id.
+
+        Hub repos go through huggingface_hub's download cache: this works offline (``HF_HUB_OFFLINE=1``) once the
+        files are cached, and honours ``HF_ENDPOINT``. Raises :class:`KVQuantConfigError` for anything missing,
+        corrupted or malformed.
+        """
         from .hub import resolve_config_files
 
-        config_path, tensors_locator = resolve_config_files(path_or_repo, **hub_kwargs)
+        config_path, tensors_locator = resolve_config_files(
+            path_or_repo,
+            revision=revision,
+            subfolder=subfolder,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
         return load_config_file(config_path, tensors_locator)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        private: bool | None = None,
+        path_in_repo: str | None = None,
+    ):
+        """Upload ``kvquant_config.json`` and its tensor file to a Hub repo in one commit (see :func:`.hub.push_config`).
+
+        Works for a new repo and for adding the two files to an existing model repo: no other file is touched.
+        Returns huggingface_hub's ``CommitInfo`` (a string: the commit URL; ``.pr_url`` when ``create_pr``).
+        """
+        from .hub import push_config
+
+        return push_config(
+            self,
+            repo_id,
+            revision=revision,
+            token=token,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            private=private,
+            path_in_repo=path_in_repo,
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -334,18 +431,60 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def content_sha256(data: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no whitespace, ASCII) of every field except ``content_sha256``.
+
+    Any change to a value, however small, changes it; re-indenting or reordering the file does not.
+    """
+    body = {k: v for k, v in data.items() if k != CHECKSUM_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _json_default(value):
+    # numpy scalars/arrays and tensors in calibration metadata become plain numbers and lists
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _normalized_json(data: dict, fail) -> dict:
+    """``data`` as it will read back from JSON (tuples become lists, numpy numbers plain ones)."""
+    try:
+        return json.loads(json.dumps(data, default=_json_default, allow_nan=True))
+    except (TypeError, ValueError) as e:
+        raise fail(f"cannot be written as JSON ({e})", "calibration") from e
+
+
 # --------------------------------------------------------------------------------------------- loading
+CHECKSUM_FIELD = "content_sha256"
+CODEBOOK_KINDS = ("nuq", "nuq-unweighted", "uniform")
+_NUMBER = (int, float)
+
 _REQUIRED = {
     "format_version": int,
     "bits": int,
-    "outlier_fraction": (int, float),
+    "outlier_fraction": _NUMBER,
     "sink_tokens": int,
     "recent_window": int,
     "qnorm": bool,
     "key_rope": str,
+    "codebook_kind": str,
     "fingerprint": dict,
     "layers": list,
+    "calibration": dict,
     "tensors": dict,
+    CHECKSUM_FIELD: str,
 }
 _FINGERPRINT_REQUIRED = {
     "architecture": str,
@@ -357,22 +496,107 @@ _FINGERPRINT_REQUIRED = {
     "hidden_size": int,
     "rope": dict,
 }
+_FINGERPRINT_OPTIONAL = {"model_id": str, "revision": str, "weights_signature": list}
+_LAYER_REQUIRED = {"key_centroids": list, "value_centroids": list, "key_qnorm": list, "value_qnorm": list}
+_TENSORS_REQUIRED = {"file": str, "sha256": str}
+
+# Calibration metadata: these keys, when present, must have these types; other keys may hold any JSON value.
+CALIBRATION_FIELDS = {
+    "dataset": str,
+    "num_samples": int,
+    "seqlen": int,
+    "seed": int,
+    "fisher": bool,
+    "package_version": str,
+    "date": str,
+    "duration_s": _NUMBER,
+    "ppl": dict,
+}
+PPL_FIELDS = {"dataset": str, "windows": int, "seqlen": int, "fp": _NUMBER, "quantized": _NUMBER, "change_pct": _NUMBER}
+PPL_REQUIRED = ("fp", "quantized", "change_pct")
+
+_HAND_EDITED = (
+    "download or copy the file again; to change a config, load it with KVQuantConfig.from_pretrained, edit the "
+    "object and save_pretrained it (sink_tokens and recent_window can be overridden in cache_config instead)"
+)
+
+
+class _NonFinite:
+    """Stands in for NaN/Infinity while parsing, so the error can name the field that holds it."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _parse_float(text: str):
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def _find_non_finite(value, path: str = "") -> tuple[str, str] | None:
+    """``(field path, text)`` of the first NaN/inf in parsed JSON, or None."""
+    if isinstance(value, _NonFinite):
+        return path, value.text
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, repr(value)
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub, v in items:
+        found = _find_non_finite(v, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def _field_near(text: str, pos: int) -> str | None:
+    """The last JSON key before ``pos``: where a truncated or garbled file stops making sense."""
+    keys = re.findall(r'"([A-Za-z_][A-Za-z0-9_]{0,63})"\s*:', text[:pos])
+    return keys[-1] if keys else None
 
 
 def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KVQuantConfig:
-    """Parse and validate a ``kvquant_config.json``; ``tensors_locator(name) -> path`` finds the sidecar."""
+    """Parse and validate a ``kvquant_config.json``; ``tensors_locator(name) -> path`` finds the tensor file.
+
+    Every problem raises :class:`KVQuantConfigError` naming the file, the field and the remedy.
+    """
     path = Path(config_path)
     fail = _failer(path)
     try:
+        return _load(path, tensors_locator, fail)
+    except KVQuantConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, RecursionError, RuntimeError) as e:
+        # The checks in _load are meant to catch every bad input first; this keeps the one-exception-type promise.
+        raise fail(f"invalid content ({type(e).__name__}: {e})", None, RECALIBRATE) from e
+
+
+def _load(path: Path, tensors_locator, fail) -> KVQuantConfig:
+    try:
         raw = path.read_bytes()
     except OSError as e:
-        raise fail(f"cannot read the file ({e.strerror})", None, "check the path") from e
+        raise fail(f"cannot read the file ({e.strerror or e})", None, "check the path") from e
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise fail(f"not valid JSON ({e}); the file is truncated or corrupted", None, "download or " + RECALIBRATE) from e
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise fail(f"not UTF-8 text (byte {e.start}); the file is corrupted", None, "download or " + RECALIBRATE) from e
+    try:
+        data = json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float)
+    except json.JSONDecodeError as e:
+        near = _field_near(text, e.pos)
+        raise fail(
+            f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); the file is truncated or corrupted",
+            near,
+            "download or " + RECALIBRATE,
+        ) from e
+    except (ValueError, RecursionError) as e:  # e.g. an integer with thousands of digits, absurd nesting
+        raise fail(f"not valid JSON ({e}); the file is corrupted", None, "download or " + RECALIBRATE) from e
     if not isinstance(data, dict):
         raise fail("the top level must be a JSON object", None, RECALIBRATE)
+
     version = data.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise fail(
@@ -380,10 +604,30 @@ def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KV
             "format_version",
             "upgrade transformers-kvquant (`pip install -U transformers-kvquant`)",
         )
+    bad = _find_non_finite(data)
+    if bad is not None:
+        raise fail(f"holds {bad[1]}; configs hold finite numbers only", bad[0], RECALIBRATE)
+
+    # 1. Structure: every field present with its JSON type (names the field even in a damaged file).
     _check_fields(data, _REQUIRED, "", fail)
+    fp = data["fingerprint"]
+    _check_fields(fp, _FINGERPRINT_REQUIRED, "fingerprint.", fail)
+    for name, typ in _FINGERPRINT_OPTIONAL.items():
+        if fp.get(name) is not None:
+            _check_type(fp[name], typ, "fingerprint." + name, fail)
+    _check_fields(data["tensors"], _TENSORS_REQUIRED, "tensors.", fail)
+    for i, lj in enumerate(data["layers"]):
+        if not isinstance(lj, dict):
+            raise fail("must be an object", f"layers[{i}]", RECALIBRATE)
+        _check_fields(lj, _LAYER_REQUIRED, f"layers[{i}].", fail)
+
+    # 2. Integrity: any change to any value since the file was written.
+    if data[CHECKSUM_FIELD] != content_sha256(data):
+        raise fail("does not match the file's content: the file was changed or damaged after it was written", CHECKSUM_FIELD, _HAND_EDITED)
+
+    # 3. Values.
     if version < 1:
         raise fail(f"format_version must be >= 1, got {version}", "format_version", RECALIBRATE)
-    _check_fields(data["fingerprint"], _FINGERPRINT_REQUIRED, "fingerprint.", fail)
     bits = data["bits"]
     if bits not in SUPPORTED_BITS:
         raise fail(f"bits must be one of {SUPPORTED_BITS}, got {bits}", "bits", RECALIBRATE)
@@ -395,13 +639,14 @@ def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KV
             raise fail(f"must be >= 0, got {data[name]}", name, RECALIBRATE)
     if data["key_rope"] not in ("pre", "post"):
         raise fail(f"must be 'pre' or 'post', got {data['key_rope']!r}", "key_rope", RECALIBRATE)
-    fp = data["fingerprint"]
+    if data["codebook_kind"] not in CODEBOOK_KINDS:
+        raise fail(f"must be one of {CODEBOOK_KINDS}, got {data['codebook_kind']!r}", "codebook_kind", RECALIBRATE)
     for name in ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"):
         if fp[name] <= 0:
             raise fail(f"must be positive, got {fp[name]}", f"fingerprint.{name}", RECALIBRATE)
     signature = fp.get("weights_signature")
     if signature is not None:
-        signature = _float_list(signature if isinstance(signature, list) else [None], "fingerprint.weights_signature", fail)
+        signature = _float_list(signature, "fingerprint.weights_signature", fail)
     fingerprint = ModelFingerprint(
         **{k: fp[k] for k in _FINGERPRINT_REQUIRED},
         model_id=fp.get("model_id"),
@@ -411,29 +656,13 @@ def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KV
     layers_json = data["layers"]
     if len(layers_json) != fingerprint.num_layers:
         raise fail(f"has {len(layers_json)} entries, fingerprint.num_layers is {fingerprint.num_layers}", "layers", RECALIBRATE)
+    _check_calibration(data["calibration"], fail)
 
-    tensors_meta = data["tensors"]
-    _check_fields(tensors_meta, {"file": str, "sha256": str}, "tensors.", fail)
-    if os.path.basename(tensors_meta["file"]) != tensors_meta["file"]:
-        raise fail("must be a bare file name beside the config", "tensors.file", RECALIBRATE)
-    tpath = Path(tensors_locator(tensors_meta["file"])) if tensors_locator else path.parent / tensors_meta["file"]
-    if not tpath.is_file():
-        raise fail(f"the tensor file {tensors_meta['file']} is missing", "tensors.file", "copy it beside the config or " + RECALIBRATE)
-    sha = _sha256(tpath)
-    if sha != tensors_meta["sha256"]:
-        raise fail(
-            f"sha256 of {tpath.name} is {sha[:12]}…, the config expects {tensors_meta['sha256'][:12]}…",
-            "tensors.sha256",
-            "the files do not belong together or one is corrupted; download both again or " + RECALIBRATE,
-        )
-    tensors = _load_tensors(tpath, fail)
+    tensors = _read_tensor_file(path, data["tensors"], tensors_locator, fail)
     shape = (fingerprint.num_key_value_heads, fingerprint.head_dim)
     layers = []
     for i, lj in enumerate(layers_json):
         prefix = f"layers[{i}]."
-        if not isinstance(lj, dict):
-            raise fail("must be an object", f"layers[{i}]", RECALIBRATE)
-        _check_fields(lj, {"key_centroids": list, "value_centroids": list, "key_qnorm": list, "value_qnorm": list}, prefix, fail)
         books = []
         for kind in ("key", "value"):
             cents = _float_list(lj[f"{kind}_centroids"], prefix + f"{kind}_centroids", fail)
@@ -449,8 +678,11 @@ def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KV
         for name in ("key_zero", "key_scale"):
             tname = f"layers.{i}.{name}"
             if tname not in tensors:
-                raise fail(f"tensor {tname} is missing from {tpath.name}", tname, RECALIBRATE)
-            t = tensors[tname].float()
+                raise fail(f"tensor {tname} is missing from {data['tensors']['file']}", tname, RECALIBRATE)
+            t = tensors[tname]
+            if not t.is_floating_point():
+                raise fail(f"tensor {tname} has dtype {t.dtype}, expected float32", tname, RECALIBRATE)
+            t = t.float()
             if tuple(t.shape) != shape:
                 raise fail(f"tensor {tname} has shape {tuple(t.shape)}, expected {shape}", tname, RECALIBRATE)
             if not torch.isfinite(t).all():
@@ -459,9 +691,6 @@ def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KV
         if (ranges[1] <= 0).any():
             raise fail("key scales must be positive", f"layers.{i}.key_scale", RECALIBRATE)
         layers.append(LayerCalibration(books[0], books[1], ranges[0], ranges[1]))
-    calibration = data.get("calibration", {})
-    if not isinstance(calibration, dict):
-        raise fail("must be an object", "calibration", RECALIBRATE)
     try:
         return KVQuantConfig(
             bits=bits,
@@ -472,12 +701,51 @@ def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KV
             recent_window=data["recent_window"],
             qnorm=data["qnorm"],
             key_rope=data["key_rope"],
-            codebook_kind=str(data.get("codebook_kind", "nuq")),
-            calibration=calibration,
+            codebook_kind=data["codebook_kind"],
+            calibration=data["calibration"],
             format_version=version,
         )
     except KVQuantConfigError as e:
-        raise fail(str(e), e.field, RECALIBRATE) from e
+        raise fail(e.message, e.field, RECALIBRATE) from e
+
+
+def _read_tensor_file(path: Path, meta: dict, tensors_locator, fail) -> dict:
+    """Find the tensor file named in ``tensors``, check its sha256 and load it."""
+    name = meta["file"]
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise fail(f"must be a bare file name beside the config, got {name!r}", "tensors.file", RECALIBRATE)
+    if not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]):
+        raise fail("must be 64 lowercase hex digits", "tensors.sha256", RECALIBRATE)
+    tpath = Path(tensors_locator(name)) if tensors_locator else path.parent / name
+    if not tpath.is_file():
+        raise fail(f"the tensor file {name} is missing", "tensors.file", "copy it beside the config, download both again, or " + RECALIBRATE)
+    sha = _sha256(tpath)
+    if sha != meta["sha256"]:
+        raise fail(
+            f"sha256 of {tpath.name} is {sha[:12]}…, the config expects {meta['sha256'][:12]}…",
+            "tensors.sha256",
+            "the two files do not belong together or one is damaged; download both again or " + RECALIBRATE,
+        )
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(tpath))
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise fail(f"cannot read {tpath.name} ({e})", "tensors.file", RECALIBRATE) from e
+
+
+def _check_calibration(meta: dict, fail, remedy: str = RECALIBRATE) -> None:
+    for name, typ in CALIBRATION_FIELDS.items():
+        if name in meta:
+            _check_type(meta[name], typ, f"calibration.{name}", fail, remedy)
+    ppl = meta.get("ppl")
+    if ppl is not None:
+        for name in PPL_REQUIRED:
+            if name not in ppl:
+                raise fail("is missing", f"calibration.ppl.{name}", remedy)
+        for name, typ in PPL_FIELDS.items():
+            if name in ppl:
+                _check_type(ppl[name], typ, f"calibration.ppl.{name}", fail, remedy)
 
 
 def _failer(path):
@@ -487,19 +755,19 @@ def _failer(path):
     return fail
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not allowed (NaN/inf values)")
-
-
 def _check_fields(data: dict, spec: dict, prefix: str, fail) -> None:
     for name, typ in spec.items():
         if name not in data:
             raise fail("is missing", prefix + name, RECALIBRATE)
-        value = data[name]
-        if isinstance(value, bool) and typ is not bool and bool not in (typ if isinstance(typ, tuple) else (typ,)):
-            raise fail(f"must be {_type_name(typ)}, got a boolean", prefix + name, RECALIBRATE)
-        if not isinstance(value, typ):
-            raise fail(f"must be {_type_name(typ)}, got {type(value).__name__}", prefix + name, RECALIBRATE)
+        _check_type(data[name], typ, prefix + name, fail)
+
+
+def _check_type(value, typ, name: str, fail, remedy: str = RECALIBRATE) -> None:
+    allowed = typ if isinstance(typ, tuple) else (typ,)
+    if isinstance(value, bool) and bool not in allowed:
+        raise fail(f"must be {_type_name(typ)}, got a boolean", name, remedy)
+    if not isinstance(value, typ):
+        raise fail(f"must be {_type_name(typ)}, got {_json_type_name(value)}", name, remedy)
 
 
 def _type_name(typ) -> str:
@@ -509,7 +777,14 @@ def _type_name(typ) -> str:
     return names.get(typ, typ.__name__)
 
 
+def _json_type_name(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def _float_list(value, name, fail) -> list[float]:
+    if not isinstance(value, list):
+        raise fail(f"must be a list of numbers, got {_json_type_name(value)}", name, RECALIBRATE)
     out = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -518,12 +793,3 @@ def _float_list(value, name, fail) -> list[float]:
             raise fail("holds NaN or inf", name, RECALIBRATE)
         out.append(float(v))
     return out
-
-
-def _load_tensors(tpath: Path, fail) -> dict:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(tpath))
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise fail(f"cannot read {tpath.name} ({e})", "tensors.file", RECALIBRATE) from e
