@@ -24,6 +24,7 @@ import torch
 SUPPORTED_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention")
 SUPPORTED_INNER = ("sdpa", "eager")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 CONTEXT_KWARG = "kvquant_context"
 PREFIX = "kvquant_"
 
@@ -74,8 +75,9 @@ def find_rotary(model) -> torch.nn.Module:
 def check_supported(model) -> list[torch.nn.Module]:
     """Return the attention modules, or raise :class:`UnsupportedModelError` naming what is supported."""
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "k_proj")]
-    names = sorted({type(m).__name__ for m in modules})
+    attention_like = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    modules = [m for m in attention_like if hasattr(m, "k_proj")]
+    names = sorted({type(m).__name__ for m in attention_like})  # all of them, so the error names the real class
     unsupported = [n for n in names if n not in SUPPORTED_ATTENTION_CLASSES]
     if not modules or unsupported:
         raise UnsupportedModelError(
@@ -96,7 +98,20 @@ def check_supported(model) -> list[torch.nn.Module]:
         raise UnsupportedModelError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
     if getattr(config, "attention_chunk_size", None):
         raise UnsupportedModelError("chunked attention (attention_chunk_size) is not supported by the KVQuant cache")
-    find_rotary(model)
+    other_types = sorted(set(getattr(config, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
+    if other_types:
+        raise UnsupportedModelError(
+            f"layer types {other_types} are not supported by the KVQuant cache; supported: {', '.join(SUPPORTED_LAYER_TYPES)}"
+        )
+    rotary = find_rotary(model)
+    # Judge partial rotary by what the rotary module computes, wherever the config keeps the factor.
+    inv_freq = getattr(rotary, "inv_freq", None)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if inv_freq is not None and 2 * inv_freq.numel() != head_dim:
+        raise UnsupportedModelError(
+            f"the rotary embedding rotates {2 * inv_freq.numel()} of {head_dim} channels per head (partial rotary); "
+            "the KVQuant cache supports RoPE over the whole head only"
+        )
     return modules
 
 
