@@ -39,8 +39,7 @@ class CacheSettings:
     def make_store(self, layer_idx: int, dtype: torch.dtype):
         if self.bits == 16:
             return FullPrecisionStore()
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"the KVQuant cache supports float32, float16 and bfloat16 models, got {dtype}")
+        check_dtype(dtype)
         cfg = self.config
         return PackedStore(
             cfg.key_quantizer(layer_idx),
@@ -55,6 +54,18 @@ class CacheSettings:
             return "bits=16 (unquantized)"
         text = f"{self.config.name}, sink={self.sink_tokens}, window={self.recent_window}, backend={self.backend}"
         return text + (f", config={self.source}" if self.source else "")
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    """Quantized storage keeps 16-bit side tensors derived from the model dtype: only these three have one."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the quantized KVQuant cache supports float32, float16 and bfloat16 models, got {dtype}; load the model "
+            "with dtype=torch.bfloat16, torch.float16 or torch.float32 (or use cache_config={'bits': 16})"
+        )
 
 
 def resolve_settings(model, config=None, cache_config: dict | None = None) -> CacheSettings:
@@ -89,6 +100,8 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
             raise ValueError("bits=16 runs without quantization; do not pass a KVQuant config with it")
         return CacheSettings(16, None, sink or 0, window or 0, backend, max_length)
 
+    if getattr(model, "dtype", None) is not None:
+        check_dtype(model.dtype)  # fail before generate starts, not at the first cache update
     hub = {k: opts.pop(k) for k in ("revision", "local_files_only") if k in opts}
     from .discovery import find_config, load_for_model
 
