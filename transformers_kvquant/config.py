@@ -322,11 +322,11 @@ class KVQuantConfig:
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The per-channel key ranges as stored in ``kvquant_calibration.safetensors`` (float32, CPU)."""
+        """Copies of the per-channel key ranges as stored in ``kvquant_calibration.safetensors`` (float32, CPU)."""
         out = {}
         for i, layer in enumerate(self.layers):
-            out[f"layers.{i}.key_zero"] = layer.key_zero.detach().float().contiguous().cpu()
-            out[f"layers.{i}.key_scale"] = layer.key_scale.detach().float().contiguous().cpu()
+            out[f"layers.{i}.key_zero"] = layer.key_zero.detach().to("cpu", torch.float32, copy=True).contiguous()
+            out[f"layers.{i}.key_scale"] = layer.key_scale.detach().to("cpu", torch.float32, copy=True).contiguous()
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -608,18 +608,22 @@ def _load(path: Path, tensors_locator, fail) -> KVQuantConfig:
     if bad is not None:
         raise fail(f"holds {bad[1]}; configs hold finite numbers only", bad[0], RECALIBRATE)
 
-    # 1. Structure: every field present with its JSON type (names the field even in a damaged file).
+    # 1. Structure: every field present with its JSON type, nothing unknown (names the field even in a damaged file).
     _check_fields(data, _REQUIRED, "", fail)
     fp = data["fingerprint"]
     _check_fields(fp, _FINGERPRINT_REQUIRED, "fingerprint.", fail)
+    _reject_unknown(fp, {**_FINGERPRINT_REQUIRED, **_FINGERPRINT_OPTIONAL}, "fingerprint.", fail)
     for name, typ in _FINGERPRINT_OPTIONAL.items():
         if fp.get(name) is not None:
             _check_type(fp[name], typ, "fingerprint." + name, fail)
     _check_fields(data["tensors"], _TENSORS_REQUIRED, "tensors.", fail)
+    _reject_unknown(data["tensors"], _TENSORS_REQUIRED, "tensors.", fail)
     for i, lj in enumerate(data["layers"]):
         if not isinstance(lj, dict):
             raise fail("must be an object", f"layers[{i}]", RECALIBRATE)
         _check_fields(lj, _LAYER_REQUIRED, f"layers[{i}].", fail)
+        _reject_unknown(lj, _LAYER_REQUIRED, f"layers[{i}].", fail)
+    _reject_unknown(data, _REQUIRED, "", fail)
 
     # 2. Integrity: any change to any value since the file was written.
     if data[CHECKSUM_FIELD] != content_sha256(data):
@@ -760,6 +764,16 @@ def _check_fields(data: dict, spec: dict, prefix: str, fail) -> None:
         if name not in data:
             raise fail("is missing", prefix + name, RECALIBRATE)
         _check_type(data[name], typ, prefix + name, fail)
+
+
+def _reject_unknown(data: dict, spec: dict, prefix: str, fail) -> None:
+    for name in data:
+        if name not in spec:
+            raise fail(
+                f"is not a field of format_version {FORMAT_VERSION}",
+                prefix + str(name),
+                "the file was written by another tool or a newer package; upgrade transformers-kvquant or " + RECALIBRATE,
+            )
 
 
 def _check_type(value, typ, name: str, fail, remedy: str = RECALIBRATE) -> None:
