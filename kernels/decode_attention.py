@@ -1,0 +1,345 @@
+"""Decode attention (one query per row) directly on the packed cache, split over the sequence.
+
+Grid ``(splits + 1, B)``. A *packed* program owns a range of packed slots for **all** KV heads of its row, so
+the per-slot work that does not depend on the head is done once: the RoPE sin/cos of the slot's position, and the
+token's sparse outliers (stored per token over all heads), which each program reads exactly once. It makes two
+passes over its slots:
+
+1. keys: unpack codes, codebook lookup, per-channel scale/zero, rotate by the stored position, ``q . k`` for every
+   query head of the KV head (GQA: a KV head is dequantized once for its query heads), key outliers as sparse
+   corrections of the scores; scores go to a scratch buffer, the running max is kept;
+2. values: ``p = exp(score - max)`` with the split's final max, dense ``p . v``, and value outliers added to the
+   split's partial output with atomics (they land on data-dependent channels).
+
+The last program (index ``splits``) attends to the exact tokens: the sink (in place of its packed slot) and the
+recent window. :func:`_combine_kernel` merges the partial (max, sum, output) of all programs. All math is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import PackedKV, next_pow2
+from .triton_common import LOG2E, code_at, sincos, unpack_half
+
+
+@triton.jit
+def _rotated_query(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, h_rows, g_cols, HALF: tl.constexpr, G: tl.constexpr, qmask, scale):
+    """The query rotated at its own position (HF rotate-half), pre-multiplied by ``scale``: two [HP, GP, HALF]."""
+    j = tl.arange(0, HALF)[None, None, :]
+    hq = (h_rows[:, None] * G + g_cols[None, :])[:, :, None]
+    base = q_ptr + b * q_sb + hq * q_sh
+    m = qmask[:, :, None]
+    q_lo = tl.load(base + j, mask=m, other=0.0).to(tl.float32)
+    q_hi = tl.load(base + HALF + j, mask=m, other=0.0).to(tl.float32)
+    c_lo = tl.load(qc_ptr + b * c_sb + j).to(tl.float32)
+    c_hi = tl.load(qc_ptr + b * c_sb + HALF + j).to(tl.float32)
+    s_lo = tl.load(qs_ptr + b * c_sb + j).to(tl.float32)
+    s_hi = tl.load(qs_ptr + b * c_sb + HALF + j).to(tl.float32)
+    return (q_lo * c_lo - q_hi * s_lo) * scale, (q_hi * c_hi + q_lo * s_hi) * scale
+
+
+@triton.jit
+def _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, hq, j, mask, scale, HALF: tl.constexpr):
+    """Both RoPE halves of the scaled rotated query at (query head ``hq``, pair ``j``), element-wise."""
+    base = q_ptr + b * q_sb + hq * q_sh
+    q_lo = tl.load(base + j, mask=mask, other=0.0).to(tl.float32)
+    q_hi = tl.load(base + HALF + j, mask=mask, other=0.0).to(tl.float32)
+    c_lo = tl.load(qc_ptr + b * c_sb + j, mask=mask, other=0.0).to(tl.float32)
+    c_hi = tl.load(qc_ptr + b * c_sb + HALF + j, mask=mask, other=0.0).to(tl.float32)
+    s_lo = tl.load(qs_ptr + b * c_sb + j, mask=mask, other=0.0).to(tl.float32)
+    s_hi = tl.load(qs_ptr + b * c_sb + HALF + j, mask=mask, other=0.0).to(tl.float32)
+    return (q_lo * c_lo - q_hi * s_lo) * scale, (q_hi * c_hi + q_lo * s_hi) * scale
+
+
+@triton.jit
+def _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND: tl.constexpr):
+    """Additive log2-domain bias of a visible slot: 0, or -inf when masked or outside the sliding window."""
+    bias = tl.where(rel > total - 1 - window, 0.0, float("-inf"))
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptr + b * m_sb + rel)
+        bias = tl.where(keep != 0, bias, float("-inf"))
+    elif MASK_KIND == 2:
+        bias = bias + tl.load(mask_ptr + b * m_sb + rel).to(tl.float32) * 1.4426950408889634
+    return bias
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, qc_ptr, qs_ptr, inv_freq_ptr,
+    kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kzero_ptr, kscale_ptr, vzero_ptr, vscale_ptr,
+    kov_ptr, koi_ptr, vov_ptr, voi_ptr, pos_ptr,
+    sink_k_ptr, sink_v_ptr, sink_slot_ptr, win_k_ptr, win_v_ptr, mask_ptr,
+    scores_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    q_sb, q_sh, c_sb, sk_sb, sk_sh, sk_sn, wk_sb, wk_sh, wk_sn, m_sb,
+    cap, first, packed_len, n_window, begin, n_outliers, split_len, n_splits, window,
+    scale, rope_scale,
+    H: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr,
+):
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    HALF: tl.constexpr = D // 2
+    HQ: tl.constexpr = H * G
+    total = packed_len + n_window
+    hr = tl.arange(0, HP)
+    gc = tl.arange(0, GP)
+    hmask = hr < H
+    qmask = hmask[:, None] & (gc < G)[None, :]
+    j = tl.arange(0, HALF)
+    inv_freq = tl.load(inv_freq_ptr + j)
+    q_lo, q_hi = _rotated_query(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, hr, gc, HALF, G, qmask, scale * rope_scale)
+    hq_rows = hr[:, None] * G + gc[None, :]  # [HP, GP] query head of each (kv head, group) cell
+    m_i = tl.full((HP, GP), float("-inf"), tl.float32)
+    l_i = tl.zeros((HP, GP), tl.float32)
+    acc_lo = tl.zeros((HP, GP, HALF), tl.float32)
+    acc_hi = tl.zeros((HP, GP, HALF), tl.float32)
+    part = (b * (n_splits + 1) + split) * HQ
+    ns = tl.arange(0, NS_PAD)
+    sink_slot = tl.load(sink_slot_ptr + b * N_SINK + ns, mask=ns < N_SINK, other=-1) - begin  # relative slots
+    if split < n_splits:
+        # ------------------------------------------------------------------ packed slots [lo, hi)
+        lo = split * split_len
+        hi = tl.minimum(lo + split_len, packed_len)
+        e = tl.arange(0, S_PAD)
+        emask = e < n_outliers
+        head_rows = (b * H + hr) * cap  # [HP] first physical slot of each head's vectors
+        kz_lo = tl.load(kzero_ptr + hr[:, None] * D + j[None, :], mask=hmask[:, None], other=0.0)
+        kz_hi = tl.load(kzero_ptr + hr[:, None] * D + HALF + j[None, :], mask=hmask[:, None], other=0.0)
+        ks_lo = tl.load(kscale_ptr + hr[:, None] * D + j[None, :], mask=hmask[:, None], other=0.0)
+        ks_hi = tl.load(kscale_ptr + hr[:, None] * D + HALF + j[None, :], mask=hmask[:, None], other=0.0)
+        # Zero this program's partial output now: value outliers are added to it with atomics in pass 2.
+        acc_ptrs = part_acc_ptr + (part + hq_rows)[:, :, None] * D + j[None, None, :]
+        tl.store(acc_ptrs, acc_lo, mask=qmask[:, :, None])
+        tl.store(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
+        score_ptrs = scores_ptr + (b * HQ + hq_rows) * packed_len  # [HP, GP]
+        for rel in range(lo, hi):
+            phys = first + rel
+            pos = tl.load(pos_ptr + b * cap + phys).to(tl.float32)
+            cos, sin = sincos(pos * inv_freq)
+            rows = kc_ptr + (head_rows + phys) * W
+            k_lo = tl.load(ktab_ptr + unpack_half(rows, hmask, 0, BITS, HALF, HP)) * ks_lo + kz_lo
+            k_hi = tl.load(ktab_ptr + unpack_half(rows, hmask, W // 2, BITS, HALF, HP)) * ks_hi + kz_hi
+            r_lo = (k_lo * cos[None, :] - k_hi * sin[None, :])[:, None, :]
+            r_hi = (k_hi * cos[None, :] + k_lo * sin[None, :])[:, None, :]
+            s = tl.sum(q_lo * r_lo + q_hi * r_hi, axis=2)  # [HP, GP]
+            if HAS_OUTLIERS:
+                # Key outliers: replace element (h, d) of the dequantized key = add (value - dequantized) times
+                # the rotated query's weight for that channel at this position.
+                idx = tl.load(koi_ptr + (b * cap + phys) * n_outliers + e, mask=emask, other=-1).to(tl.int32)
+                val = tl.load(kov_ptr + (b * cap + phys) * n_outliers + e, mask=emask, other=0.0).to(tl.float32)
+                ok = idx >= 0
+                he = tl.where(ok, idx // D, 0)
+                de = tl.where(ok, idx % D, 0)
+                je = de % HALF
+                code = code_at(kc_ptr + ((b * H + he) * cap + phys) * W, de, ok, BITS)
+                deq = tl.load(ktab_ptr + code, mask=ok, other=0.0) * tl.load(kscale_ptr + he * D + de, mask=ok, other=0.0)
+                deq += tl.load(kzero_ptr + he * D + de, mask=ok, other=0.0)
+                delta = tl.where(ok, val - deq, 0.0)
+                ce, se = sincos(pos * tl.load(inv_freq_ptr + je, mask=ok, other=0.0))
+                cell = ok[:, None] & (gc < G)[None, :]
+                qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, (he * G)[:, None] + gc[None, :],
+                                                 je[:, None], cell, scale * rope_scale, HALF)
+                weight = tl.where((de < HALF)[:, None], ce[:, None] * qe_lo + se[:, None] * qe_hi, ce[:, None] * qe_hi - se[:, None] * qe_lo)
+                contrib = tl.where(cell, delta[:, None] * weight, 0.0)  # [S_PAD, GP]
+                s += tl.sum(tl.where((he[None, :] == hr[:, None])[:, :, None], contrib[None, :, :], 0.0), axis=1)
+            bias = _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND)
+            bias = tl.where(tl.sum((sink_slot == rel).to(tl.int32)) > 0, float("-inf"), bias)
+            s = s + bias
+            tl.store(score_ptrs + rel, s, mask=qmask)
+            m_i = tl.maximum(m_i, s)
+        tl.debug_barrier()  # scores and the zeroed partial output are visible to every thread of the program
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        for rel in range(lo, hi):
+            phys = first + rel
+            p = tl.exp2(tl.load(score_ptrs + rel, mask=qmask, other=float("-inf")) - m_safe)  # [HP, GP]
+            l_i += p
+            vz = tl.load(vzero_ptr + b * cap + phys).to(tl.float32)
+            vs = tl.load(vscale_ptr + b * cap + phys).to(tl.float32)
+            rows = vc_ptr + (head_rows + phys) * W
+            v_lo = tl.load(vtab_ptr + unpack_half(rows, hmask, 0, BITS, HALF, HP)) * vs + vz
+            v_hi = tl.load(vtab_ptr + unpack_half(rows, hmask, W // 2, BITS, HALF, HP)) * vs + vz
+            acc_lo += p[:, :, None] * v_lo[:, None, :]
+            acc_hi += p[:, :, None] * v_hi[:, None, :]
+            if HAS_OUTLIERS:
+                idx = tl.load(voi_ptr + (b * cap + phys) * n_outliers + e, mask=emask, other=-1).to(tl.int32)
+                val = tl.load(vov_ptr + (b * cap + phys) * n_outliers + e, mask=emask, other=0.0).to(tl.float32)
+                ok = idx >= 0
+                he = tl.where(ok, idx // D, 0)
+                de = tl.where(ok, idx % D, 0)
+                code = code_at(vc_ptr + ((b * H + he) * cap + phys) * W, de, ok, BITS)
+                delta = tl.where(ok, val - (tl.load(vtab_ptr + code, mask=ok, other=0.0) * vs + vz), 0.0)
+                pe = tl.sum(tl.where((he[None, :] == hr[:, None])[:, :, None], p[:, None, :], 0.0), axis=0)  # [S_PAD, GP]
+                cell = ok[:, None] & (gc < G)[None, :]
+                target = part_acc_ptr + (part + (he * G)[:, None] + gc[None, :]) * D + de[:, None]
+                tl.atomic_add(target, pe * delta[:, None], mask=cell)
+        tl.atomic_add(acc_ptrs, acc_lo, mask=qmask[:, :, None])
+        tl.atomic_add(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
+    else:
+        # ------------------------------------------------------------------ exact tokens: sink, then window
+        for i in range(0, N_SINK):
+            rel = tl.sum(tl.where(ns == i, sink_slot, 0))
+            use = (rel >= 0) & (rel < packed_len)
+            relc = tl.where(use, rel, 0)
+            pos = tl.load(pos_ptr + b * cap + first + relc).to(tl.float32)
+            base_k = sink_k_ptr + b * sk_sb + hr[:, None] * sk_sh + i * sk_sn + j[None, :]
+            base_v = sink_v_ptr + b * sk_sb + hr[:, None] * sk_sh + i * sk_sn + j[None, :]
+            bias = _slot_allowed(mask_ptr, b, m_sb, relc, total, window, MASK_KIND)
+            bias = tl.where(use, bias, float("-inf"))
+            m_i, l_i, acc_lo, acc_hi = _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi,
+                                                     m_i, l_i, acc_lo, acc_hi, HALF)
+        for w in range(0, n_window):
+            rel = packed_len + w
+            pos = tl.load(pos_ptr + b * cap + first + rel).to(tl.float32)
+            base_k = win_k_ptr + b * wk_sb + hr[:, None] * wk_sh + w * wk_sn + j[None, :]
+            base_v = win_v_ptr + b * wk_sb + hr[:, None] * wk_sh + w * wk_sn + j[None, :]
+            bias = _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND)
+            m_i, l_i, acc_lo, acc_hi = _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi,
+                                                     m_i, l_i, acc_lo, acc_hi, HALF)
+        acc_ptrs = part_acc_ptr + (part + hq_rows)[:, :, None] * D + j[None, None, :]
+        tl.store(acc_ptrs, acc_lo, mask=qmask[:, :, None])
+        tl.store(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
+    tl.store(part_m_ptr + part + hq_rows, m_i, mask=qmask)
+    tl.store(part_l_ptr + part + hq_rows, l_i, mask=qmask)
+
+
+@triton.jit
+def _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, HALF: tl.constexpr):
+    """Online-softmax step with one exact (model dtype) token for all heads."""
+    cos, sin = sincos(pos * inv_freq)
+    k_lo = tl.load(base_k, mask=hmask[:, None], other=0.0).to(tl.float32)
+    k_hi = tl.load(base_k + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
+    r_lo = (k_lo * cos[None, :] - k_hi * sin[None, :])[:, None, :]
+    r_hi = (k_hi * cos[None, :] + k_lo * sin[None, :])[:, None, :]
+    s = tl.sum(q_lo * r_lo + q_hi * r_hi, axis=2) + bias
+    m_new = tl.maximum(m_i, s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe)
+    v_lo = tl.load(base_v, mask=hmask[:, None], other=0.0).to(tl.float32)
+    v_hi = tl.load(base_v + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
+    acc_lo = acc_lo * alpha[:, :, None] + p[:, :, None] * v_lo[:, None, :]
+    acc_hi = acc_hi * alpha[:, :, None] + p[:, :, None] * v_hi[:, None, :]
+    return m_new, l_i * alpha + p, acc_lo, acc_hi
+
+
+@triton.jit
+def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_parts, o_sb, o_sh,
+                    HQ: tl.constexpr, D: tl.constexpr, P_PAD: tl.constexpr):
+    """Merge the partial results of all programs of a row: out = sum_k 2^(m_k - M) acc_k / sum_k 2^(m_k - M) l_k."""
+    hq = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    k = tl.arange(0, P_PAD)
+    kmask = k < n_parts
+    rows = (b * n_parts + k) * HQ + hq
+    m = tl.load(part_m_ptr + rows, mask=kmask, other=float("-inf"))
+    l = tl.load(part_l_ptr + rows, mask=kmask, other=0.0)
+    big = tl.max(m, axis=0)
+    big = tl.where(big == float("-inf"), 0.0, big)
+    w = tl.where(kmask, tl.exp2(m - big), 0.0)
+    denom = tl.sum(w * l, axis=0)
+    d = tl.arange(0, D)
+    acc = tl.load(part_acc_ptr + rows[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * o_sb + hq * o_sh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def default_splits(batch: int, packed_len: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU about twice, none shorter than 64 slots."""
+    if packed_len == 0:
+        return 0
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, (2 * sms) // max(batch, 1))
+    else:
+        want = 2
+    return max(1, min(want, math.ceil(packed_len / 64)))
+
+
+def decode_attention(
+    query: torch.Tensor,
+    query_cos: torch.Tensor,
+    query_sin: torch.Tensor,
+    cache: PackedKV,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    softmax_scale: float,
+    mask: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query per row over the packed cache (see :func:`~.naive.packed_attention_naive`).
+
+    ``query``: ``[B, Hq, 1, D]`` un-rotated; ``query_cos/sin``: ``[B or 1, 1, D]``; ``mask``: None, or bool /
+    additive ``[B, 1, 1, total]`` (or ``[B, total]``) over the visible slots. Returns ``[B, 1, Hq, D]`` in the
+    query's dtype.
+    """
+    cache.check()
+    b, hq, t, d = query.shape
+    if t != 1:
+        raise ValueError(f"decode_attention takes one query per row, got {t}")
+    h = cache.heads
+    if hq % h:
+        raise ValueError(f"{hq} query heads are not a multiple of {h} KV heads")
+    g = hq // h
+    dev = query.device
+    length = cache.packed_len
+    splits = default_splits(b, length, dev) if num_splits is None else max(1, min(num_splits, length)) if length else 0
+    split_len = math.ceil(length / splits) if splits else 1
+    splits = math.ceil(length / split_len) if splits else 0
+    total = cache.total
+    mask_kind, mask_arg, m_sb = 0, query, 0
+    if mask is not None:
+        mask2 = mask if mask.dim() == 2 else mask[:, 0, -1, :]
+        if mask2.shape[-1] != total:
+            raise ValueError(f"mask covers {mask2.shape[-1]} slots, the cache shows {total}")
+        if mask2.dtype == torch.bool:
+            mask_kind, mask_arg = 1, mask2.view(torch.uint8)
+        else:
+            mask_kind, mask_arg = 2, mask2
+        m_sb = mask_arg.stride(0)
+        if mask_arg.stride(-1) != 1:
+            mask_arg = mask_arg.contiguous()
+            m_sb = mask_arg.stride(0)
+    s = cache.outlier_slots
+    n_sink = cache.sink_slot.shape[1]
+    parts = splits + 1
+    scores = torch.empty(b, hq, max(length, 1), device=dev, dtype=torch.float32)
+    part_m = torch.empty(b, parts, hq, device=dev, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(b, parts, hq, d, device=dev, dtype=torch.float32)
+    q = query[:, :, 0]
+    qc = query_cos[:, 0].expand(b, d) if query_cos.shape[0] == 1 else query_cos[:, 0]
+    qs = query_sin[:, 0].expand(b, d) if query_sin.shape[0] == 1 else query_sin[:, 0]
+    if qc.stride(-1) != 1 or qs.stride(-1) != 1 or qs.stride(0) != qc.stride(0):
+        qc, qs = qc.contiguous(), qs.contiguous()
+    wk, wv = cache.window_keys, cache.window_values
+    if wv.stride() != wk.stride():
+        wk, wv = wk.contiguous(), wv.contiguous()
+    sk, sv = cache.sink_keys, cache.sink_values
+    if sv.stride() != sk.stride():
+        sk, sv = sk.contiguous(), sv.contiguous()
+    window = sliding_window if sliding_window else total + 1
+    warps = num_warps or (8 if h * g * d >= 2048 else 4)
+    _decode_kernel[(parts, b)](
+        q, qc, qs, inv_freq.float().contiguous(),
+        cache.key_codes, cache.value_codes, cache.key_table.float().contiguous(), cache.value_table.float().contiguous(),
+        cache.key_zero.float().contiguous(), cache.key_scale.float().contiguous(), cache.value_zero, cache.value_scale,
+        cache.key_outlier_values, cache.key_outlier_index, cache.value_outlier_values, cache.value_outlier_index,
+        cache.positions, sk, sv, cache.sink_slot.contiguous(), wk, wv, mask_arg,
+        scores, part_m, part_l, part_acc,
+        q.stride(0), q.stride(1), qc.stride(0), sk.stride(0), sk.stride(1), sk.stride(2), wk.stride(0), wk.stride(1), wk.stride(2), m_sb,
+        cache.key_codes.shape[2], cache.begin - cache.offset, length, wk.shape[2], cache.begin, s, split_len, splits, window,
+        softmax_scale * LOG2E, attention_scaling,
+        H=h, HP=next_pow2(h), G=g, GP=next_pow2(g), D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
+        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind,
+        num_warps=warps,
+    )
+    out = torch.empty(b, 1, hq, d, device=dev, dtype=query.dtype)
+    _combine_kernel[(hq, b)](part_m, part_l, part_acc, out, parts, out.stride(0), out.stride(2), HQ=hq, D=d, P_PAD=next_pow2(parts))
+    return out

@@ -1,0 +1,118 @@
+"""What the kernels read and write: one layer's packed KV cache, described without any store class.
+
+Layout (all tensors on one device; ``B`` rows, ``H`` KV heads, head dim ``D``, ``S`` outlier slots per token):
+
+- ``key_codes`` / ``value_codes``: int32 ``[B, H, cap, W]``, ``W = packed_words(D, bits)``; the ``D`` codes of a
+  (row, head, slot) form a little-endian bit stream (code ``i`` at bits ``[bits*i, bits*i + bits)``; 3-bit codes
+  10 and 21 of every 32 straddle a word boundary).
+- keys are pre-RoPE: ``key = key_table[code] * key_scale[h, d] + key_zero[h, d]`` (fp32, ``[H, D]`` ranges);
+  values: ``value = value_table[code] * value_scale[b, s] + value_zero[b, s]`` (16-bit ``[B, cap]`` ranges).
+- outliers: ``*_outlier_values`` 16-bit and ``*_outlier_index`` int16 ``[B, cap, S]``; index ``c = h*D + d`` over
+  all KV heads, ``-1`` = empty. An outlier *replaces* the dequantized element.
+- ``positions``: int32 ``[B, cap]`` RoPE position of every slot.
+
+A :class:`PackedKV` is a *view* of the slots a query may see: packed slots ``[begin, packed_end)`` at physical
+index ``slot - offset`` of the buffers, then the exact recent window (slots ``[packed_end, length)``), and the exact
+sink tokens that replace the packed vector of their slot. Slots are numbered relative to ``begin`` inside the
+kernels (``0 .. total-1``), which is also the last axis of an attention mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4)
+
+
+def group_size(bits: int) -> int:
+    """Codes per packing group (the smallest run of codes filling whole int32 words)."""
+    return 32 if bits == 3 else 32 // bits
+
+
+def packed_words(num_codes: int, bits: int) -> int:
+    g = group_size(bits)
+    return -(-num_codes // g) * g * bits // 32
+
+
+def supported_head_dim(head_dim: int, bits: int) -> bool:
+    """The kernels split a head into its two RoPE halves; each half must hold whole packing groups."""
+    return bits in SUPPORTED_BITS and head_dim % 2 == 0 and (head_dim // 2) % group_size(bits) == 0 and _pow2(head_dim // 2)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@dataclass
+class PackedKV:
+    """One layer's cache as the kernels see it (see the module docstring for the layout)."""
+
+    bits: int
+    key_codes: torch.Tensor  # [B, H, cap, W] int32
+    value_codes: torch.Tensor
+    key_table: torch.Tensor  # [2**bits] fp32
+    value_table: torch.Tensor
+    key_zero: torch.Tensor  # [H, D] fp32
+    key_scale: torch.Tensor
+    value_zero: torch.Tensor  # [B, cap] 16-bit
+    value_scale: torch.Tensor
+    key_outlier_values: torch.Tensor  # [B, cap, S]
+    key_outlier_index: torch.Tensor
+    value_outlier_values: torch.Tensor
+    value_outlier_index: torch.Tensor
+    positions: torch.Tensor  # [B, cap] int32
+    window_keys: torch.Tensor  # [B, H, n_w, D] exact, slots [packed_end, length)
+    window_values: torch.Tensor
+    sink_keys: torch.Tensor  # [B, H, N, D] exact
+    sink_values: torch.Tensor
+    sink_slot: torch.Tensor  # [B, N] absolute slot, -1 = none
+    begin: int  # first visible slot
+    packed_end: int  # packed slots are [begin, packed_end)
+    offset: int = 0  # physical index of slot s is s - offset
+
+    @property
+    def batch(self) -> int:
+        return self.key_codes.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.key_codes.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.key_zero.shape[1]
+
+    @property
+    def packed_len(self) -> int:
+        """Visible packed slots."""
+        return max(0, self.packed_end - self.begin)
+
+    @property
+    def total(self) -> int:
+        """Visible slots: packed then window."""
+        return self.packed_len + self.window_keys.shape[2]
+
+    @property
+    def outlier_slots(self) -> int:
+        return self.key_outlier_index.shape[-1]
+
+    def check(self) -> None:
+        b, h, cap, w = self.key_codes.shape
+        d = self.head_dim
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if w != packed_words(d, self.bits):
+            raise ValueError(f"key_codes has {w} words per vector, expected {packed_words(d, self.bits)} for D={d}")
+        if not supported_head_dim(d, self.bits):
+            raise ValueError(f"head_dim {d} is not supported by the kernels at {self.bits} bits")
+        if self.packed_end - self.offset > cap or self.begin < self.offset:
+            raise ValueError("packed slots lie outside the buffers")
+        for name in ("key_codes", "value_codes"):
+            if not getattr(self, name).is_contiguous():
+                raise ValueError(f"{name} must be contiguous (pass the whole buffer and an offset)")

@@ -1,0 +1,215 @@
+"""Pure-PyTorch references of the kernels (fp32 math, no Triton): what each kernel must compute.
+
+- :func:`append_naive`: quantize and pack new tokens (keys with calibrated per-channel ranges, values with
+  per-token ranges, nearest-centroid codes, per-token outliers).
+- :func:`packed_attention_naive`: attention of queries over a :class:`~.layout.PackedKV` (decode when there is
+  one query, prefill of a chunk otherwise): dequantize, apply outliers and the exact sink/window, RoPE the keys at
+  their stored positions, softmax, values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import PackedKV, group_size, packed_words
+
+
+# ------------------------------------------------------------------------------------------------ bit packing
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[..., n]`` codes -> ``[..., packed_words(n, bits)]`` int32 (little-endian bit stream)."""
+    n = codes.shape[-1]
+    g = group_size(bits)
+    c = torch.nn.functional.pad(codes.long(), (0, (-n) % g))
+    bit = torch.arange(c.shape[-1], device=c.device) * bits
+    words = packed_words(n, bits)
+    out = torch.zeros(*c.shape[:-1], words, dtype=torch.long, device=c.device)
+    word, shift = bit // 32, bit % 32
+    out.index_add_(-1, word, (c << shift) & 0xFFFFFFFF)
+    spill = shift + bits > 32  # the high bits of a straddling code go to the next word
+    if bool(spill.any()):
+        out.index_add_(-1, word[spill] + 1, c[..., spill] >> (32 - shift[spill]))
+    out = out & 0xFFFFFFFF
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[..., W]`` int32 -> ``[..., n]`` int64 codes."""
+    w = words.long() & 0xFFFFFFFF
+    w = torch.nn.functional.pad(w, (0, 1))
+    bit = torch.arange(n, device=w.device) * bits
+    lo = w[..., bit // 32] >> (bit % 32)
+    hi = w[..., bit // 32 + 1] << (32 - bit % 32)
+    return (lo | hi) & ((1 << bits) - 1)
+
+
+# ------------------------------------------------------------------------------------------------ append
+def select_outliers(keys, values, key_zero, key_scale, key_slots: int, value_slots: int):
+    """Per-token outlier choice and value ranges (shared by the naive and the Triton append).
+
+    Keys: the ``key_slots`` channels of a token whose normalized magnitude exceeds 1 the most. Values: ``s`` extreme
+    channels split into low and high ones so that the remaining range is smallest; the remaining extremes give the
+    token's zero point and scale (16-bit). Returns fp32 ``[B, T, C]`` vectors and the choices.
+    """
+    b, h, t, d = keys.shape
+    c = h * d
+    half = torch.bfloat16 if keys.dtype == torch.bfloat16 else torch.float16
+    idt = torch.int16 if c < 2**15 else torch.int32
+    kv = keys.float().permute(0, 2, 1, 3).reshape(b, t, c)
+    vv = values.float().permute(0, 2, 1, 3).reshape(b, t, c)
+    kn = (kv - key_zero.reshape(1, 1, c)) / key_scale.reshape(1, 1, c)
+    if key_slots:
+        excess = torch.where(kn.abs() > 1.0, kn.abs(), torch.zeros_like(kn))
+        top, kidx = torch.topk(excess, min(key_slots, c), dim=-1)
+        kval = torch.where(top > 0, torch.gather(kv, -1, kidx), torch.zeros_like(top))
+        kidx = torch.where(top > 0, kidx, torch.full_like(kidx, -1))
+    else:
+        kval = kv.new_zeros(b, t, 0)
+        kidx = torch.zeros(b, t, 0, dtype=torch.long, device=kv.device)
+    s = min(value_slots, max(0, (c - 2) // 2))
+    if s == 0:
+        vmax, vmin = vv.amax(-1), vv.amin(-1)
+        vidx = torch.zeros(b, t, 0, dtype=torch.long, device=kv.device)
+    else:
+        top_v, top_i = torch.topk(vv, s + 1, dim=-1, largest=True)
+        bot_v, bot_i = torch.topk(vv, s + 1, dim=-1, largest=False)
+        j = torch.arange(s + 1, device=kv.device)
+        low = (top_v[..., s - j] - bot_v[..., j]).argmin(-1, keepdim=True)
+        high = s - low
+        vmax = torch.gather(top_v, -1, high).squeeze(-1)
+        vmin = torch.gather(bot_v, -1, low).squeeze(-1)
+        slot = torch.arange(s, device=kv.device)
+        vidx = torch.where(slot < high, torch.gather(top_i, -1, slot.expand(b, t, s)), torch.gather(bot_i, -1, (slot - high).clamp(min=0)))
+    vzero = ((vmax + vmin) / 2).to(half)
+    vscale = ((vmax - vmin) / 2).to(half)
+    vscale = torch.where(vscale > 0, vscale, torch.ones_like(vscale))
+    vval = torch.gather(vv, -1, vidx)
+    # Slots a small fraction leaves unused (value_slots > s) stay empty.
+    pad = value_slots - vidx.shape[-1]
+    if pad > 0:
+        vval = torch.nn.functional.pad(vval, (0, pad))
+        vidx = torch.nn.functional.pad(vidx, (0, pad), value=-1)
+    return {
+        "key_vectors": kv,
+        "value_vectors": vv,
+        "key_outlier_values": kval.to(half),
+        "key_outlier_index": kidx.to(idt),
+        "value_outlier_values": vval.to(half),
+        "value_outlier_index": vidx.to(idt),
+        "value_zero": vzero,
+        "value_scale": vscale,
+    }
+
+
+def append_naive(keys, values, key_zero, key_scale, key_bounds, value_bounds, key_slots: int, value_slots: int, bits: int) -> dict:
+    """Quantize and pack ``[B, H, T, D]`` keys (pre-RoPE) and values.
+
+    ``key_bounds`` / ``value_bounds``: the ``2**bits - 1`` decision thresholds of each codebook (midpoints of its
+    centroids); a code is the number of thresholds strictly below the normalized value. Returns the packed codes
+    ``[B, H, T, W]`` and the per-token tensors ``[B, T, ...]`` under the store's buffer names.
+    """
+    b, h, t, d = keys.shape
+    out = select_outliers(keys, values, key_zero, key_scale, key_slots, value_slots)
+    kn = (out.pop("key_vectors") - key_zero.reshape(1, 1, -1).float()) / key_scale.reshape(1, 1, -1).float()
+    vn = (out.pop("value_vectors") - out["value_zero"].float().unsqueeze(-1)) / out["value_scale"].float().unsqueeze(-1)
+    kcodes = torch.bucketize(kn.contiguous(), key_bounds.float().contiguous())
+    vcodes = torch.bucketize(vn.contiguous(), value_bounds.float().contiguous())
+    as_heads = lambda x: x.reshape(b, t, h, d).permute(0, 2, 1, 3)  # noqa: E731
+    out["key_codes"] = pack_codes(as_heads(kcodes), bits)
+    out["value_codes"] = pack_codes(as_heads(vcodes), bits)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float) -> torch.Tensor:
+    """HF rotate-half RoPE of ``[B, H, N, D]`` at ``[B, N]`` positions, fp32 (angle = fp32(position * inv_freq))."""
+    angle = positions.float().unsqueeze(-1) * inv_freq.float().to(x.device)  # [B, N, D/2]
+    cos = torch.cat([angle.cos(), angle.cos()], -1).unsqueeze(1) * attention_scaling
+    sin = torch.cat([angle.sin(), angle.sin()], -1).unsqueeze(1) * attention_scaling
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x.float() * cos + rotated.float() * sin
+
+
+def _scatter_outliers(vec: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if index.shape[-1] == 0:
+        return vec
+    c = vec.shape[-1]
+    idx = index.long()
+    idx = torch.where(idx < 0, torch.full_like(idx, c), idx)
+    out = torch.nn.functional.pad(vec, (0, 1)).scatter(-1, idx, values.float())
+    return out[..., :c]
+
+
+def dequantize_packed(cache: PackedKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 pre-RoPE keys and values ``[B, H, L, D]`` of the visible packed slots (outliers applied, no sink)."""
+    a, e = cache.begin - cache.offset, cache.packed_end - cache.offset
+    b, h = cache.batch, cache.heads
+    d = cache.head_dim
+    kc = unpack_codes(cache.key_codes[:, :, a:e], cache.bits, d)
+    vc = unpack_codes(cache.value_codes[:, :, a:e], cache.bits, d)
+    k = cache.key_table.float()[kc] * cache.key_scale.float()[None, :, None] + cache.key_zero.float()[None, :, None]
+    v = cache.value_table.float()[vc] * cache.value_scale[:, a:e].float()[:, None, :, None] + cache.value_zero[:, a:e].float()[:, None, :, None]
+    n = e - a
+
+    def with_outliers(x, values, index):
+        vec = x.permute(0, 2, 1, 3).reshape(b, n, h * d)
+        vec = _scatter_outliers(vec, values[:, a:e], index[:, a:e])
+        return vec.reshape(b, n, h, d).permute(0, 2, 1, 3)
+
+    k = with_outliers(k, cache.key_outlier_values, cache.key_outlier_index)
+    v = with_outliers(v, cache.value_outlier_values, cache.value_outlier_index)
+    return k, v
+
+
+def visible_kv(cache: PackedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 pre-RoPE keys, values ``[B, H, total, D]`` and positions ``[B, total]`` of every visible slot."""
+    k, v = dequantize_packed(cache)
+    k = torch.cat([k, cache.window_keys.float()], 2)
+    v = torch.cat([v, cache.window_values.float()], 2)
+    for row in range(cache.batch):
+        for i in range(cache.sink_slot.shape[1]):
+            rel = int(cache.sink_slot[row, i]) - cache.begin
+            if 0 <= rel < cache.packed_len:  # a sink inside the window is already exact there
+                k[row, :, rel] = cache.sink_keys[row, :, i].float()
+                v[row, :, rel] = cache.sink_values[row, :, i].float()
+    a = cache.begin - cache.offset
+    positions = cache.positions[:, a : a + cache.total]
+    return k, v, positions
+
+
+def packed_attention_naive(
+    query: torch.Tensor,
+    query_cos: torch.Tensor,
+    query_sin: torch.Tensor,
+    cache: PackedKV,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    softmax_scale: float,
+    mask: torch.Tensor | None = None,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[B, Hq, T, D]`` (un-rotated; the ``T`` queries hold the last ``T`` visible slots)
+    over ``cache``. ``query_cos/sin``: ``[B or 1, T, D]`` RoPE of the queries. ``mask``: ``None``, bool (True =
+    attend) or additive float, ``[B, T, total]`` or ``[B, 1, T, total]``. Causal order and the sliding window are
+    applied from slot numbers. Returns ``[B, T, Hq, D]`` fp32."""
+    b, hq, t, d = query.shape
+    k, v, positions = visible_kv(cache)
+    total = k.shape[2]
+    groups = hq // cache.heads
+    qf = query.float()
+    rotated = torch.cat([-qf[..., d // 2 :], qf[..., : d // 2]], -1)
+    q = qf * query_cos.float().unsqueeze(1) + rotated * query_sin.float().unsqueeze(1)
+    k = rope(k, positions, inv_freq, attention_scaling).repeat_interleave(groups, 1)
+    v = v.repeat_interleave(groups, 1)
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k) * softmax_scale
+    q_slot = torch.arange(total - t, total, device=query.device)[:, None]
+    k_slot = torch.arange(total, device=query.device)[None, :]
+    allowed = k_slot <= q_slot
+    if sliding_window:
+        allowed = allowed & (k_slot > q_slot - sliding_window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        m = mask.reshape(b, 1, t, total) if mask.dim() == 3 else mask
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    probs = torch.softmax(scores, -1)
+    return torch.einsum("bhts,bhsd->bthd", probs, v)

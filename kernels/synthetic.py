@@ -1,0 +1,97 @@
+"""Random packed caches for tests and benchmarks (valid layouts, no model needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import PackedKV, packed_words
+
+
+def random_packed_kv(
+    batch: int = 1,
+    heads: int = 2,
+    head_dim: int = 64,
+    bits: int = 3,
+    length: int = 37,
+    outlier_slots: int = 0,
+    sink_tokens: int = 1,
+    window: int = 0,
+    pads: list[int] | None = None,
+    begin: int = 0,
+    spare: int = 0,
+    dtype: torch.dtype = torch.float16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> PackedKV:
+    """A cache of ``length`` visible slots after ``begin`` evicted ones: ``length - window`` packed, ``window`` exact.
+
+    ``pads[b]`` left-pad slots of row ``b`` (position 0, before the real tokens, whose positions start at 0).
+    ``spare`` extra unused capacity, so kernels must honour the buffer capacity and offsets. Codes are uniform
+    random; outlier channels are distinct per token, with some empty slots.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pads = pads or [0] * batch
+    n_packed = length - window
+    slots = begin + length
+    cap = slots + spare  # the store's buffers hold every slot (window slots keep only their position)
+    half = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    w = packed_words(head_dim, bits)
+    c = heads * head_dim
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    key_codes = torch.randint(-(2**31), 2**31 - 1, (batch, heads, cap, w), generator=g, dtype=torch.int64).to(torch.int32)
+    value_codes = torch.randint(-(2**31), 2**31 - 1, (batch, heads, cap, w), generator=g, dtype=torch.int64).to(torch.int32)
+    key_table = torch.sort(torch.rand(2**bits, generator=g) * 2 - 1).values
+    value_table = torch.sort(torch.rand(2**bits, generator=g) * 2 - 1).values
+    key_zero = rnd(heads, head_dim) * 0.3
+    key_scale = torch.rand(heads, head_dim, generator=g) + 0.5
+    value_zero = (rnd(batch, cap) * 0.1).to(half)
+    value_scale = (torch.rand(batch, cap, generator=g) + 0.5).to(half)
+
+    def outliers():
+        vals = (rnd(batch, cap, outlier_slots) * 4).to(half)
+        idx = torch.argsort(torch.rand(batch, cap, c, generator=g), dim=-1)[..., :outlier_slots]
+        empty = torch.rand(batch, cap, outlier_slots, generator=g) < 0.2
+        idx = torch.where(empty, torch.full_like(idx, -1), idx)
+        return vals, idx.to(torch.int16 if c < 2**15 else torch.int32)
+
+    kov, koi = outliers()
+    vov, voi = outliers()
+    positions = torch.zeros(batch, slots, dtype=torch.int32)
+    sink_slot = torch.full((batch, sink_tokens), -1, dtype=torch.long)
+    for row in range(batch):
+        real = slots - pads[row]
+        positions[row, pads[row] :] = torch.arange(real, dtype=torch.int32)
+        for i in range(sink_tokens):
+            if i < real:
+                sink_slot[row, i] = pads[row] + i
+    positions = torch.nn.functional.pad(positions, (0, cap - slots))
+    window_keys = (rnd(batch, heads, window, head_dim) * 1.5).to(dtype)
+    window_values = rnd(batch, heads, window, head_dim).to(dtype)
+    sink_keys = (rnd(batch, heads, sink_tokens, head_dim) * 1.5).to(dtype)
+    sink_values = rnd(batch, heads, sink_tokens, head_dim).to(dtype)
+    cache = PackedKV(
+        bits, key_codes, value_codes, key_table, value_table, key_zero, key_scale, value_zero, value_scale,
+        kov, koi, vov, voi, positions, window_keys, window_values, sink_keys, sink_values, sink_slot,
+        begin=begin, packed_end=begin + n_packed, offset=0,
+    )
+    return to_device(cache, device)
+
+
+def to_device(cache: PackedKV, device) -> PackedKV:
+    fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in cache.__dict__.items()}
+    return PackedKV(**fields)
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """LLaMA's RoPE inverse frequencies (fp32), as transformers computes them."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def query_rope(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, attention_scaling: float = 1.0):
+    """cos/sin ``[B, T, D]`` of query positions ``[B, T]`` the way transformers' rotary module returns them."""
+    angle = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
+    emb = torch.cat([angle, angle], -1)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
