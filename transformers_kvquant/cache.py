@@ -22,7 +22,6 @@ class KVQuantLayer(CacheLayerMixin):
 
     is_compileable = False  # dynamic storage: never let generate auto-compile it
     is_sliding = False
-    is_croppable = True
     _layer_type = None  # never register in transformers' global layer mappings
 
     def __init__(self, settings: CacheSettings, layer_idx: int):
@@ -93,6 +92,15 @@ class KVQuantLayer(CacheLayerMixin):
 
     def returned_positions(self) -> torch.Tensor:
         return self.store.positions(self._returned_begin)
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether ``crop`` restores the exact earlier state (transformers' contract for rollbacks).
+
+        Not with a recent window over quantized storage: the tokens that a later append pushed out of the window were
+        quantized, and stay so after the later tokens are cropped. ``crop`` still works (assisted decoding uses it).
+        """
+        return self.settings.bits == 16 or self.settings.recent_window == 0
 
     def get_seq_length(self) -> int:
         return self.store.length if self.store is not None else 0
