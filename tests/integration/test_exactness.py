@@ -171,3 +171,62 @@ def test_smollm2_beam_search(smollm2):
     batch = tok(["Water boils at"], return_tensors="pt")
     kwargs = dict(max_new_tokens=6, **BEAM)
     assert_exact(reference(model, batch, **kwargs), generate(model, batch, cache_implementation="kvquant", cache_config=EXACT, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------ more ways to drive it
+@pytest.mark.parametrize(
+    "case",
+    ["chunked-prefill", "unpadded-batch", "sampling-num-return-sequences", "preallocated", "eager-attentions"],
+)
+def test_more_generation_options(case, stories, stories_variant):
+    model, tok = stories
+    batch = left_padded(tok)
+    kwargs = {"max_new_tokens": 10}
+    cache_config = dict(EXACT)
+    if case == "chunked-prefill":
+        kwargs["prefill_chunk_size"] = 3
+    elif case == "unpadded-batch":
+        batch = tok(["Once upon a time"] * 2, return_tensors="pt")  # no padding: generate drops the 2-D mask
+    elif case == "sampling-num-return-sequences":
+        kwargs.update(SAMPLING, num_return_sequences=3)
+    elif case == "preallocated":
+        cache_config["max_length"] = 64
+    elif case == "eager-attentions":
+        model = stories_variant(torch.float32, "eager")
+        kwargs["output_attentions"] = True
+    expected = reference(model, batch, **kwargs)
+    actual = generate(model, batch, cache_implementation="kvquant", cache_config=cache_config, **kwargs)
+    assert_exact(expected, actual)
+    if case == "eager-attentions":
+        pairs = [(x, y) for a, b in zip(expected.attentions, actual.attentions) for x, y in zip(a, b)]
+        assert pairs and all(torch.equal(x, y) for x, y in pairs)
+
+
+def test_reset_cache_is_reusable(stories):
+    model, tok = stories
+    first, second = left_padded(tok), left_padded(tok, ["A big dog", "Sue"])
+    expected = reference(model, second, max_new_tokens=6)
+    cache = KVQuantCache(model, bits=16)
+    generate(model, first, max_new_tokens=6, past_key_values=cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert_exact(expected, generate(model, second, max_new_tokens=6, past_key_values=cache))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, lambda: tiny_mistral(sliding_window=6)], ids=["llama", "mistral-window-6"])
+def test_manual_forward_loop_in_chunks(build):
+    """Teacher-forced forwards of 4 tokens at a time, without generate (position ids from the cache length)."""
+    from transformers import DynamicCache
+
+    from transformers_kvquant import unpatch_model
+
+    model = build()
+    ids = torch.randint(3, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unpatch_model(model)
+        default = DynamicCache(config=model.config)
+        expected = [model(ids[:, i : i + 4], past_key_values=default).logits for i in range(0, ids.shape[1], 4)]
+        cache = KVQuantCache(model, bits=16)
+        actual = [model(ids[:, i : i + 4], past_key_values=cache).logits for i in range(0, ids.shape[1], 4)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, actual))
+    assert cache.get_seq_length() == default.get_seq_length() == 23

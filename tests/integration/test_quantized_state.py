@@ -208,3 +208,20 @@ def test_sliding_layer_reorder_after_eviction(bits, calibrated_mistral):
 def calibrated_mistral():
     model = tiny_mistral(sliding_window=6, heads=4, kv_heads=2, head_dim=8)
     return {bits: (model, quick_config(model, bits=bits, outlier_fraction=0.05)) for bits in BITS}
+
+
+@pytest.mark.parametrize("window,croppable", [(0, True), (3, False)])
+def test_is_croppable_tells_whether_crop_restores_the_state(window, croppable, stories_module, calibrated):
+    """transformers' rollback contract: ``is_croppable`` promises crop leaves no trace; a window breaks that."""
+    model, _ = stories_module
+    cache = make(model, calibrated[3], recent_window=window)
+    assert cache.is_croppable is croppable
+    assert KVQuantCache(model, bits=16, recent_window=window).is_croppable
+    keys, values, positions = synthetic_kv(calibrated[3])
+    feed(cache, keys, values, positions, [14])
+    before = state(cache.layers[0].store)
+    feed_from(cache, keys, values, positions, start=14, chunks=[4])
+    cache.crop(-4)
+    after = state(cache.layers[0].store)
+    same = all(torch.equal(before[n], after[n]) for n in ("dequantized_keys", "dequantized_values", "window_keys"))
+    assert same is croppable
