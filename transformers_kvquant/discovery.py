@@ -129,13 +129,22 @@ def _shipped_for(model, bits, fraction) -> tuple[KVQuantConfig, str] | None:
             continue
         if fraction is not None and abs(entry["outlier_fraction"] - fraction) > 1e-9:
             continue
+        if entry["key_rope"] != "pre":
+            continue  # post-RoPE ablations are for `kvquant eval-ppl`; the cache stores pre-RoPE keys
         if any(entry["fingerprint"][k] != getattr(fingerprint, k) for k in GEOMETRY_FIELDS):
             continue
         cfg = _load_shipped(str(root / entry["path"]), entry["sha256"])
         if not cfg.fingerprint.weights_signature or cfg.fingerprint.mismatches(fingerprint):
             continue
-        # Prefer the default bit width, then the outlier fraction nearest the default, then more bits.
-        rank = (cfg.bits != DEFAULT_BITS, abs(cfg.outlier_fraction - DEFAULT_OUTLIER_FRACTION), -cfg.bits, entry["path"])
+        # Prefer the default bit width, then the outlier fraction nearest the default, then more bits, then
+        # Fisher-weighted codebooks over the ablations.
+        rank = (
+            cfg.bits != DEFAULT_BITS,
+            abs(cfg.outlier_fraction - DEFAULT_OUTLIER_FRACTION),
+            -cfg.bits,
+            cfg.codebook_kind != "nuq",
+            entry["path"],
+        )
         candidates.append((rank, cfg, f"hub_configs/{entry['path']}"))
     if not candidates:
         return None
@@ -174,7 +183,16 @@ def shipped_index(root: str | os.PathLike | None = None) -> list[dict]:
     return [dict(entry, model_id=model_id) for model_id, entries in data["models"].items() for entry in entries]
 
 
-_ENTRY_FIELDS = {"path": str, "name": str, "bits": int, "outlier_fraction": (int, float), "sha256": str, "fingerprint": dict}
+_ENTRY_FIELDS = {
+    "path": str,
+    "name": str,
+    "bits": int,
+    "outlier_fraction": (int, float),
+    "key_rope": str,
+    "codebook_kind": str,
+    "sha256": str,
+    "fingerprint": dict,
+}
 
 
 def _read_index(path: Path) -> dict:
@@ -237,6 +255,8 @@ def update_index(config_dir: str | os.PathLike, root: str | os.PathLike | None =
         "name": config.name,
         "bits": config.bits,
         "outlier_fraction": config.outlier_fraction,
+        "key_rope": config.key_rope,
+        "codebook_kind": config.codebook_kind,
         "sha256": _file_sha256(folder / CONFIG_NAME),
         "fingerprint": {k: getattr(fp, k) for k in GEOMETRY_FIELDS},
         "ppl": ppl or None,
@@ -285,8 +305,8 @@ def _write_readme_table(root: Path, models: dict) -> None:
     if _TABLE_BEGIN not in text or _TABLE_END not in text:
         return
     rows = [
-        "| model | config | bits | outliers | perplexity fp → quantized | change | measured on | folder |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | config | bits | outliers | codebooks, keys | perplexity fp → quantized | change | measured on | folder |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model_id, entries in models.items():
         for e in entries:
@@ -297,7 +317,8 @@ def _write_readme_table(root: Path, models: dict) -> None:
             else:
                 values, change = "—", "—"
             rows.append(
-                f"| {model_id} | {e['name']} | {e['bits']} | {e['outlier_fraction'] * 100:g}% | {values} | {change} | "
+                f"| {model_id} | {e['name']} | {e['bits']} | {e['outlier_fraction'] * 100:g}% | {e['codebook_kind']}, "
+                f"{e['key_rope']}-RoPE | {values} | {change} | "
                 f"{measured} | `{e['path']}/` |"
             )
     head, rest = text.split(_TABLE_BEGIN, 1)

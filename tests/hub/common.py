@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
-from transformers_kvquant.config import CONFIG_NAME, TENSORS_NAME, content_sha256
+from tests.helpers import quick_config, tiny_llama
+from transformers_kvquant.config import CONFIG_NAME, TENSORS_NAME, KVQuantConfig, content_sha256
 
 CALIBRATION_METADATA = {
     "dataset": "C4 validation documents 0-149",
@@ -61,3 +64,16 @@ def lay_out_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, Path], com
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+@lru_cache(maxsize=None)
+def _fitted(model_seed: int, options: tuple) -> KVQuantConfig:
+    return quick_config(tiny_llama(seed=model_seed), **dict(options))
+
+
+def tiny_config(model_seed: int = 0, metadata: bool = False, **options) -> KVQuantConfig:
+    """``quick_config(tiny_llama(seed=model_seed), **options)``, fitted once per session (a forward pass is slow
+    on a shared CPU); each call returns its own copy, with ``CALIBRATION_METADATA`` if ``metadata``."""
+    base = _fitted(model_seed, tuple(sorted(options.items())))
+    calibration = dict(CALIBRATION_METADATA) if metadata else {}
+    return KVQuantConfig(**{**base.__dict__, "layers": list(base.layers), "fingerprint": replace(base.fingerprint), "calibration": calibration})
