@@ -64,7 +64,7 @@ def _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND: tl.constexpr
         keep = tl.load(mask_ptr + b * m_sb + rel)
         bias = tl.where(keep != 0, bias, float("-inf"))
     elif MASK_KIND == 2:
-        bias = bias + tl.load(mask_ptr + b * m_sb + rel).to(tl.float32) * 1.4426950408889634
+        bias = bias + tl.maximum(tl.load(mask_ptr + b * m_sb + rel).to(tl.float32), -1e30) * 1.4426950408889634
     return bias
 
 
