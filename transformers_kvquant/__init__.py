@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 from .attention import UnsupportedModelError, patch_model, unpatch_model
 from .cache import KVQuantCache
 from .config import KVQuantConfig, KVQuantConfigError
-from .registration import register as _register
+from .registration import register_at_import as _register
 
 _register()
 

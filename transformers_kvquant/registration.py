@@ -66,6 +66,17 @@ def check_transformers() -> None:
         )
 
 
+def register_at_import() -> bool:
+    """What ``import transformers_kvquant`` runs: :func:`register`, or, when this transformers is incompatible, a
+    warning instead of an import error, so ``past_key_values=KVQuantCache(...)`` stays usable. True if registered."""
+    try:
+        register()
+    except IncompatibleTransformersError as e:
+        warnings.warn(f"cache_implementation='kvquant' is not available: {e}", stacklevel=3)
+        return False
+    return True
+
+
 def register() -> None:
     """Make ``"kvquant"`` a cache implementation (idempotent)."""
     import transformers.generation.configuration_utils as cu
