@@ -62,6 +62,41 @@ def test_changed_generation_internals_raise_with_the_patch_free_route(monkeypatc
         registration.check_transformers()
 
 
+INCOMPATIBLE_IMPORT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch, transformers
+    transformers.__version__ = "5.16.0"  # pretend an incompatible transformers is installed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import transformers_kvquant
+    import transformers.generation.configuration_utils as cu
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    cache = transformers_kvquant.KVQuantCache(model, bits=16)
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, past_key_values=cache, do_sample=False)
+    print(json.dumps({
+        "warnings": [str(w.message) for w in caught],
+        "registered": "kvquant" in cu.ALL_CACHE_IMPLEMENTATIONS,
+        "cache_length": cache.get_seq_length(),
+    }))
+    """
+)
+
+
+def test_incompatible_transformers_warns_at_import_and_keeps_the_cache_usable(tmp_path):
+    """Import never fails on an incompatible transformers: the patch-free route named in the error stays usable."""
+    result = subprocess.run([sys.executable, "-c", INCOMPATIBLE_IMPORT], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["registered"] is False
+    assert any("cache_implementation='kvquant' is not available" in w and "found 5.16.0" in w for w in report["warnings"])
+    assert report["cache_length"] == 4
+
+
 def test_other_cache_implementations_are_untouched(stories):
     model, tok = stories
     batch = left_padded(tok)
