@@ -259,6 +259,16 @@ class PackedStore(KVStore):
             self.sink_slot[:, p] = torch.where(rows, idx + self.length, self.sink_slot[:, p])
 
     def _pack(self, keys, values, first_slot):
+        if _append_kernel_applies(self, keys):
+            # CUDA: the Triton append kernel quantizes and packs straight into the buffers (same codes).
+            from ..kernels.append import append_packed
+
+            kq, vq = self.key_quantizer, self.value_quantizer
+            if getattr(self, "_append_constants", None) is None:  # device copies made once (a copy per step syncs)
+                dev = keys.device
+                self._append_constants = (kq.zero.to(dev), kq.scale.to(dev), kq.codebook.boundaries.to(dev), vq.codebook.boundaries.to(dev))
+            append_packed(keys, values, *self._append_constants, kq.slots, vq.slots, self.bits, self.buffers.tensors, first_slot - self._offset)
+            return
         qk = self.key_quantizer.quantize(keys)
         qv = self.value_quantizer.quantize(values)
         at = first_slot - self._offset
@@ -387,6 +397,22 @@ class PackedStore(KVStore):
         out["sink"] = _nbytes(self.sink_keys) + _nbytes(self.sink_values) + _nbytes(self.sink_slot)
         out["recent_window"] = _nbytes(self.window_keys) + _nbytes(self.window_values)
         return out
+
+
+def _append_kernel_applies(store, keys) -> bool:
+    """Whether ``_pack`` uses the Triton append kernel: ``store.append_kernel`` True/False forces it, None (default)
+    means on CUDA when Triton imports and the head size is supported."""
+    forced = getattr(store, "append_kernel", None)
+    if forced is not None:
+        return bool(forced)
+    if not keys.is_cuda:
+        return False
+    try:
+        from ..kernels.layout import supported_head_dim
+
+        return supported_head_dim(store.head_dim, store.bits)
+    except ImportError:
+        return False
 
 
 def _nbytes(t: torch.Tensor) -> int:
