@@ -230,3 +230,19 @@ def test_manual_forward_loop_in_chunks(build):
         actual = [model(ids[:, i : i + 4], past_key_values=cache).logits for i in range(0, ids.shape[1], 4)]
     assert all(torch.equal(a, b) for a, b in zip(expected, actual))
     assert cache.get_seq_length() == default.get_seq_length() == 23
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},  # attention_scaling != 1
+}
+
+
+@pytest.mark.parametrize("rope", ROPE_SCALINGS)
+def test_scaled_rope_types_match_dynamic_cache(rope):
+    """Keys are rotated at attention time with the model's own rotary module, scaling included."""
+    model = tiny_llama(rope_parameters={"rope_theta": 10000.0, **ROPE_SCALINGS[rope]})
+    batch = random_batch(model.config.vocab_size, lengths=(9, 5, 2))
+    kwargs = dict(max_new_tokens=12)
+    assert_exact(reference(model, batch, **kwargs), generate(model, batch, cache_implementation="kvquant", cache_config=EXACT, **kwargs))
