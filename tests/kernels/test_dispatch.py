@@ -1,0 +1,75 @@
+"""KVQuantCache with the kernels on gives the reference path's tokens and near-identical logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import quick_config, tiny_llama, tiny_mistral
+from tests.kernels.common import DEVICE
+from transformers_kvquant import KVQuantCache
+from transformers_kvquant.kernel_dispatch import KernelUnavailableError, kernels_enabled
+
+
+def generate(model, cfg, backend, inputs, new_tokens=5, **cache_config):
+    cache = KVQuantCache(model, cfg, backend=backend, **cache_config)
+    with torch.no_grad():
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    used = [layer._kernels for layer in cache.layers]
+    return out, used
+
+
+def compare(model, inputs, bits=3, fraction=0.05, **cache_config):
+    cfg = quick_config(model, bits=bits, outlier_fraction=fraction)
+    ref, used_ref = generate(model, cfg, "reference", inputs, **cache_config)
+    fused, used = generate(model, cfg, "triton", inputs, **cache_config)
+    assert not any(used_ref) and all(used)
+    assert torch.equal(ref.sequences, fused.sequences)
+    worst = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ref.logits, fused.logits))
+    scale = max(float(a.float().abs().max()) for a in ref.logits)
+    return worst / scale
+
+
+def batch(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE)}
+
+
+def test_generate_same_tokens_left_padded_gqa():
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=64).to(DEVICE)
+    assert compare(model, batch(128, (7, 4)), bits=3) < 1e-3
+
+
+def test_generate_same_tokens_sliding_window_with_recent_window_and_sink():
+    model = tiny_mistral(layers=1, heads=2, kv_heads=1, head_dim=64, sliding_window=6).to(DEVICE)
+    assert compare(model, batch(128, (9,)), bits=2, fraction=0.02, recent_window=2, sink_tokens=2) < 1e-3
+
+
+def test_forcing_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    model = tiny_llama(layers=1, heads=4, kv_heads=2, head_dim=64)
+    cfg = quick_config(model, bits=3, outlier_fraction=0.0)
+    cache = KVQuantCache(model, cfg, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = cache.layers[0]
+    layer.lazy_initialization(torch.zeros(1, 2, 1, 64), torch.zeros(1, 2, 1, 64))
+    with pytest.raises(KernelUnavailableError, match="TRITON_INTERPRET"):
+        kernels_enabled(cache.settings, layer.store)
+    cache.settings.backend = "auto"
+    assert not kernels_enabled(cache.settings, layer.store)  # auto: CPU tensors take the reference path
+
+
+def test_unsupported_head_dim_is_refused_when_forced_and_skipped_by_auto():
+    model = tiny_llama(layers=1, heads=4, kv_heads=2, head_dim=16)
+    cfg = quick_config(model, bits=3, outlier_fraction=0.0)
+    cache = KVQuantCache(model, cfg, backend="triton")
+    layer = cache.layers[0]
+    layer.lazy_initialization(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    with pytest.raises(KernelUnavailableError, match="head_dim"):
+        kernels_enabled(cache.settings, layer.store)
