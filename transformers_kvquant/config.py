@@ -358,7 +358,9 @@ class KVQuantConfig:
 
         out.mkdir(parents=True, exist_ok=True)
         tpath = out / TENSORS_NAME
-        _write_atomically(tpath, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "kvquant_format_version": str(self.format_version)}))
+        # One metadata key only: safetensors writes several in a random order, and the same config must always
+        # give the same bytes (and sha256).
+        _write_atomically(tpath, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         data["tensors"]["sha256"] = _sha256(tpath)
         data[CHECKSUM_FIELD] = content_sha256(data)
         text = json.dumps(data, indent=1, allow_nan=False) + "\n"

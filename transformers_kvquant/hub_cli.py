@@ -63,8 +63,13 @@ def _hub_errors(action: str):
 
 
 def _push(args) -> int:
+    from huggingface_hub import get_token
+
+    from .cli import UserError
     from .hub import push_config
 
+    if not args.token and not get_token():
+        raise UserError("pushing needs a Hub token with write access: log in with `hf auth login`, set HF_TOKEN or pass --token")
     with _hub_errors(f"pushing to {args.repo}"):
         info = push_config(
             args.folder,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO, quick_config, tiny_llama
-from tests.hub.common import read_config_json, replace_tensor_file, write_config_json
+from tests.hub.common import read_config_json, replace_tensor_file, tiny_config, write_config_json
 from transformers_kvquant.config import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -73,19 +73,18 @@ def test_round_trip_keeps_every_field_and_tensor(stories, stories_config, saved)
 
 
 @pytest.mark.parametrize("bits,outliers,qnorm,key_rope,kind", [(2, 0.0, True, "pre", "nuq"), (4, 0.05, False, "post", "nuq-unweighted"), (3, 0.0, False, "pre", "uniform")])
-def test_round_trip_other_settings(stories, tmp_path, bits, outliers, qnorm, key_rope, kind):
-    model, _ = stories
-    config = quick_config(model, bits=bits, outlier_fraction=outliers, nuq=kind != "uniform", qnorm=qnorm, key_rope=key_rope, codebook_kind=kind, sink_tokens=4, recent_window=16)
+def test_round_trip_other_settings(tmp_path, bits, outliers, qnorm, key_rope, kind):
+    config = tiny_config(0, bits=bits, outlier_fraction=outliers, nuq=kind != "uniform", qnorm=qnorm, key_rope=key_rope, codebook_kind=kind, sink_tokens=4, recent_window=16)
     # Q-Norm parameters other than the identity must survive too.
     layer = config.layers[0]
     config.layers[0] = LayerCalibration(layer.key_codebook.with_qnorm(1.0625, -0.015625), layer.value_codebook.with_qnorm(0.9, 0.1), layer.key_zero, layer.key_scale)
-    config.fingerprint.model_id, config.fingerprint.revision = "org/stories", "abc123"
+    config.fingerprint.model_id, config.fingerprint.revision = "org/tiny", "abc123"
     config.save_pretrained(tmp_path)
     loaded = KVQuantConfig.from_pretrained(tmp_path)
     assert loaded == config
     assert loaded.layers[0].value_codebook.qnorm_offset == 0.1
     assert (loaded.bits, loaded.key_rope, loaded.codebook_kind, loaded.sink_tokens, loaded.recent_window) == (bits, key_rope, kind, 4, 16)
-    assert (loaded.fingerprint.model_id, loaded.fingerprint.revision) == ("org/stories", "abc123")
+    assert (loaded.fingerprint.model_id, loaded.fingerprint.revision) == ("org/tiny", "abc123")
 
 
 def test_config_path_and_folder_load_the_same(saved):
@@ -102,11 +101,10 @@ def test_equality_sees_a_changed_tensor(stories_config):
 
 
 # ------------------------------------------------------------------------------------------------- schema
-def configs_written_by_this_package(stories, tmp_path):
-    model, _ = stories
-    folders = []
-    for i, (bits, outliers, extra) in enumerate([(3, 0.01, {}), (2, 0.0, {"qnorm": True}), (4, 0.05, {"key_rope": "post", "codebook_kind": "nuq-unweighted"})]):
-        config = quick_config(model, bits=bits, outlier_fraction=outliers, **extra)
+def configs_written_by_this_package(stories_config, tmp_path):
+    folders = [stories_config.save_pretrained(tmp_path / "stories")]
+    for i, (bits, outliers, extra) in enumerate([(2, 0.0, {"qnorm": True}), (4, 0.05, {"key_rope": "post", "codebook_kind": "nuq-unweighted"})]):
+        config = tiny_config(0, bits=bits, outlier_fraction=outliers, **extra)
         config.calibration = {"dataset": "x", "ppl": {"fp": 2.0, "quantized": 2.5, "change_pct": 25.0}, "notes": ["free-form", {"k": 1}]}
         folders.append(config.save_pretrained(tmp_path / str(i)))
     tiny = quick_config(tiny_llama(layers=3, kv_heads=4, head_dim=8), bits=2, outlier_fraction=0.0)
@@ -115,11 +113,11 @@ def configs_written_by_this_package(stories, tmp_path):
     return folders
 
 
-def test_every_written_config_validates_against_the_schema(stories, tmp_path):
+def test_every_written_config_validates_against_the_schema(stories_config, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")  # in the `test` extra
     validator = jsonschema.Draft202012Validator(SCHEMA)
     validator.check_schema(SCHEMA)
-    paths = configs_written_by_this_package(stories, tmp_path)
+    paths = configs_written_by_this_package(stories_config, tmp_path)
     assert len(paths) >= 4
     for path in paths:
         errors = sorted(validator.iter_errors(json.loads(Path(path).read_text())), key=str)
@@ -347,9 +345,8 @@ def test_save_writes_numpy_and_tensor_metadata_as_plain_json(stories_config, tmp
     assert KVQuantConfig.from_pretrained(tmp_path).calibration == {"duration_s": 2.5, "windows": [1, 2]}
 
 
-def test_save_overwrites_an_older_config_completely(stories, saved):
-    model, _ = stories
-    other = quick_config(model, bits=2, outlier_fraction=0.0)
+def test_save_overwrites_an_older_config_completely(saved):
+    other = tiny_config(0, bits=2, outlier_fraction=0.0)
     other.save_pretrained(saved)
     assert KVQuantConfig.from_pretrained(saved) == other
     assert sorted(p.name for p in saved.iterdir()) == [TENSORS_NAME, CONFIG_NAME]
@@ -367,3 +364,12 @@ def test_content_checksum_is_of_the_canonical_json(saved):
 def test_codebook_kind_is_validated_on_construction(stories_config):
     with pytest.raises(KVQuantConfigError, match="codebook_kind"):
         KVQuantConfig(**{**stories_config.__dict__, "codebook_kind": "lloyd"})
+
+
+def test_saving_is_byte_reproducible(stories_config, tmp_path):
+    """The same config always gives the same bytes, so re-created shipped configs and their sha256 only change
+    when the calibration does."""
+    for name in ("a", "b", "c"):
+        stories_config.save_pretrained(tmp_path / name)
+    for file in (CONFIG_NAME, TENSORS_NAME):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes() == (tmp_path / "c" / file).read_bytes()
