@@ -10,6 +10,7 @@ and the remedy. docs/format.md describes every field; docs/kvquant_config.schema
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -175,8 +176,8 @@ def _rope_summary(text_config) -> dict:
 def _rope_equal(a: dict, b: dict) -> bool:
     if set(a) != set(b):
         return False
-    for k in a:
-        x, y = a[k], b[k]
+    for k, x in a.items():
+        y = b[k]
         if isinstance(x, (int, float)) and isinstance(y, (int, float)):
             if not math.isclose(float(x), float(y), rel_tol=1e-6):
                 return False
@@ -674,7 +675,7 @@ def _load(path: Path, tensors_locator, fail) -> KVQuantConfig:
             cents = _float_list(lj[f"{kind}_centroids"], prefix + f"{kind}_centroids", fail)
             if len(cents) != 2**bits:
                 raise fail(f"has {len(cents)} centroids, {bits} bits need {2**bits}", prefix + f"{kind}_centroids", RECALIBRATE)
-            if any(b < a for a, b in zip(cents, cents[1:])):
+            if any(b < a for a, b in itertools.pairwise(cents)):
                 raise fail("centroids must be sorted ascending", prefix + f"{kind}_centroids", RECALIBRATE)
             qn = _float_list(lj[f"{kind}_qnorm"], prefix + f"{kind}_qnorm", fail)
             if len(qn) != 2:

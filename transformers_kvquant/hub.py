@@ -13,7 +13,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import CONFIG_NAME, TENSORS_NAME, KVQuantConfig, KVQuantConfigError, load_config_file
+from .config import (
+    CONFIG_NAME,
+    TENSORS_NAME,
+    KVQuantConfig,
+    KVQuantConfigError,
+    load_config_file,
+)
 
 CALIBRATE_AND_PUSH = "calibrate the model with `kvquant calibrate MODEL -o DIR --push-to-hub REPO`"
 

@@ -161,12 +161,16 @@ def _format(source: str, d: dict) -> str:
     lines = [
         f"config:       {source}",
         f"format:       version {d['format_version']}",
-        f"datatype:     {d['name']}: {d['bits']} bits, outlier fraction {d['outlier_fraction']:g}, {d['codebook_kind']} "
-        f"codebooks, keys quantized {d['key_rope']}-RoPE, Q-Norm {'on' if d['qnorm'] else 'off'}",
+        (
+            f"datatype:     {d['name']}: {d['bits']} bits, outlier fraction {d['outlier_fraction']:g}, "
+            f"{d['codebook_kind']} codebooks, keys quantized {d['key_rope']}-RoPE, Q-Norm {'on' if d['qnorm'] else 'off'}"
+        ),
         f"runtime:      sink_tokens={d['sink_tokens']}, recent_window={d['recent_window']}",
         f"model:        {model} ({fp['architecture']}, model_type {fp['model_type']})",
-        f"geometry:     {fp['num_layers']} layers, {fp['num_attention_heads']} query heads, {fp['num_key_value_heads']} KV "
-        f"heads, head_dim {fp['head_dim']}, hidden {fp['hidden_size']}",
+        (
+            f"geometry:     {fp['num_layers']} layers, {fp['num_attention_heads']} query heads, "
+            f"{fp['num_key_value_heads']} KV heads, head_dim {fp['head_dim']}, hidden {fp['hidden_size']}"
+        ),
         f"rope:         {rope}",
         "weights:      " + (f"signature of {len(fp['weights_signature'])} k_proj head norms" if fp["weights_signature"] else "no signature"),
     ]

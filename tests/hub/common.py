@@ -6,11 +6,16 @@ import hashlib
 import json
 import os
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from tests.helpers import quick_config, tiny_llama
-from transformers_kvquant.config import CONFIG_NAME, TENSORS_NAME, KVQuantConfig, content_sha256
+from transformers_kvquant.config import (
+    CONFIG_NAME,
+    TENSORS_NAME,
+    KVQuantConfig,
+    content_sha256,
+)
 
 CALIBRATION_METADATA = {
     "dataset": "C4 validation documents 0-149",
@@ -66,7 +71,7 @@ def lay_out_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, Path], com
     return snapshot
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fitted(model_seed: int, options: tuple) -> KVQuantConfig:
     return quick_config(tiny_llama(seed=model_seed), **dict(options))
 

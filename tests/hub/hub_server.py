@@ -179,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if method in ("HEAD", "GET") and len(seg) >= 5 and seg[2] == "resolve":
                     return self._resolve(f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]))
                 self._error(404, None, f"the Hub stand-in does not implement {method} {self.path}")
-            except Exception as e:  # a bug here should fail the test loudly, not hang the client
+            except Exception as e:  # noqa: BLE001 -- a bug here must fail the test loudly, not hang the client
                 self._error(500, None, f"stand-in error: {type(e).__name__}: {e}")
 
     # ----------------------------------------------------------------------------------- endpoints

@@ -11,8 +11,12 @@ import torch
 
 from tests.helpers import REPO, STORIES, tiny_llama
 from tests.hub.common import CALIBRATION_METADATA, tiny_config
-from transformers_kvquant import KVQuantCache, KVQuantConfig, KVQuantConfigError
-from transformers_kvquant import discovery
+from transformers_kvquant import (
+    KVQuantCache,
+    KVQuantConfig,
+    KVQuantConfigError,
+    discovery,
+)
 from transformers_kvquant.config import CONFIG_NAME
 
 LOGGER = "transformers_kvquant"

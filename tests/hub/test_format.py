@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from tests.helpers import REPO, quick_config, tiny_llama
-from tests.hub.common import read_config_json, replace_tensor_file, tiny_config, write_config_json
+from tests.hub.common import (
+    read_config_json,
+    replace_tensor_file,
+    tiny_config,
+    write_config_json,
+)
 from transformers_kvquant.config import (
     CONFIG_NAME,
     FORMAT_VERSION,

@@ -10,7 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transformers_kvquant.config import CONFIG_NAME, TENSORS_NAME, KVQuantConfig, KVQuantConfigError
+from transformers_kvquant.config import (
+    CONFIG_NAME,
+    TENSORS_NAME,
+    KVQuantConfig,
+    KVQuantConfigError,
+)
 
 FUZZ = settings(max_examples=200, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -189,6 +189,7 @@ def run_fresh(steps: list[dict], env: dict, timeout: int = 300) -> dict:
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,  # the assertion below shows the child's stderr
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
