@@ -1,0 +1,192 @@
+"""Memory: ``KVQuantCache.memory_report()`` counts exactly the bytes the cache stores, and the stored bytes meet
+the issue's ceilings against an fp16 ``DynamicCache`` at 8,192 tokens with SmolLM2's attention shapes.
+
+Two independent references for the report:
+- the storage of every tensor reachable from each layer store (found by walking the store's attributes, so a
+  component the report forgot shows up), which equals the stored bytes when the buffers hold exactly the tokens
+  (one prefill of more than 16 tokens, no recent window);
+- the byte layout written out from first principles (codes, 16-bit ranges and outliers, int16 indices, int32
+  positions, exact sink and recent-window copies), for caches filled by real generation with left padding, a
+  sink, a recent window and sliding-window eviction.
+
+``benchmarks/memory.py`` measures the same on the full 30-layer SmolLM2 for docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tests.helpers import quick_config, tiny_llama, tiny_mistral
+from transformers_kvquant import KVQuantCache
+from transformers_kvquant.quant.packing import packed_words
+from transformers_kvquant.quant.store import PackedStore
+
+from .common import generate, random_batch
+
+CEILING_AT_8K = {4: 0.29, 3: 0.23, 2: 0.17}  # fraction of the fp16 DynamicCache, 1% outliers (issue 3)
+TOKENS = 8192
+
+
+def store_storage_bytes(store) -> int:
+    """Bytes of the distinct storages of every tensor held by a layer store (quantizers excluded: they are the
+    model's calibration constants, shared by every cache)."""
+    tensors = [t for t in vars(store).values() if isinstance(t, torch.Tensor)]
+    tensors += list(store.buffers.tensors.values())
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def expected_layer_bytes(store) -> int:
+    """The bytes one layer store must hold, from the KVQuant layout (not from the store's own accounting)."""
+    b, h, d = store.batch, store.heads, store.head_dim
+    window = store.window_keys.shape[2]
+    packed = store.retained - window
+    words = packed_words(d, store.bits)
+    half = 2  # value ranges and outlier values are 16-bit
+    index = 2  # int16 channel index (kv_heads * head_dim < 2**15)
+    per_packed_token = (
+        2 * h * words * 4  # key and value codes, int32 words
+        + 2 * half  # per-token value zero and scale
+        + store.key_quantizer.slots * (half + index)
+        + store.value_quantizer.slots * (half + index)
+    )
+    model_bytes = store.window_keys.element_size()
+    per_token_positions = 4  # int32, every retained slot (packed and window)
+    sink = 2 * b * h * store.sink_tokens * d * model_bytes + b * store.sink_tokens * 8  # K, V and int64 slots
+    return b * packed * per_packed_token + b * store.retained * per_token_positions + 2 * b * h * window * d * model_bytes + sink
+
+
+def fill_prefill(cache, keys, values):
+    """One prefill-sized update per layer with positions 0..T-1, through the layer as the attention hook drives it."""
+    t = keys[0].shape[2]
+    for idx, (k, v) in enumerate(zip(keys, values)):
+        cache.layers[idx].stage(torch.arange(t).unsqueeze(0), t)
+        cache.update(k, v, idx)
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped():
+    """A random 2-layer LLaMA with SmolLM2-135M's attention geometry (read from its config), in fp16.
+
+    Bytes per layer depend only on kv_heads x head_dim, the bits and the outlier slots, so the ratio against an
+    fp16 DynamicCache is the same for 2 layers as for 30; benchmarks/memory.py measures all 30.
+    """
+    from transformers_kvquant.models import smollm2_folder
+
+    config = json.loads((smollm2_folder() / "config.json").read_text())
+    assert (config["num_key_value_heads"], config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]) == (3, 64)
+    return tiny_llama(
+        layers=2,
+        heads=config["num_attention_heads"],
+        kv_heads=config["num_key_value_heads"],
+        head_dim=config["hidden_size"] // config["num_attention_heads"],
+        vocab=256,
+        dtype=torch.float16,
+    )
+
+
+def realistic_kv(config, layers, tokens, seed=0):
+    """fp16 pre-RoPE keys spread over each channel's calibrated range (1% beyond it: outliers) and values."""
+    g = torch.Generator().manual_seed(seed)
+    keys, values = [], []
+    for layer in config.layers[:layers]:
+        heads, dim = layer.key_zero.shape
+        k = layer.key_zero[None, :, None] + layer.key_scale[None, :, None] * torch.randn(1, heads, tokens, dim, generator=g) * 0.5
+        spikes = torch.rand(1, heads, tokens, dim, generator=g) < 0.01
+        keys.append(torch.where(spikes, k * 6, k).half())
+        values.append(torch.randn(1, heads, tokens, dim, generator=g).half())
+    return keys, values
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_stored_bytes_at_8192_tokens_meet_the_ceiling(bits, smollm2_shaped):
+    model = smollm2_shaped
+    config = quick_config(model, bits=bits, outlier_fraction=0.01)
+    assert config.slots == 2  # 1% of 3 x 64 channels, rounded up
+    keys, values = realistic_kv(config, layers=2, tokens=TOKENS)
+
+    cache = KVQuantCache(model, config)
+    fill_prefill(cache, keys, values)
+    reference = DynamicCache(config=model.config)
+    for idx, (k, v) in enumerate(zip(keys, values)):
+        reference.update(k, v, idx)
+    fp16_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in reference.layers)
+    assert fp16_bytes == 2 * 2 * TOKENS * 3 * 64 * 2  # layers x (K, V) x tokens x heads x dim x 2 bytes
+
+    report = cache.memory_report()
+    walked = sum(store_storage_bytes(layer.store) for layer in cache.layers)
+    assert report.total_bytes == walked  # nothing stored is missing from the report, nothing extra is counted
+    assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
+    assert report.elements == 2 * 2 * TOKENS * 3 * 64
+    ratio = report.total_bytes / fp16_bytes
+    assert ratio <= CEILING_AT_8K[bits], f"{bits}-bit cache is {ratio:.1%} of fp16, ceiling {CEILING_AT_8K[bits]:.0%}"
+    assert report.fraction_of(16) == pytest.approx(ratio)
+    assert all(isinstance(layer.store, PackedStore) for layer in cache.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_report_matches_the_layout_after_generation(dtype):
+    """Left-padded batch, 2 sink tokens and a 3-token recent window, prefill plus 9 decode steps."""
+    model = tiny_llama(dtype=dtype)
+    config = quick_config(model, bits=3, outlier_fraction=0.05)
+    batch = random_batch(model.config.vocab_size, lengths=(9, 5, 2))
+    cache = KVQuantCache(model, config, sink_tokens=2, recent_window=3)
+    generate(model, batch, max_new_tokens=10, past_key_values=cache)
+
+    report = cache.memory_report()
+    stored_tokens = 9 + 10 - 1
+    for layer in cache.layers:
+        store = layer.store
+        assert store.retained == stored_tokens and store.window_keys.shape[2] == 3
+        assert store.sink_keys.dtype == dtype and store.buffers.tensors["value_scale"].element_size() == 2
+    assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
+    assert report.elements == 2 * len(cache.layers) * 3 * stored_tokens * 2 * 16  # K+V x layers x rows x T x H x D
+    components = report.bytes_by_component
+    assert components["recent_window"] > 0 and components["sink"] > 0 and components["key_outlier_values"] > 0
+
+
+def test_report_counts_only_the_sliding_window():
+    """After eviction only the last W-1 tokens are stored; the report must not count evicted slots."""
+    model = tiny_mistral(sliding_window=6)
+    config = quick_config(model, bits=2, outlier_fraction=0.01)
+    batch = random_batch(model.config.vocab_size, lengths=(7, 3))
+    cache = KVQuantCache(model, config)
+    generate(model, batch, max_new_tokens=16, past_key_values=cache)
+
+    window = model.config.sliding_window
+    retained = set()
+    for layer in cache.layers:
+        assert layer.get_seq_length() == 7 + 16 - 1
+        # The window of the last forward: W-1 earlier tokens and the newest (evicted before the next append).
+        assert window - 1 <= layer.store.retained <= window
+        retained.add(layer.store.retained)
+    (kept,) = retained
+    report = cache.memory_report()
+    assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
+    assert report.elements == 2 * len(cache.layers) * 2 * kept * 2 * 16
+
+
+def test_unquantized_report_is_fp_bytes_plus_positions():
+    model = tiny_llama(dtype=torch.bfloat16)
+    batch = random_batch(model.config.vocab_size, lengths=(6, 4))
+    out = generate(model, batch, max_new_tokens=5, cache_implementation="kvquant", cache_config={"bits": 16})
+    report = out.past_key_values.memory_report()
+    tokens = 6 + 5 - 1
+    per_layer = 2 * 2 * 2 * tokens * 16 * 2 + 2 * tokens * 4  # K, V (bf16) + int32 positions
+    assert report.total_bytes == len(out.past_key_values.layers) * per_layer
+    assert report.avg_bits == pytest.approx(16 + 8 * 2 * tokens * 4 * 2 / report.elements)
+
+
+def test_empty_cache_reports_nothing(stories):
+    model, _ = stories
+    report = KVQuantCache(model, bits=16).memory_report()
+    assert report.total_bytes == 0 and report.elements == 0 and report.avg_bits == 0.0
