@@ -217,6 +217,19 @@ def test_the_shipped_stories260k_configs(stories, tmp_path, monkeypatch, caplog)
     assert str(model.name_or_path) == str(STORIES)
 
 
+def test_the_shipped_index_matches_its_files():
+    """hub_configs/index.json lists every shipped config folder, with the current sha256 of each, and only
+    configs that carry their perplexity change."""
+    root = discovery.hub_configs_dir()
+    assert root.resolve() == (REPO / "hub_configs").resolve()
+    entries = discovery.shipped_index()
+    assert {e["path"] for e in entries} == {p.parent.relative_to(root).as_posix() for p in root.glob(f"*/*/{CONFIG_NAME}")}
+    for entry in entries:
+        config = discovery._load_shipped(str(root / entry["path"]), entry["sha256"])  # raises if stale
+        assert (config.bits, config.outlier_fraction, config.key_rope) == (entry["bits"], entry["outlier_fraction"], entry["key_rope"])
+        assert entry["ppl"] == config.calibration["ppl"]
+
+
 # ------------------------------------------------------------------------------------------------- never a mismatch
 def test_explicit_config_for_same_shape_other_weights_is_refused(tmp_path):
     a, b = tiny_llama(seed=0), tiny_llama(seed=1)
