@@ -69,6 +69,18 @@ def _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND: tl.constexpr
 
 
 @triton.jit
+def _slot_bias(mask_ptr, b, m_sb, rel, live, total, window, MASK_KIND: tl.constexpr):
+    """``_slot_allowed`` for a block of slots; slots past the range get -inf."""
+    bias = tl.where(live & (rel > total - 1 - window), 0.0, float("-inf"))
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptr + b * m_sb + rel, mask=live, other=0)
+        bias = tl.where(keep != 0, bias, float("-inf"))
+    elif MASK_KIND == 2:
+        bias = bias + tl.maximum(tl.load(mask_ptr + b * m_sb + rel, mask=live, other=0.0).to(tl.float32), -1e30) * 1.4426950408889634
+    return bias
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, qc_ptr, qs_ptr, inv_freq_ptr,
     kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kzero_ptr, kscale_ptr, vzero_ptr, vscale_ptr,
@@ -79,7 +91,7 @@ def _decode_kernel(
     cap, first, packed_len, n_window, begin, n_outliers, split_len, n_splits, window,
     scale, rope_scale,
     H: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr,
+    W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -102,81 +114,106 @@ def _decode_kernel(
     ns = tl.arange(0, NS_PAD)
     sink_slot = tl.load(sink_slot_ptr + b * N_SINK + ns, mask=ns < N_SINK, other=-1) - begin  # relative slots
     if split < n_splits:
-        # ------------------------------------------------------------------ packed slots [lo, hi)
+        # ------------------------------------------------------------------ packed slots [lo, hi), BLOCK_N at a time
         lo = split * split_len
         hi = tl.minimum(lo + split_len, packed_len)
         e = tl.arange(0, S_PAD)
-        emask = e < n_outliers
-        head_rows = (b * H + hr) * cap  # [HP] first physical slot of each head's vectors
-        kz_lo = tl.load(kzero_ptr + hr[:, None] * D + j[None, :], mask=hmask[:, None], other=0.0)
-        kz_hi = tl.load(kzero_ptr + hr[:, None] * D + HALF + j[None, :], mask=hmask[:, None], other=0.0)
-        ks_lo = tl.load(kscale_ptr + hr[:, None] * D + j[None, :], mask=hmask[:, None], other=0.0)
-        ks_hi = tl.load(kscale_ptr + hr[:, None] * D + HALF + j[None, :], mask=hmask[:, None], other=0.0)
+        nb = tl.arange(0, BLOCK_N)
+        ROWS: tl.constexpr = HP * BLOCK_N
+        row_h = tl.arange(0, ROWS) // BLOCK_N  # rows of an unpacked tile: (head, slot in block)
+        row_n = tl.arange(0, ROWS) % BLOCK_N
+        kz_lo = tl.load(kzero_ptr + hr[:, None] * D + j[None, :], mask=hmask[:, None], other=0.0)[:, None, :]
+        kz_hi = tl.load(kzero_ptr + hr[:, None] * D + HALF + j[None, :], mask=hmask[:, None], other=0.0)[:, None, :]
+        ks_lo = tl.load(kscale_ptr + hr[:, None] * D + j[None, :], mask=hmask[:, None], other=0.0)[:, None, :]
+        ks_hi = tl.load(kscale_ptr + hr[:, None] * D + HALF + j[None, :], mask=hmask[:, None], other=0.0)[:, None, :]
         # Zero this program's partial output now: value outliers are added to it with atomics in pass 2.
         acc_ptrs = part_acc_ptr + (part + hq_rows)[:, :, None] * D + j[None, None, :]
         tl.store(acc_ptrs, acc_lo, mask=qmask[:, :, None])
         tl.store(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
         score_ptrs = scores_ptr + (b * HQ + hq_rows) * packed_len  # [HP, GP]
-        for rel in range(lo, hi):
+        cell3 = qmask[:, :, None]
+        for k0 in range(lo, hi, BLOCK_N):
+            rel = k0 + nb  # [BLOCK_N]
+            live = rel < hi
             phys = first + rel
-            pos = tl.load(pos_ptr + b * cap + phys).to(tl.float32)
-            cos, sin = sincos(pos * inv_freq)
-            rows = kc_ptr + (head_rows + phys) * W
-            k_lo = tl.load(ktab_ptr + unpack_half(rows, hmask, 0, BITS, HALF, HP)) * ks_lo + kz_lo
-            k_hi = tl.load(ktab_ptr + unpack_half(rows, hmask, W // 2, BITS, HALF, HP)) * ks_hi + kz_hi
-            r_lo = (k_lo * cos[None, :] - k_hi * sin[None, :])[:, None, :]
-            r_hi = (k_hi * cos[None, :] + k_lo * sin[None, :])[:, None, :]
-            s = tl.sum(q_lo * r_lo + q_hi * r_hi, axis=2)  # [HP, GP]
+            pos = tl.load(pos_ptr + b * cap + phys, mask=live, other=0).to(tl.float32)
+            cos, sin = sincos(pos[:, None] * inv_freq[None, :])  # [BLOCK_N, HALF], shared by all heads
+            cos = cos[None, :, :]
+            sin = sin[None, :, :]
+            row_live = (row_h < H) & ((k0 + row_n) < hi)
+            rows = kc_ptr + ((b * H + row_h) * cap + first + k0 + row_n) * W
+            k_lo = tl.reshape(tl.load(ktab_ptr + unpack_half(rows, row_live, 0, BITS, HALF, ROWS)), (HP, BLOCK_N, HALF)) * ks_lo + kz_lo
+            k_hi = tl.reshape(tl.load(ktab_ptr + unpack_half(rows, row_live, W // 2, BITS, HALF, ROWS)), (HP, BLOCK_N, HALF)) * ks_hi + kz_hi
+            r_lo = (k_lo * cos - k_hi * sin)[:, None, :, :]
+            r_hi = (k_hi * cos + k_lo * sin)[:, None, :, :]
+            s = tl.sum(q_lo[:, :, None, :] * r_lo + q_hi[:, :, None, :] * r_hi, axis=3)  # [HP, GP, BLOCK_N]
             if HAS_OUTLIERS:
-                # Key outliers: replace element (h, d) of the dequantized key = add (value - dequantized) times
-                # the rotated query's weight for that channel at this position.
-                idx = tl.load(koi_ptr + (b * cap + phys) * n_outliers + e, mask=emask, other=-1).to(tl.int32)
-                val = tl.load(kov_ptr + (b * cap + phys) * n_outliers + e, mask=emask, other=0.0).to(tl.float32)
+                # Key outliers: replacing element (h, d) of a dequantized key adds (value - dequantized) times the
+                # rotated query's weight of that channel at the slot's position to the score.
+                tok = (b * cap + phys)[:, None] * n_outliers + e[None, :]  # [BLOCK_N, S_PAD]
+                emask = live[:, None] & (e < n_outliers)[None, :]
+                idx = tl.load(koi_ptr + tok, mask=emask, other=-1).to(tl.int32)
+                val = tl.load(kov_ptr + tok, mask=emask, other=0.0).to(tl.float32)
                 ok = idx >= 0
                 he = tl.where(ok, idx // D, 0)
                 de = tl.where(ok, idx % D, 0)
                 je = de % HALF
-                code = code_at(kc_ptr + ((b * H + he) * cap + phys) * W, de, ok, BITS)
+                code = code_at(kc_ptr + ((b * H + he) * cap + phys[:, None]) * W, de, ok, BITS)
                 deq = tl.load(ktab_ptr + code, mask=ok, other=0.0) * tl.load(kscale_ptr + he * D + de, mask=ok, other=0.0)
                 deq += tl.load(kzero_ptr + he * D + de, mask=ok, other=0.0)
                 delta = tl.where(ok, val - deq, 0.0)
-                ce, se = sincos(pos * tl.load(inv_freq_ptr + je, mask=ok, other=0.0))
-                cell = ok[:, None] & (gc < G)[None, :]
-                qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, (he * G)[:, None] + gc[None, :],
-                                                 je[:, None], cell, scale * rope_scale, HALF)
-                weight = tl.where((de < HALF)[:, None], ce[:, None] * qe_lo + se[:, None] * qe_hi, ce[:, None] * qe_hi - se[:, None] * qe_lo)
-                contrib = tl.where(cell, delta[:, None] * weight, 0.0)  # [S_PAD, GP]
-                s += tl.sum(tl.where((he[None, :] == hr[:, None])[:, :, None], contrib[None, :, :], 0.0), axis=1)
-            bias = _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND)
-            bias = tl.where(tl.sum((sink_slot == rel).to(tl.int32)) > 0, float("-inf"), bias)
-            s = s + bias
-            tl.store(score_ptrs + rel, s, mask=qmask)
-            m_i = tl.maximum(m_i, s)
+                ce, se = sincos(pos[:, None] * tl.load(inv_freq_ptr + je, mask=ok, other=0.0))
+                cell = ok[:, :, None] & (gc < G)[None, None, :]  # [BLOCK_N, S_PAD, GP]
+                qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, (he * G)[:, :, None] + gc[None, None, :],
+                                                 je[:, :, None], cell, scale * rope_scale, HALF)
+                first_half = (de < HALF)[:, :, None]
+                ce = ce[:, :, None]
+                se = se[:, :, None]
+                weight = tl.where(first_half, ce * qe_lo + se * qe_hi, ce * qe_hi - se * qe_lo)
+                contrib = tl.where(cell, delta[:, :, None] * weight, 0.0)  # [BLOCK_N, S_PAD, GP]
+                own = (he[None, :, :] == hr[:, None, None])[:, :, :, None]  # [HP, BLOCK_N, S_PAD, 1]
+                corr = tl.sum(tl.where(own, contrib[None, :, :, :], 0.0), axis=2)  # [HP, BLOCK_N, GP]
+                s += tl.permute(corr, (0, 2, 1))
+            bias = _slot_bias(mask_ptr, b, m_sb, rel, live, total, window, MASK_KIND)
+            is_sink = tl.sum((sink_slot[None, :] == rel[:, None]).to(tl.int32), axis=1) > 0
+            bias = tl.where(is_sink, float("-inf"), bias)
+            s = s + bias[None, None, :]
+            tl.store(score_ptrs[:, :, None] + rel[None, None, :], s, mask=cell3 & live[None, None, :])
+            m_i = tl.maximum(m_i, tl.max(s, axis=2))
         tl.debug_barrier()  # scores and the zeroed partial output are visible to every thread of the program
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        for rel in range(lo, hi):
+        for k0 in range(lo, hi, BLOCK_N):
+            rel = k0 + nb
+            live = rel < hi
             phys = first + rel
-            p = tl.exp2(tl.load(score_ptrs + rel, mask=qmask, other=float("-inf")) - m_safe)  # [HP, GP]
-            l_i += p
-            vz = tl.load(vzero_ptr + b * cap + phys).to(tl.float32)
-            vs = tl.load(vscale_ptr + b * cap + phys).to(tl.float32)
-            rows = vc_ptr + (head_rows + phys) * W
-            v_lo = tl.load(vtab_ptr + unpack_half(rows, hmask, 0, BITS, HALF, HP)) * vs + vz
-            v_hi = tl.load(vtab_ptr + unpack_half(rows, hmask, W // 2, BITS, HALF, HP)) * vs + vz
-            acc_lo += p[:, :, None] * v_lo[:, None, :]
-            acc_hi += p[:, :, None] * v_hi[:, None, :]
+            st = tl.load(score_ptrs[:, :, None] + rel[None, None, :], mask=cell3 & live[None, None, :], other=float("-inf"))
+            p = tl.exp2(st - m_safe[:, :, None])  # [HP, GP, BLOCK_N]
+            l_i += tl.sum(p, axis=2)
+            vz = tl.load(vzero_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
+            vs = tl.load(vscale_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
+            row_live = (row_h < H) & ((k0 + row_n) < hi)
+            rows = vc_ptr + ((b * H + row_h) * cap + first + k0 + row_n) * W
+            vs3 = vs[None, :, None]
+            vz3 = vz[None, :, None]
+            v_lo = tl.reshape(tl.load(vtab_ptr + unpack_half(rows, row_live, 0, BITS, HALF, ROWS)), (HP, BLOCK_N, HALF)) * vs3 + vz3
+            v_hi = tl.reshape(tl.load(vtab_ptr + unpack_half(rows, row_live, W // 2, BITS, HALF, ROWS)), (HP, BLOCK_N, HALF)) * vs3 + vz3
+            acc_lo += tl.sum(p[:, :, :, None] * v_lo[:, None, :, :], axis=2)
+            acc_hi += tl.sum(p[:, :, :, None] * v_hi[:, None, :, :], axis=2)
             if HAS_OUTLIERS:
-                idx = tl.load(voi_ptr + (b * cap + phys) * n_outliers + e, mask=emask, other=-1).to(tl.int32)
-                val = tl.load(vov_ptr + (b * cap + phys) * n_outliers + e, mask=emask, other=0.0).to(tl.float32)
+                tok = (b * cap + phys)[:, None] * n_outliers + e[None, :]
+                emask = live[:, None] & (e < n_outliers)[None, :]
+                idx = tl.load(voi_ptr + tok, mask=emask, other=-1).to(tl.int32)
+                val = tl.load(vov_ptr + tok, mask=emask, other=0.0).to(tl.float32)
                 ok = idx >= 0
                 he = tl.where(ok, idx // D, 0)
                 de = tl.where(ok, idx % D, 0)
-                code = code_at(vc_ptr + ((b * H + he) * cap + phys) * W, de, ok, BITS)
-                delta = tl.where(ok, val - (tl.load(vtab_ptr + code, mask=ok, other=0.0) * vs + vz), 0.0)
-                pe = tl.sum(tl.where((he[None, :] == hr[:, None])[:, :, None], p[:, None, :], 0.0), axis=0)  # [S_PAD, GP]
-                cell = ok[:, None] & (gc < G)[None, :]
-                target = part_acc_ptr + (part + (he * G)[:, None] + gc[None, :]) * D + de[:, None]
-                tl.atomic_add(target, pe * delta[:, None], mask=cell)
+                code = code_at(vc_ptr + ((b * H + he) * cap + phys[:, None]) * W, de, ok, BITS)
+                delta = tl.where(ok, val - (tl.load(vtab_ptr + code, mask=ok, other=0.0) * vs[:, None] + vz[:, None]), 0.0)
+                own = (he[None, :, :] == hr[:, None, None])[:, None, :, :]  # [HP, 1, BLOCK_N, S_PAD]
+                pe = tl.sum(tl.where(own, p[:, :, :, None], 0.0), axis=0)  # [GP, BLOCK_N, S_PAD]
+                cell = (gc < G)[:, None, None] & ok[None, :, :]
+                target = part_acc_ptr + (part + (he * G)[None, :, :] + gc[:, None, None]) * D + de[None, :, :]
+                tl.atomic_add(target, pe * delta[None, :, :], mask=cell)
         tl.atomic_add(acc_ptrs, acc_lo, mask=qmask[:, :, None])
         tl.atomic_add(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
     else:
@@ -272,6 +309,7 @@ def decode_attention(
     sliding_window: int = 0,
     num_splits: int | None = None,
     num_warps: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per row over the packed cache (see :func:`~.naive.packed_attention_naive`).
 
@@ -326,6 +364,12 @@ def decode_attention(
         sk, sv = sk.contiguous(), sv.contiguous()
     window = sliding_window if sliding_window else total + 1
     warps = num_warps or (8 if h * g * d >= 2048 else 4)
+    hp, gp = next_pow2(h), next_pow2(g)
+    if block_n is None:
+        # Several slots per iteration keep enough loads in flight; bounded so the [H, G, BLOCK_N, D/2] products
+        # stay in registers.
+        block_n = max(1, min(16, 8192 // (hp * d // 2), 16384 // (hp * gp * d // 2)))
+        block_n = 1 << (block_n.bit_length() - 1)
     _decode_kernel[(parts, b)](
         q, qc, qs, inv_freq.float().contiguous(),
         cache.key_codes, cache.value_codes, cache.key_table.float().contiguous(), cache.value_table.float().contiguous(),
@@ -336,8 +380,8 @@ def decode_attention(
         q.stride(0), q.stride(1), qc.stride(0), sk.stride(0), sk.stride(1), sk.stride(2), wk.stride(0), wk.stride(1), wk.stride(2), m_sb,
         cache.key_codes.shape[2], cache.begin - cache.offset, length, wk.shape[2], cache.begin, s, split_len, splits, window,
         softmax_scale * LOG2E, attention_scaling,
-        H=h, HP=next_pow2(h), G=g, GP=next_pow2(g), D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
-        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind,
+        H=h, HP=hp, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
+        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n,
         num_warps=warps,
     )
     out = torch.empty(b, 1, hq, d, device=dev, dtype=query.dtype)
