@@ -132,7 +132,7 @@ def _decode_kernel(
         tl.store(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
         score_ptrs = scores_ptr + (b * HQ + hq_rows) * packed_len  # [HP, GP]
         cell3 = qmask[:, :, None]
-        for k0 in range(lo, hi, BLOCK_N):
+        for k0 in range(lo, lo + split_len, BLOCK_N):  # slots past `hi` are masked
             rel = k0 + nb  # [BLOCK_N]
             live = rel < hi
             phys = first + rel
@@ -182,7 +182,7 @@ def _decode_kernel(
             m_i = tl.maximum(m_i, tl.max(s, axis=2))
         tl.debug_barrier()  # scores and the zeroed partial output are visible to every thread of the program
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        for k0 in range(lo, hi, BLOCK_N):
+        for k0 in range(lo, lo + split_len, BLOCK_N):  # slots past `hi` are masked
             rel = k0 + nb
             live = rel < hi
             phys = first + rel

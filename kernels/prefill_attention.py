@@ -76,11 +76,13 @@ def _prefill_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc_lo = tl.zeros((BLOCK_M, HALF), tl.float32)
     acc_hi = tl.zeros((BLOCK_M, HALF), tl.float32)
-    last_q = total - T + tl.minimum((qb + 1) * BLOCK_T, T) - 1
-    start = tl.maximum(0, total - T + qb * BLOCK_T - window + 1)
+    # Key tiles from the first slot the block's first query may see (sliding window) to the last query's slot.
+    end = total - T + (qb + 1) * BLOCK_T  # past the last query of the block (masked beyond the chunk)
+    start = total - T + qb * BLOCK_T - window + 1
+    start = (start > 0).to(tl.int32) * start
     start = (start // BLOCK_N) * BLOCK_N
     n = tl.arange(0, BLOCK_N)
-    for k0 in range(start, last_q + 1, BLOCK_N):
+    for k0 in range(start, end, BLOCK_N):
         rel = k0 + n
         in_packed = rel < packed_len
         in_window = (rel >= packed_len) & (rel < total)
