@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "transformers_kvquant.calibration",
     "transformers_kvquant.evaluation.perplexity",
+    "transformers_kvquant.evaluation.fidelity",
     "transformers_kvquant.hub_cli",
     "transformers_kvquant.demo",
 )

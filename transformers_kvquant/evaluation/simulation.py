@@ -199,27 +199,32 @@ class SimulatedLayer(CacheLayerMixin):
         return -1
 
 
-def _streaming_attention(module, q, k_q, v_q, k_x, v_x, positions, method, attention_mask):
-    """Attention where query i sees key j exactly iff i - j < window (or j is a sink token), else quantized."""
+def _streaming_attention(module, q, k_q, v_q, k_x, v_x, positions, method, attention_mask, block: int = 512):
+    """Attention where query i sees key j exactly iff i - j < window (or j is a sink token), else quantized.
+
+    Computed in float32 over blocks of queries, so long contexts need O(block x length) memory.
+    """
     n_rep = q.shape[1] // k_q.shape[1]
 
     def expand(t):
         return t.repeat_interleave(n_rep, dim=1).float()
 
-    qf = q.float() * module.scaling
-    s_q = qf @ expand(k_q).transpose(-1, -2)
-    s_x = qf @ expand(k_x).transpose(-1, -2)
+    kq, kx, vq, vx = expand(k_q), expand(k_x), expand(v_q), expand(v_x)
     pos = positions.to(q.device)
-    dist = pos[:, :, None] - pos[:, None, :]  # [B, Tq, Tk]
-    exact = (dist < method.window) | (pos[:, None, :] < method.sink_tokens)
-    exact = exact[:, None]
-    scores = torch.where(exact, s_x, s_q)
-    allowed = (dist >= 0)[:, None]
-    if attention_mask is not None:
-        allowed = allowed & (attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1e30)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    out = (p * exact) @ expand(v_x) + (p * ~exact) @ expand(v_q)
+    sink = (pos < method.sink_tokens)[:, None, :]  # [B, 1, Tk]
+    outs = []
+    for a in range(0, q.shape[2], block):
+        qf = q[:, :, a : a + block].float() * module.scaling
+        dist = pos[:, a : a + block, None] - pos[:, None, :]  # [B, tq, Tk]
+        exact = ((dist < method.window) | sink)[:, None]
+        scores = torch.where(exact, qf @ kx.transpose(-1, -2), qf @ kq.transpose(-1, -2))
+        allowed = (dist >= 0)[:, None]
+        if attention_mask is not None:
+            m = attention_mask[:, :, a : a + block]
+            allowed = allowed & (m if m.dtype == torch.bool else m > -1e30)
+        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        outs.append((p * exact) @ vx + (p * ~exact) @ vq)
+    out = torch.cat(outs, dim=2)
     return out.to(q.dtype).transpose(1, 2).contiguous(), None
 
 
