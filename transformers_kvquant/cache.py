@@ -66,6 +66,11 @@ class KVQuantLayer(CacheLayerMixin):
         positions = self._take_positions(key_states.shape[-2])
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.store.batch:
+            raise ValueError(
+                f"this KVQuantCache holds {self.store.batch} rows but the model was called with a batch of "
+                f"{key_states.shape[0]}; call cache.reset() or create a new cache for a new batch"
+            )
         self._before_append()
         self.store.append(key_states, value_states, positions)
         self._returned_begin = self._visible_begin(key_states.shape[-2])
