@@ -171,3 +171,15 @@ def test_crop_with_a_positive_length_is_refused():
     model.generate(PROMPT, max_new_tokens=2, past_key_values=cache)
     with pytest.raises(ValueError, match="negative number of tokens"):
         cache.crop(3)
+
+
+@pytest.mark.parametrize("bits", [16, 3])
+def test_reusing_a_cache_for_another_batch_size_says_reset(bits):
+    model = tiny_llama()
+    cache = KVQuantCache(model, quick_config(model, bits=3)) if bits == 3 else KVQuantCache(model, bits=16)
+    model.generate(torch.tensor([[5, 6, 7]] * 3), max_new_tokens=2, past_key_values=cache)
+    with pytest.raises(ValueError, match=r"holds 3 rows but the model was called with a batch of 2; call cache.reset\(\)"):
+        model.generate(torch.tensor([[5, 6, 7, 8, 9]] * 2), max_new_tokens=2, past_key_values=cache)
+    cache.reset()
+    out = model.generate(torch.tensor([[5, 6, 7, 8, 9]] * 2), max_new_tokens=2, past_key_values=cache)
+    assert out.shape == (2, 7) and cache.get_seq_length() == 6
