@@ -7,6 +7,8 @@ import torch
 from transformers_kvquant import unpatch_model
 
 EXACT = {"bits": 16}
+SAMPLING = {"do_sample": True, "top_k": 20, "temperature": 0.9}
+BEAM = {"num_beams": 3, "num_return_sequences": 2}
 PROMPTS = ["Once upon a time, there was a little dog", "Tom had a red ball", "The sun"]
 
 
@@ -51,7 +53,9 @@ def max_abs_diff(a: tuple, b: tuple) -> float:
     for x, y in zip(a, b):
         assert x.shape == y.shape
         same = (x == y) | (x.isnan() & y.isnan())
-        diff = torch.where(same, torch.zeros_like(x, dtype=torch.float32), (x.float() - y.float()).abs().nan_to_num(nan=float("inf")))
+        diff = torch.where(
+            same, torch.zeros_like(x, dtype=torch.float32), (x.float() - y.float()).abs().nan_to_num(nan=float("inf"))
+        )
         worst = max(worst, float(diff.max()))
     return worst
 

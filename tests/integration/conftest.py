@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from transformers_kvquant import unpatch_model
+from transformers_kvquant import KVQuantCache, unpatch_model
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +33,17 @@ def stories_variant():
         return model
 
     return load
+
+
+@pytest.fixture
+def crop_calls(monkeypatch):
+    """Records every ``KVQuantCache.crop`` argument (assisted decoding must really crop)."""
+    calls = []
+    original = KVQuantCache.crop
+
+    def spy(self, n):
+        calls.append(n)
+        return original(self, n)
+
+    monkeypatch.setattr(KVQuantCache, "crop", spy)
+    return calls

@@ -15,18 +15,31 @@ SUPPORTED = r"supports LLaMA- and Mistral-family models \(LlamaAttention, Mistra
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, bos_token_id=1, eos_token_id=2)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, bos_token_id=1, eos_token_id=2)
+    ).eval()
 
 
 def tiny_gpt_neox():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    config = GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=128, rotary_pct=0.25)
+    config = GPTNeoXConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=128,
+        rotary_pct=0.25,
+    )
     return GPTNeoXForCausalLM(config).eval()
 
 
 # ------------------------------------------------------------------------------------------------ architectures
-@pytest.mark.parametrize("build,attention", [(tiny_gpt2, "GPT2Attention"), (tiny_gpt_neox, "GPTNeoXAttention")], ids=["gpt2-no-rope", "gpt-neox-partial-rotary"])
+@pytest.mark.parametrize(
+    "build,attention",
+    [(tiny_gpt2, "GPT2Attention"), (tiny_gpt_neox, "GPTNeoXAttention")],
+    ids=["gpt2-no-rope", "gpt-neox-partial-rotary"],
+)
 def test_other_architectures_are_refused(build, attention):
     model = build()
     with pytest.raises(UnsupportedModelError, match=rf"uses {attention}; the KVQuant cache {SUPPORTED}"):
@@ -47,7 +60,10 @@ def test_partial_rotary_is_refused():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"layer_types": ["chunked_attention", "full_attention"]}, r"layer types \['chunked_attention'\] are not supported.*full_attention, sliding_attention"),
+        (
+            {"layer_types": ["chunked_attention", "full_attention"]},
+            r"layer types \['chunked_attention'\] are not supported.*full_attention, sliding_attention",
+        ),
         ({"attention_chunk_size": 4}, r"chunked attention \(attention_chunk_size\) is not supported"),
     ],
     ids=["layer-types", "chunk-size"],
@@ -62,14 +78,18 @@ def test_chunked_attention_is_refused(kwargs, match):
 
 def test_length_dependent_rope_is_refused():
     model = tiny_llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    with pytest.raises(UnsupportedModelError, match=r"RoPE type 'dynamic' is not supported.*supported: default, linear, llama3, yarn"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"RoPE type 'dynamic' is not supported.*supported: default, linear, llama3, yarn"
+    ):
         KVQuantCache(model, bits=16)
 
 
 def test_unsupported_attention_implementation_is_refused():
     model = tiny_llama()
     model.config._attn_implementation = "flex_attention"
-    with pytest.raises(UnsupportedModelError, match=r"'flex_attention' is not supported.*attn_implementation='sdpa' or 'eager'"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"'flex_attention' is not supported.*attn_implementation='sdpa' or 'eager'"
+    ):
         KVQuantCache(model, bits=16)
 
 
@@ -77,7 +97,9 @@ def test_unsupported_dtype_is_refused():
     model = tiny_llama()
     config = quick_config(model, bits=3)
     model = model.to(torch.float64)
-    with pytest.raises(TypeError, match=r"supports float32, float16 and bfloat16 models, got torch.float64; load the model with"):
+    with pytest.raises(
+        TypeError, match=r"supports float32, float16 and bfloat16 models, got torch.float64; load the model with"
+    ):
         KVQuantCache(model, config)
 
 
@@ -113,7 +135,10 @@ def test_no_config_found_says_how_to_calibrate(cache_config, tmp_path):
     model = tiny_llama()  # random weights: no shipped config can match it
     model.config._name_or_path = str(tmp_path)  # a local folder without kvquant_config.json
     bits = cache_config.get("bits", 3)
-    with pytest.raises(KVQuantConfigError, match=rf"no KVQuant config for .* at {bits} bits.*`kvquant calibrate .* --bits {bits} .*cache_config=\{{'bits': 16\}}"):
+    with pytest.raises(
+        KVQuantConfigError,
+        match=rf"no KVQuant config for .* at {bits} bits.*`kvquant calibrate .* --bits {bits} .*cache_config=\{{'bits': 16\}}",
+    ):
         KVQuantCache(model, **cache_config)
 
 
@@ -122,7 +147,9 @@ def test_config_for_another_model_is_refused():
     config = quick_config(source, bits=3)
     with pytest.raises(KVQuantConfigError, match=r"fingerprint.*calibrated for a different model.*weights differ"):
         KVQuantCache(tiny_llama(seed=1), config)  # same shapes, other weights
-    with pytest.raises(KVQuantConfigError, match=r"calibrated for a different model.*num_layers: config has 2, model has 3"):
+    with pytest.raises(
+        KVQuantConfigError, match=r"calibrated for a different model.*num_layers: config has 2, model has 3"
+    ):
         KVQuantCache(tiny_llama(layers=3), config)
 
 
@@ -147,7 +174,9 @@ def test_unpatched_model_never_stores_post_rope_keys(build):
     model = build()
     cache = KVQuantCache(model, bits=16)
     unpatch_model(model)
-    with pytest.raises(RuntimeError, match=r"without the KVQuant attention hook: the keys would be post-RoPE.*patch_model"):
+    with pytest.raises(
+        RuntimeError, match=r"without the KVQuant attention hook: the keys would be post-RoPE.*patch_model"
+    ):
         model.generate(PROMPT, max_new_tokens=2, past_key_values=cache)
     assert cache.get_seq_length() == 0 and all(layer.store is None for layer in cache.layers)
 
@@ -178,7 +207,9 @@ def test_reusing_a_cache_for_another_batch_size_says_reset(bits):
     model = tiny_llama()
     cache = KVQuantCache(model, quick_config(model, bits=3)) if bits == 3 else KVQuantCache(model, bits=16)
     model.generate(torch.tensor([[5, 6, 7]] * 3), max_new_tokens=2, past_key_values=cache)
-    with pytest.raises(ValueError, match=r"holds 3 rows but the model was called with a batch of 2; call cache.reset\(\)"):
+    with pytest.raises(
+        ValueError, match=r"holds 3 rows but the model was called with a batch of 2; call cache.reset\(\)"
+    ):
         model.generate(torch.tensor([[5, 6, 7, 8, 9]] * 2), max_new_tokens=2, past_key_values=cache)
     cache.reset()
     out = model.generate(torch.tensor([[5, 6, 7, 8, 9]] * 2), max_new_tokens=2, past_key_values=cache)

@@ -14,27 +14,11 @@ from tests.helpers import tiny_llama, tiny_mistral
 from transformers_kvquant import KVQuantCache
 from transformers_kvquant.cache import KVQuantSlidingWindowLayer
 
-from .common import EXACT, assert_exact, generate, left_padded, random_batch, reference
+from .common import BEAM, EXACT, SAMPLING, assert_exact, generate, left_padded, random_batch, reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTN = ("sdpa", "eager")
 MODES = ("greedy", "sampling", "beam", "assisted", "continue")
-SAMPLING = {"do_sample": True, "top_k": 20, "temperature": 0.9}
-BEAM = {"num_beams": 3, "num_return_sequences": 2}
-
-
-@pytest.fixture
-def crop_calls(monkeypatch):
-    """Records every ``KVQuantCache.crop`` argument (assisted decoding must really crop)."""
-    calls = []
-    original = KVQuantCache.crop
-
-    def spy(self, n):
-        calls.append(n)
-        return original(self, n)
-
-    monkeypatch.setattr(KVQuantCache, "crop", spy)
-    return calls
 
 
 def check_mode(mode, model, batch, single, assistant, crop_calls, new_tokens=20):
@@ -46,7 +30,7 @@ def check_mode(mode, model, batch, single, assistant, crop_calls, new_tokens=20)
         assert_exact(reference(model, batch, **kwargs), generate(model, batch, **kwargs, **kvq))
     elif mode == "assisted":
         # Assisted decoding runs batch 1; the drafter is weaker, so some drafts are rejected and the cache cropped.
-        kwargs = dict(max_new_tokens=new_tokens, assistant_model=assistant)
+        kwargs = {"max_new_tokens": new_tokens, "assistant_model": assistant}
         assert_exact(reference(model, single, **kwargs), generate(model, single, **kwargs, **kvq))
         assert any(n < 0 for n in crop_calls), f"assisted decoding never cropped the KVQuant cache: {crop_calls}"
     elif mode == "continue":
@@ -57,7 +41,13 @@ def check_mode(mode, model, batch, single, assistant, crop_calls, new_tokens=20)
         assert isinstance(out1.past_key_values, KVQuantCache)
         follow = torch.tensor([[7, 8, 9]] * batch["input_ids"].shape[0])  # a user turn appended to each row
         ids = torch.cat([out1.sequences, follow], dim=1)
-        mask = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], ids.shape[1] - batch["attention_mask"].shape[1], dtype=torch.long)], dim=1)
+        mask = torch.cat(
+            [
+                batch["attention_mask"],
+                torch.ones(ids.shape[0], ids.shape[1] - batch["attention_mask"].shape[1], dtype=torch.long),
+            ],
+            dim=1,
+        )
         nxt = {"input_ids": ids, "attention_mask": mask}
         ref2 = generate(model, nxt, max_new_tokens=half, past_key_values=ref1.past_key_values)
         out2 = generate(model, nxt, max_new_tokens=half, past_key_values=out1.past_key_values)
@@ -135,13 +125,13 @@ def test_routes_to_the_cache_are_equivalent(stories):
     explicit = generate(model, batch, max_new_tokens=12, past_key_values=KVQuantCache(model, bits=16))
     assert_exact(expected, explicit)
 
-    saved = model.generation_config.cache_implementation, model.generation_config.cache_config
+    saved = (model.generation_config.cache_implementation, model.generation_config.cache_config)
     try:
         model.generation_config.cache_implementation = "kvquant"
         model.generation_config.cache_config = dict(EXACT)
         via_config = generate(model, batch, max_new_tokens=12)
     finally:
-        model.generation_config.cache_implementation, model.generation_config.cache_config = saved
+        (model.generation_config.cache_implementation, model.generation_config.cache_config) = saved
     assert isinstance(via_config.past_key_values, KVQuantCache)
     assert_exact(expected, via_config)
 
@@ -162,21 +152,26 @@ def test_patched_model_with_default_cache_is_stock(stories):
 def test_smollm2_greedy_left_padded(smollm2):
     model, tok = smollm2
     batch = tok(["The capital of France is", "Hi"], return_tensors="pt", padding=True, padding_side="left")
-    kwargs = dict(max_new_tokens=10)
-    assert_exact(reference(model, batch, **kwargs), generate(model, batch, cache_implementation="kvquant", cache_config=EXACT, **kwargs))
+    kwargs = {"max_new_tokens": 10}
+    assert_exact(
+        reference(model, batch, **kwargs),
+        generate(model, batch, cache_implementation="kvquant", cache_config=EXACT, **kwargs),
+    )
 
 
 def test_smollm2_beam_search(smollm2):
     model, tok = smollm2
     batch = tok(["Water boils at"], return_tensors="pt")
     kwargs = dict(max_new_tokens=6, **BEAM)
-    assert_exact(reference(model, batch, **kwargs), generate(model, batch, cache_implementation="kvquant", cache_config=EXACT, **kwargs))
+    assert_exact(
+        reference(model, batch, **kwargs),
+        generate(model, batch, cache_implementation="kvquant", cache_config=EXACT, **kwargs),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ more ways to drive it
 @pytest.mark.parametrize(
-    "case",
-    ["chunked-prefill", "unpadded-batch", "sampling-num-return-sequences", "preallocated", "eager-attentions"],
+    "case", ["chunked-prefill", "unpadded-batch", "sampling-num-return-sequences", "preallocated", "eager-attentions"]
 )
 def test_more_generation_options(case, stories, stories_variant):
     model, tok = stories
@@ -213,7 +208,9 @@ def test_reset_cache_is_reusable(stories):
     assert_exact(expected, generate(model, second, max_new_tokens=6, past_key_values=cache))
 
 
-@pytest.mark.parametrize("build", [tiny_llama, lambda: tiny_mistral(sliding_window=6)], ids=["llama", "mistral-window-6"])
+@pytest.mark.parametrize(
+    "build", [tiny_llama, lambda: tiny_mistral(sliding_window=6)], ids=["llama", "mistral-window-6"]
+)
 def test_manual_forward_loop_in_chunks(build):
     """Teacher-forced forwards of 4 tokens at a time, without generate (position ids from the cache length)."""
     from transformers import DynamicCache
@@ -234,7 +231,13 @@ def test_manual_forward_loop_in_chunks(build):
 
 ROPE_SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 2.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},  # attention_scaling != 1
 }
 
@@ -244,5 +247,8 @@ def test_scaled_rope_types_match_dynamic_cache(rope):
     """Keys are rotated at attention time with the model's own rotary module, scaling included."""
     model = tiny_llama(rope_parameters={"rope_theta": 10000.0, **ROPE_SCALINGS[rope]})
     batch = random_batch(model.config.vocab_size, lengths=(9, 5, 2))
-    kwargs = dict(max_new_tokens=12)
-    assert_exact(reference(model, batch, **kwargs), generate(model, batch, cache_implementation="kvquant", cache_config=EXACT, **kwargs))
+    kwargs = {"max_new_tokens": 12}
+    assert_exact(
+        reference(model, batch, **kwargs),
+        generate(model, batch, cache_implementation="kvquant", cache_config=EXACT, **kwargs),
+    )

@@ -7,6 +7,8 @@ default cache shrinks as bits grow.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -14,18 +16,18 @@ from tests.helpers import quick_config, tiny_mistral
 from transformers_kvquant import KVQuantCache, unpatch_model
 from transformers_kvquant.quant.store import PackedStore
 
-from .common import generate, left_padded, random_batch
-from .test_exactness import BEAM, SAMPLING
+from .common import BEAM, SAMPLING, generate, left_padded, random_batch
 
 BITS = (2, 3, 4)
-_CONFIGS: dict = {}
+_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def config_for(model, bits, outlier_fraction=0.01):
-    key = (id(model), bits, outlier_fraction)
-    if key not in _CONFIGS:
-        _CONFIGS[key] = quick_config(model, bits=bits, outlier_fraction=outlier_fraction)
-    return _CONFIGS[key]
+    """quick_config for ``model``, computed once per model (the session-wide stories models are reused)."""
+    per_model = _CONFIGS.setdefault(model, {})
+    if (bits, outlier_fraction) not in per_model:
+        per_model[bits, outlier_fraction] = quick_config(model, bits=bits, outlier_fraction=outlier_fraction)
+    return per_model[bits, outlier_fraction]
 
 
 def check_cache(cache, bits, model_dtype, rows, tokens_seen):
@@ -48,7 +50,9 @@ def check_cache(cache, bits, model_dtype, rows, tokens_seen):
 def run_quantized(mode, model, batch, single, drafter, bits, crop_calls):
     config = config_for(model, bits)
     if mode == "assisted":
-        out = generate(model, single, max_new_tokens=16, assistant_model=drafter, past_key_values=KVQuantCache(model, config))
+        out = generate(
+            model, single, max_new_tokens=16, assistant_model=drafter, past_key_values=KVQuantCache(model, config)
+        )
         assert any(n < 0 for n in crop_calls), "assisted decoding never cropped the cache"
         return out, single["input_ids"].shape[0], out.sequences.shape[1] - 1
     if mode == "continue":
@@ -56,7 +60,9 @@ def run_quantized(mode, model, batch, single, drafter, bits, crop_calls):
         ids = torch.cat([first.sequences, torch.full((first.sequences.shape[0], 2), 7)], dim=1)
         mask = torch.ones_like(ids)
         mask[:, : batch["attention_mask"].shape[1]] = batch["attention_mask"]
-        out = generate(model, {"input_ids": ids, "attention_mask": mask}, max_new_tokens=8, past_key_values=first.past_key_values)
+        out = generate(
+            model, {"input_ids": ids, "attention_mask": mask}, max_new_tokens=8, past_key_values=first.past_key_values
+        )
         assert out.past_key_values is first.past_key_values
         assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
         return out, ids.shape[0], out.sequences.shape[1] - 1
@@ -66,21 +72,21 @@ def run_quantized(mode, model, batch, single, drafter, bits, crop_calls):
     return out, rows, batch["input_ids"].shape[1] + len(out.logits) - 1
 
 
-@pytest.fixture
-def crop_calls(monkeypatch):
-    calls = []
-    original = KVQuantCache.crop
-    monkeypatch.setattr(KVQuantCache, "crop", lambda self, n: (calls.append(n), original(self, n))[1])
-    return calls
-
-
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("mode", ["greedy", "sampling", "beam", "assisted", "continue"])
 def test_stories260k_quantized_modes(mode, bits, stories, stories_variant, crop_calls):
     model, tok = stories
     unpatch_model(model)
     drafter = stories_variant(torch.float32, "sdpa", num_hidden_layers=3)
-    out, rows, seen = run_quantized(mode, model, left_padded(tok), tok(["Lily and Ben went to the park"], return_tensors="pt"), drafter, bits, crop_calls)
+    out, rows, seen = run_quantized(
+        mode,
+        model,
+        left_padded(tok),
+        tok(["Lily and Ben went to the park"], return_tensors="pt"),
+        drafter,
+        bits,
+        crop_calls,
+    )
     assert all(torch.isfinite(step).all() for step in out.logits)
     check_cache(out.past_key_values, bits, torch.float32, rows, seen)
 
@@ -98,7 +104,9 @@ def test_mistral_sliding_window_quantized_modes(mode, crop_calls):
 
 
 @pytest.mark.parametrize(
-    "dtype,attn", [(torch.float32, "eager"), (torch.bfloat16, "sdpa"), (torch.float16, "sdpa"), (torch.bfloat16, "eager")], ids=["fp32-eager", "bf16-sdpa", "fp16-sdpa", "bf16-eager"]
+    "dtype,attn",
+    [(torch.float32, "eager"), (torch.bfloat16, "sdpa"), (torch.float16, "sdpa"), (torch.bfloat16, "eager")],
+    ids=["fp32-eager", "bf16-sdpa", "fp16-sdpa", "bf16-eager"],
 )
 def test_dtypes_and_attention_implementations(dtype, attn, stories, stories_variant):
     _, tok = stories
@@ -116,7 +124,9 @@ def test_error_shrinks_with_bits(stories):
     unpatch_model(model)
     torch.manual_seed(0)
     with torch.no_grad():
-        text = model.generate(**tok(["Once upon a time"], return_tensors="pt"), max_new_tokens=120, do_sample=True, top_k=40)
+        text = model.generate(
+            **tok(["Once upon a time"], return_tensors="pt"), max_new_tokens=120, do_sample=True, top_k=40
+        )
         expected = model(text).logits
         errors, agreement = {}, {}
         for bits in BITS:

@@ -40,7 +40,10 @@ def synthetic_kv(config, rows=ROWS, tokens=24, pads=(0, 3, 6), seed=0):
     g = torch.Generator().manual_seed(seed)
     layer = config.layers[0]
     heads, dim = layer.key_zero.shape
-    keys = layer.key_zero[None, :, None] + layer.key_scale[None, :, None] * torch.randn(rows, heads, tokens, dim, generator=g) * 0.6
+    keys = (
+        layer.key_zero[None, :, None]
+        + layer.key_scale[None, :, None] * torch.randn(rows, heads, tokens, dim, generator=g) * 0.6
+    )
     values = torch.randn(rows, heads, tokens, dim, generator=g)
     spikes = torch.rand(rows, heads, tokens, dim, generator=g) < 0.02
     keys = torch.where(spikes, keys * 8, keys)
@@ -64,7 +67,10 @@ def feed(cache, keys, values, positions, chunks, layer_idx=0):
 
 def state(store: PackedStore) -> dict:
     """Every retained component of a packed store, by name."""
-    out = {name: store.packed_view(name, store.start, store.length if name == "positions" else store.packed_length) for name in store.buffers.tensors}
+    out = {
+        name: store.packed_view(name, store.start, store.length if name == "positions" else store.packed_length)
+        for name in store.buffers.tensors
+    }
     for name in ("window_keys", "window_values", "sink_keys", "sink_values", "sink_slot"):
         out[name] = getattr(store, name)
     keys, values = store.keys_values()
@@ -82,7 +88,13 @@ def assert_same_state(a: PackedStore, b: PackedStore) -> None:
 
 
 def make(model, config, **options):
-    return KVQuantCache(model, config, sink_tokens=options.pop("sink_tokens", 2), recent_window=options.pop("recent_window", 3), **options)
+    return KVQuantCache(
+        model,
+        config,
+        sink_tokens=options.pop("sink_tokens", 2),
+        recent_window=options.pop("recent_window", 3),
+        **options,
+    )
 
 
 CHUNKS = [14, 1, 1, 1, 4, 1, 1, 1]  # a prefill, decode steps and a 4-token verification step: 24 tokens
