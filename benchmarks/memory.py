@@ -63,7 +63,7 @@ def storage_bytes(obj, seen=None) -> int:
     for value in vars(obj).values():
         values.extend(value.values() if isinstance(value, dict) else [value])
     for value in values:
-        if hasattr(value, "tensors") and isinstance(getattr(value, "tensors"), dict):  # slot buffers
+        if hasattr(value, "tensors") and isinstance(value.tensors, dict):  # slot buffers
             values.extend(value.tensors.values())
     for value in values:
         if isinstance(value, torch.Tensor):
@@ -79,7 +79,7 @@ def dynamic_cache_bytes(text_config, keys, values, length) -> int:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=text_config)
-    for i, (k, v) in enumerate(zip(keys, values)):
+    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
         cache.update(_tile(k, length), _tile(v, length), i)
     return sum(tensor_bytes(layer.keys) + tensor_bytes(layer.values) for layer in cache.layers)
 
@@ -89,7 +89,7 @@ def quanto_cache_bytes(text_config, keys, values, length, bits) -> int:
     from transformers.cache_utils import QuantizedCache
 
     cache = QuantizedCache(backend="quanto", config=text_config, nbits=bits)
-    for i, (k, v) in enumerate(zip(keys, values)):
+    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
         cache.update(_tile(k, length), _tile(v, length), i)
     total = 0
     for layer in cache.layers:
@@ -105,7 +105,7 @@ def kvquant_cache_bytes(model, config, keys, values, length) -> tuple[int, int, 
 
     cache = KVQuantCache(model, config)
     positions = torch.arange(length).unsqueeze(0)
-    for layer, k, v in zip(cache.layers, keys, values):
+    for layer, k, v in zip(cache.layers, keys, values, strict=True):
         k, v = _tile(k, length), _tile(v, length)
         # The store alone: `cache.update` would also dequantize the whole layer for attention, which the byte
         # count does not need. This is the same append the cache makes during a prefill.
@@ -168,7 +168,7 @@ def quanto_available() -> str | None:
         if not is_optimum_quanto_available():
             return "optimum-quanto is not installed (`pip install optimum-quanto`)"
         import optimum.quanto  # noqa: F401
-    except Exception as e:  # an installed but broken backend is reported, not fatal
+    except Exception as e:  # noqa: BLE001 (an installed but broken backend is reported in the doc, not fatal)
         return f"optimum-quanto does not import: {e}"
     return None
 
@@ -207,7 +207,7 @@ def measure(lengths, capture_tokens, calib_samples, calib_seqlen) -> dict:
         },
         "sink_tokens": configs[(3, 0.01)].sink_tokens,
         "calibration_constant_bytes": {_variant(b, f): constant_bytes(c) for (b, f), c in configs.items()},
-        "outlier_slots": {f: configs[(3, f)].slots for f in (0.01, 0.0)},
+        "outlier_slots": {str(f): configs[(3, f)].slots for f in (0.01, 0.0)},  # str: the keys survive JSON
         "quanto": quanto_problem,
         "torch": torch.__version__,
         "rows": rows,
@@ -260,6 +260,7 @@ def headline(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Left: bytes against context length (log-log). Right: the same as a fraction of the fp16 DynamicCache."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,34 +268,52 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     x = [r["tokens"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    styles = [("fp16", "fp16 DynamicCache", "k", "-")]
-    styles += [(f"quanto{b}", f"QuantizedCache quanto int{b}", "tab:gray", ":" if b == 2 else "--") for b in QUANTO_BITS]
     colors = {4: "tab:blue", 3: "tab:green", 2: "tab:red"}
-    styles += [(_variant(b, f), f"KVQuant {b}-bit" + (" + 1% outliers" if f else ""), colors[b], "-" if f else "--") for b, f in KVQUANT_VARIANTS]
-    for key, label, color, line in styles:
-        if key in rows[0]:
-            ax.plot(x, [r[key] / 2**20 for r in rows], line, color=color, marker="o", markersize=3, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("context length (tokens, batch 1)")
-    ax.set_ylabel("KV cache size (MiB)")
-    ax.set_title(f"{result['model']}: KV cache bytes ({result['shape']['layers']} layers, {result['shape']['kv_heads']} KV heads x {result['shape']['head_dim']})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.text(0.99, 0.01, "python benchmarks/memory.py", ha="right", va="bottom", fontsize=7, color="gray")
+    # quanto first, wide and pale, so the KVQuant lines drawn on top of it stay visible where they coincide.
+    series = [(f"quanto{b}", f"HF QuantizedCache quanto int{b}", colors[b], ":", 6, 0.35) for b in QUANTO_BITS]
+    series += [
+        (_variant(b, f), f"KVQuant {b}-bit" + (" + 1% outliers" if f else ""), colors[b], "-" if f else "--", 1.6, 1.0)
+        for b, f in KVQUANT_VARIANTS
+    ]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    left.plot(x, [r["fp16"] / 2**20 for r in rows], "-", color="k", marker="o", markersize=3, label="fp16 DynamicCache")
+    for key, label, color, line, width, alpha in series:
+        if key not in rows[0]:
+            continue
+        for ax, ys in ((left, [r[key] / 2**20 for r in rows]), (right, [100 * r[key] / r["fp16"] for r in rows])):
+            ax.plot(x, ys, line, color=color, lw=width, alpha=alpha, marker="o", markersize=3, label=label)
+    for bits, ceiling in CEILINGS.items():
+        right.plot([8192], [100 * ceiling], "v", color=colors[bits], markersize=8)
+        right.annotate(f"{bits}-bit ceiling", (8192, 100 * ceiling), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    left.set_xscale("log", base=2)
+    left.set_yscale("log", base=2)
+    left.set_ylabel("KV cache size (MiB)")
+    left.set_title("bytes held")
+    left.legend(fontsize=7)
+    right.set_xscale("log", base=2)
+    right.set_ylabel("% of the fp16 DynamicCache")
+    right.set_ylim(0, 35)
+    right.set_title("relative to fp16 (triangles: the issue's ceilings at 8,192 tokens)")
+    for ax in (left, right):
+        ax.set_xlabel("context length (tokens, batch 1)")
+        ax.grid(True, which="both", alpha=0.3)
+    shape = result["shape"]
+    fig.suptitle(f"{result['model']} KV cache ({shape['layers']} layers, {shape['kv_heads']} KV heads x {shape['head_dim']})")
+    fig.text(0.99, 0.01, result.get("command", "python benchmarks/memory.py"), ha="right", va="bottom", fontsize=7, color="gray")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_doc(result: dict, command: str) -> None:
+def write_doc(result: dict) -> None:
     generated = "\n".join(
         [
             BEGIN,
-            f"Generated by `{command}` (torch {result['torch']}; batch 1; fp16 keys and values; "
-            f"sink {result['sink_tokens']} token; outlier slots per token: {result['outlier_slots'][0.01]} at 1%, "
-            f"{result['outlier_slots'][0.0]} without).",
+            (
+                f"Generated by `{result['command']}` (torch {result['torch']}; batch 1; fp16 keys and values; "
+                f"sink {result['sink_tokens']} token; outlier slots per token: {result['outlier_slots']['0.01']} at 1%, "
+                f"{result['outlier_slots']['0.0']} without)."
+            ),
             "",
             "**At 8,192 tokens**",
             "",
@@ -306,9 +325,11 @@ def write_doc(result: dict, command: str) -> None:
             "",
             "HF QuantizedCache (quanto): " + (result["quanto"] or "measured with optimum-quanto's CPU backend."),
             "",
-            f"Not included above: the calibration constants the KVQuant cache reads (per-channel key ranges and "
-            f"codebooks, all layers): {result['calibration_constant_bytes'][_variant(3, 0.01)] / 1024:.1f} KiB at 3 bits, "
-            "fixed per model.",
+            (
+                "Not included above: the calibration constants the KVQuant cache reads (per-channel key ranges and "
+                f"codebooks, all layers): {result['calibration_constant_bytes'][_variant(3, 0.01)] / 1024:.1f} KiB "
+                "at 3 bits, fixed per model."
+            ),
             "",
             "Raw numbers: `docs/memory.json`.",
             END,
@@ -317,9 +338,8 @@ def write_doc(result: dict, command: str) -> None:
     text = DOC.read_text() if DOC.exists() else f"# KV cache memory\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{DOC} has no {BEGIN} ... {END} block to replace")
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: generated, text, flags=re.S)
+    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: generated, text, flags=re.DOTALL)
     DOC.write_text(text)
-    (DOC.parent / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -329,15 +349,22 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=2, help="calibration windows (default 2)")
     p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration window (default 128)")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/ unchanged")
+    p.add_argument("--from-json", type=Path, help="redraw docs/memory.md and the plot from a saved result, measuring nothing")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    result = measure(args.lengths, args.capture, args.calib_samples, args.calib_seqlen)
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        result.setdefault("command", "python benchmarks/memory.py")
+    else:
+        torch.manual_seed(0)
+        result = measure(args.lengths, args.capture, args.calib_samples, args.calib_seqlen)
+        result["command"] = " ".join(["python benchmarks/memory.py", *(sys.argv[1:] if argv is None else argv)])
     print(headline(result))
     if not args.no_write:
-        command = "python benchmarks/memory.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join((argv if argv is not None else sys.argv[1:])))
-        write_doc(result, command)
+        write_doc(result)
+        if not args.from_json:
+            (DOC.parent / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
         plot(result, PLOT)
-        print(f"wrote {DOC.relative_to(REPO)}, {PLOT.relative_to(REPO)}, docs/memory.json")
+        print(f"wrote {DOC.relative_to(REPO)}, {PLOT.relative_to(REPO)}" + ("" if args.from_json else ", docs/memory.json"))
     return 0
 
 
