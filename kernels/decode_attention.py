@@ -285,6 +285,23 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_parts, o_sb
     tl.store(out_ptr + b * o_sb + hq * o_sh + d, out.to(out_ptr.dtype.element_ty))
 
 
+TUNED: dict[tuple[int, int, int], tuple[int, int]] = {}  # (heads, groups, head_dim) -> (block_n, warps), set by a sweep
+
+
+def decode_config(heads: int, groups: int, head_dim: int) -> tuple[int, int]:
+    """(slots per iteration, warps) of the decode kernel: a configuration measured by ``benchmarks/gpu_suite.py``
+    when one was recorded in ``TUNED``, else a guess bounded by register use (``benchmarks/compile_check.py``
+    reports registers and spills for sm_90 without a GPU)."""
+    if (heads, groups, head_dim) in TUNED:
+        return TUNED[(heads, groups, head_dim)]
+    cells = next_pow2(heads) * next_pow2(groups) * head_dim // 2
+    tile = next_pow2(heads) * head_dim // 2
+    block_n = max(1, min(16, 2048 // tile, 4096 // cells))
+    block_n = 1 << (block_n.bit_length() - 1)
+    warps = 8 if next_pow2(heads) * head_dim >= 2048 else 4
+    return block_n, warps
+
+
 def default_splits(batch: int, packed_len: int, device: torch.device) -> int:
     """Enough programs to fill the GPU about twice, none shorter than 64 slots."""
     if packed_len == 0:
@@ -363,13 +380,9 @@ def decode_attention(
     if sv.stride() != sk.stride():
         sk, sv = sk.contiguous(), sv.contiguous()
     window = sliding_window if sliding_window else total + 1
-    warps = num_warps or (8 if h * g * d >= 2048 else 4)
     hp, gp = next_pow2(h), next_pow2(g)
-    if block_n is None:
-        # Several slots per iteration keep enough loads in flight; bounded so the [H, G, BLOCK_N, D/2] products
-        # stay in registers.
-        block_n = max(1, min(16, 8192 // (hp * d // 2), 16384 // (hp * gp * d // 2)))
-        block_n = 1 << (block_n.bit_length() - 1)
+    auto_n, auto_warps = decode_config(h, g, d)
+    block_n, warps = block_n or auto_n, num_warps or auto_warps
     _decode_kernel[(parts, b)](
         q, qc, qs, inv_freq.float().contiguous(),
         cache.key_codes, cache.value_codes, cache.key_table.float().contiguous(), cache.value_table.float().contiguous(),

@@ -159,7 +159,7 @@ def prefill_attention(
     sliding_window: int = 0,
     block_t: int | None = None,
     block_n: int = 32,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``T`` queries ``[B, Hq, T, D]`` (un-rotated, at the last ``T`` visible slots) over the cache.
 
@@ -173,6 +173,7 @@ def prefill_attention(
     g = hq // h
     gp = next_pow2(g)
     block_t = block_t or max(1, 64 // gp)
+    num_warps = num_warps or (8 if d >= 128 else 4)
     total = cache.total
     if t > total:
         raise ValueError(f"{t} queries but only {total} visible slots (the chunk must be appended first)")
