@@ -95,3 +95,41 @@ def query_rope(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dty
     angle = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
     emb = torch.cat([angle, angle], -1)
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+
+
+def fast_random_packed_kv(batch, heads, head_dim, bits, length, outlier_slots=0, dtype=torch.float16, device="cuda", sink_tokens=1) -> PackedKV:
+    """A large random cache built on the device in a few kernels (for benchmarks): uniform codes, distinct outlier
+    channels ``(r + 97 k) mod C`` per token (97 is odd, so distinct for any power-of-two ``C``)."""
+    w = packed_words(head_dim, bits)
+    c = heads * head_dim
+    half = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    idt = torch.int16 if c < 2**15 else torch.int32
+
+    def codes():
+        return torch.randint(-(2**31), 2**31 - 1, (batch, heads, length, w), device=device, dtype=torch.int32)
+
+    start = torch.randint(0, c, (batch, length, 1), device=device)
+    idx = ((start + 97 * torch.arange(outlier_slots, device=device)) % c).to(idt)
+    table = torch.linspace(-1, 1, 2**bits, device=device)
+    return PackedKV(
+        bits, codes(), codes(), table, table.flip(0).neg(),
+        torch.randn(heads, head_dim, device=device) * 0.3, torch.rand(heads, head_dim, device=device) + 0.5,
+        (torch.randn(batch, length, device=device) * 0.1).to(half), (torch.rand(batch, length, device=device) + 0.5).to(half),
+        (torch.randn(batch, length, outlier_slots, device=device) * 4).to(half), idx,
+        (torch.randn(batch, length, outlier_slots, device=device) * 4).to(half), idx.flip(-1).contiguous(),
+        torch.arange(length, device=device, dtype=torch.int32).expand(batch, length).contiguous(),
+        torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype), torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype),
+        torch.randn(batch, heads, sink_tokens, head_dim, device=device).to(dtype), torch.randn(batch, heads, sink_tokens, head_dim, device=device).to(dtype),
+        torch.zeros(batch, sink_tokens, dtype=torch.long, device=device) + torch.arange(sink_tokens, device=device),
+        begin=0, packed_end=length, offset=0,
+    )
+
+
+def cache_bytes(cache: PackedKV) -> int:
+    """Bytes a decode step must read from the cache: codes, value ranges, outliers, positions of the visible slots."""
+    a, e = cache.begin - cache.offset, cache.packed_end - cache.offset
+    b, h, _, w = cache.key_codes.shape
+    n = e - a
+    per_token = 2 * h * w * 4 + 2 * cache.value_zero.element_size() + 4
+    per_token += cache.outlier_slots * (cache.key_outlier_values.element_size() + cache.key_outlier_index.element_size()) * 2
+    return b * n * per_token

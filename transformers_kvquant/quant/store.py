@@ -238,25 +238,23 @@ class PackedStore(KVStore):
     def _capture_sink(self, keys, values, positions):
         """Keep exact copies of the tokens at positions < sink_tokens; a later token of a position wins.
 
-        Left-padding slots carry position 0 too and come first, so the real first token overwrites them.
+        Left-padding slots carry position 0 too and come first, so the real first token overwrites them. Pure
+        tensor ops for all sink positions at once: no host sync, so decode steps on a GPU stay asynchronous.
         """
-        if self.sink_tokens == 0:
+        n = self.sink_tokens
+        if n == 0:
             return
-        t = positions.shape[1]
-        order = torch.arange(t, device=self.device)
-        for p in range(self.sink_tokens):
-            hit = positions == p
-            if not bool(hit.any()):
-                continue
-            last = torch.where(hit, order, torch.full_like(order, -1)).amax(dim=1)  # [B]
-            rows = last >= 0
-            idx = last.clamp(min=0)
-            gather = idx.view(-1, 1, 1, 1).expand(self.batch, self.heads, 1, self.head_dim)
-            k = torch.gather(keys, 2, gather).squeeze(2)
-            v = torch.gather(values, 2, gather).squeeze(2)
-            self.sink_keys[:, :, p] = torch.where(rows.view(-1, 1, 1), k, self.sink_keys[:, :, p])
-            self.sink_values[:, :, p] = torch.where(rows.view(-1, 1, 1), v, self.sink_values[:, :, p])
-            self.sink_slot[:, p] = torch.where(rows, idx + self.length, self.sink_slot[:, p])
+        b, t = positions.shape
+        hit = positions.unsqueeze(-1) == torch.arange(n, device=self.device)  # [B, T, N]
+        order = torch.arange(t, device=self.device).view(1, t, 1)
+        last = torch.where(hit, order, torch.full_like(order, -1)).amax(dim=1)  # [B, N] last token of each position
+        rows = last >= 0
+        idx = last.clamp(min=0)
+        gather = idx.view(b, 1, n, 1).expand(b, self.heads, n, self.head_dim)
+        take = rows.view(b, 1, n, 1)
+        self.sink_keys = torch.where(take, torch.gather(keys, 2, gather), self.sink_keys)
+        self.sink_values = torch.where(take, torch.gather(values, 2, gather), self.sink_values)
+        self.sink_slot = torch.where(rows, idx + self.length, self.sink_slot)
 
     def _pack(self, keys, values, first_slot):
         if _append_kernel_applies(self, keys):
