@@ -20,7 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transformers_kvquant.kernels import append, decode_attention, prefill_attention  # noqa: E402
+from transformers_kvquant.kernels import append, decode, prefill  # noqa: E402
 from transformers_kvquant.kernels.layout import next_pow2, packed_words  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def decode_cases():
         for bits in (2, 3, 4):
             for outliers in (False, True):
                 hp, gp = next_pow2(h), next_pow2(g)
-                block_n, warps = decode_attention.decode_config(h, g, d)
+                block_n, warps = decode.decode_config(h, g, d)
                 block_n = OVERRIDE.get("block_n", block_n)
                 warps = OVERRIDE.get("warps", warps)
                 yield f"decode {name} b{bits} {'1%' if outliers else '0%'}", dict(
@@ -97,7 +97,7 @@ def main():
         if args.only not in label:
             continue
         try:
-            rows.append((label, warps, *compile_one(decode_attention._decode_kernel, ptrs, const, args.arch, warps)))
+            rows.append((label, warps, *compile_one(decode._decode_kernel, ptrs, const, args.arch, warps)))
         except Exception as e:  # noqa: BLE001
             failures += 1
             rows.append((label, warps, "FAILED", str(e).splitlines()[-1][:150], ""))
@@ -111,7 +111,7 @@ def main():
             label = f"prefill G{g} D{d} b{bits}"
             try:
                 pw = 8 if d >= 128 else 4
-                rows.append((label, pw, *compile_one(prefill_attention._prefill_kernel, ptrs, const, args.arch, pw)))
+                rows.append((label, pw, *compile_one(prefill._prefill_kernel, ptrs, const, args.arch, pw)))
             except Exception as e:  # noqa: BLE001
                 failures += 1
                 rows.append((label, 0, "FAILED", str(e).splitlines()[-1][:150], ""))

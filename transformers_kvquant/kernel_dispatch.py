@@ -95,8 +95,8 @@ def fused_attention(layer, module, query, attention_mask, ctx, **kwargs):
 
     Returns ``(attn_output [B, q, Hq, D] contiguous in query.dtype, None)`` like transformers' attention functions.
     """
-    from .kernels.decode_attention import decode_attention
-    from .kernels.prefill_attention import prefill_attention
+    from .kernels.decode import decode_attention
+    from .kernels.prefill import prefill_attention
 
     store = layer.store
     cache = packed_view(store, layer._returned_begin)

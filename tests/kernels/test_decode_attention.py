@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.kernels.common import DEVICE, TOLERANCE, rel_err
-from transformers_kvquant.kernels.decode_attention import decode_attention
+from transformers_kvquant.kernels.decode import decode_attention
 from transformers_kvquant.kernels.naive import packed_attention_naive
 from transformers_kvquant.kernels.synthetic import query_rope, random_packed_kv, rope_inv_freq
 

@@ -7,7 +7,7 @@ import torch
 
 from tests.kernels.common import COMPILED, DEVICE, TOLERANCE, rel_err
 from transformers_kvquant.kernels.naive import packed_attention_naive
-from transformers_kvquant.kernels.prefill_attention import prefill_attention
+from transformers_kvquant.kernels.prefill import prefill_attention
 from transformers_kvquant.kernels.synthetic import query_rope, random_packed_kv, rope_inv_freq
 
 # tf32 tensor-core dots on the GPU round q and k to 10 mantissa bits.
