@@ -463,20 +463,21 @@ def kv_bytes_per_token(model, fmt) -> float:
 
 
 @torch.no_grad()
-def fill_kvquant(model, cfg, batch: int, length: int, extra: int, chunk: int = 4096):
+def fill_kvquant(model, cfg, batch: int, length: int, extra: int, chunk: int | None = None, backend: str = "auto"):
     """A KVQuantCache holding ``length`` synthetic pre-RoPE tokens, appended through the real append kernel."""
     from transformers_kvquant import KVQuantCache
 
-    cache = KVQuantCache(model, cfg, max_length=length + extra)
+    cache = KVQuantCache(model, cfg, max_length=length + extra, backend=backend)
     c = model.config
     h, d = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
-    n = min(chunk, length)
+    # Chunks of ~16M channel values: the outlier selection holds a few fp32 copies of a chunk.
+    n = min(chunk or max(1024, 2**24 // (batch * h * d)), length)
     for idx, layer in enumerate(cache.layers):
         lc = cfg.layers[idx]
         zero = lc.key_zero.to("cuda", torch.float32)[None, :, None, :]
         scale = lc.key_scale.to("cuda", torch.float32)[None, :, None, :]
-        k = (torch.randn(batch, h, n, d, device="cuda") * 0.6 * scale + zero).half()
-        v = torch.randn(batch, h, n, d, device="cuda", dtype=torch.float16)
+        k = (torch.randn(batch, h, n, d, device="cuda") * 0.6 * scale + zero).to(model.dtype)
+        v = torch.randn(batch, h, n, d, device="cuda", dtype=model.dtype)
         for start in range(0, length, n):
             m = min(n, length - start)
             layer.stage(torch.arange(start, start + m, device="cuda")[None].expand(batch, m), m)
@@ -494,7 +495,7 @@ def fill_dynamic(model, batch: int, length: int):
     c = model.config
     h, d = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
     for layer in cache.layers:
-        k = torch.randn(batch, h, length, d, device="cuda", dtype=torch.float16)
+        k = torch.randn(batch, h, length, d, device="cuda", dtype=model.dtype)
         layer.lazy_initialization(k[:, :, :0], k[:, :, :0])
         layer.keys, layer.values = k, torch.randn_like(k)
         layer.is_initialized = True
@@ -508,7 +509,7 @@ def fill_quanto(model, batch: int, length: int, nbits: int):
     cache = QuantizedCache(backend="quanto", config=model.config, nbits=nbits)
     c = model.config
     h, d = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
-    k = torch.randn(batch, h, length, d, device="cuda", dtype=torch.float16)
+    k = torch.randn(batch, h, length, d, device="cuda", dtype=model.dtype)
     for layer in cache.layers:
         layer.update(k, k)
     del k
@@ -520,7 +521,7 @@ def decode_steps(model, cache, batch: int, steps: int, warmup: int = 2) -> dict:
     """Wall-clock ms per decode step of the whole model (synchronized), and the peak memory while decoding."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    tok = torch.randint(3, 1000, (batch, 1), device="cuda")
+    tok = torch.randint(3, min(1000, model.config.vocab_size), (batch, 1), device="cuda")
     times = []
     for i in range(warmup + steps):
         torch.cuda.synchronize()
