@@ -107,7 +107,7 @@ def main():
         for g, d in ((1, 128), (4, 128), (3, 64)):
             gp = next_pow2(g)
             const = dict(H=8, G=g, GP=gp, D=d, BITS=bits, W=packed_words(d, bits), N_SINK=1, MASK_KIND=1,
-                         BLOCK_T=max(1, 64 // gp), BLOCK_N=32, DOT_DTYPE=tl.float16)
+                         BLOCK_T=max(1, 64 // gp), BLOCK_N=32, DOT_DTYPE=tl.float16, PRECISION="tf32")
             label = f"prefill G{g} D{d} b{bits}"
             try:
                 pw = 8 if d >= 128 else 4

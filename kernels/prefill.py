@@ -40,7 +40,7 @@ def _prefill_kernel(
     T, cap, first, packed_len, n_window, begin, n_outliers, window,
     scale, rope_scale,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr,
-    N_SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    N_SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     BLOCK_M: tl.constexpr = BLOCK_T * GP
@@ -120,7 +120,7 @@ def _prefill_kernel(
         cos, sin = sincos(pos[:, None] * inv_freq[None, :])
         kr_lo = (k_lo * cos - k_hi * sin).to(DOT_DTYPE)
         kr_hi = (k_hi * cos + k_lo * sin).to(DOT_DTYPE)
-        s = tl.dot(qr_lo, tl.trans(kr_lo)) + tl.dot(qr_hi, tl.trans(kr_hi))  # [BLOCK_M, BLOCK_N], log2 domain
+        s = tl.dot(qr_lo, tl.trans(kr_lo), input_precision=PRECISION) + tl.dot(qr_hi, tl.trans(kr_hi), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 domain
         ok = (rel[None, :] <= q_slot[:, None]) & (rel[None, :] > q_slot[:, None] - window) & (rel < total)[None, :]
         s = tl.where(ok, s, float("-inf"))
         if MASK_KIND == 1:
@@ -135,8 +135,8 @@ def _prefill_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         pd = p.to(DOT_DTYPE)
-        acc_lo = acc_lo * alpha[:, None] + tl.dot(pd, v_lo.to(DOT_DTYPE))
-        acc_hi = acc_hi * alpha[:, None] + tl.dot(pd, v_hi.to(DOT_DTYPE))
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(pd, v_lo.to(DOT_DTYPE), input_precision=PRECISION)
+        acc_hi = acc_hi * alpha[:, None] + tl.dot(pd, v_hi.to(DOT_DTYPE), input_precision=PRECISION)
         m_i = m_new
     denom = tl.where(l_i > 0, l_i, 1.0)[:, None]
     obase = out_ptr + b * o_sb + t[:, None] * o_st + (h * G + g)[:, None] * o_sh + j[None, :]
@@ -165,7 +165,7 @@ def prefill_attention(
 
     ``query_cos/sin``: ``[B or 1, T, D]``; ``mask``: None, bool or additive ``[B, 1, T, total]``. Causal order and
     the sliding window come from slot numbers. ``q . k`` and ``p . v`` run in the query's dtype on tensor cores
-    (tf32 for fp32). Returns ``[B, T, Hq, D]`` in the query's dtype.
+    (exact fp32 products for fp32 models). Returns ``[B, T, Hq, D]`` in the query's dtype.
     """
     cache.check()
     b, hq, t, d = query.shape
@@ -212,6 +212,6 @@ def prefill_attention(
         t, cache.key_codes.shape[2], cache.begin - cache.offset, cache.packed_len, wk.shape[2], cache.begin,
         cache.outlier_slots, window, softmax_scale * LOG2E, attention_scaling,
         H=h, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3], N_SINK=cache.sink_slot.shape[1],
-        MASK_KIND=mask_kind, BLOCK_T=block_t, BLOCK_N=block_n, DOT_DTYPE=_DOT[query.dtype], num_warps=num_warps,
+        MASK_KIND=mask_kind, BLOCK_T=block_t, BLOCK_N=block_n, DOT_DTYPE=_DOT[query.dtype], PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
     return out

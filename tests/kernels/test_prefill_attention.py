@@ -10,8 +10,8 @@ from transformers_kvquant.kernels.naive import packed_attention_naive
 from transformers_kvquant.kernels.prefill import prefill_attention
 from transformers_kvquant.kernels.synthetic import query_rope, random_packed_kv, rope_inv_freq
 
-# tf32 tensor-core dots on the GPU round q and k to 10 mantissa bits.
-FP32_TOL = 3e-3 if COMPILED else TOLERANCE[torch.float32]
+# fp32 models use IEEE fp32 dots (no tf32); compiled sums run in another order.
+FP32_TOL = 1e-4 if COMPILED else TOLERANCE[torch.float32]
 
 # (batch, kv heads, query heads per kv head, head_dim, visible slots, chunk, bits, outlier slots)
 GRID = [

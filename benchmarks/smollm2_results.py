@@ -1,0 +1,178 @@
+"""Every SmolLM2-135M-Instruct quality number in docs/: perplexity table, long-context fidelity, passkey.
+
+    python benchmarks/smollm2_results.py --out runs/results              # all stages (GPU: minutes; CPU: hours)
+    python benchmarks/smollm2_results.py --out runs/results --stages ppl --windows 40
+    python benchmarks/make_results_doc.py runs/results                   # -> docs/results.md, docs/fidelity.md, PNGs
+
+Perplexity: fp32, 2048-token non-overlapping windows of WikiText-2 raw test and of the C4 sample (documents 150 on;
+0-149 are the calibration text), every method through the harness's simulated quantization (identical to the
+cache for teacher forcing; see tests/evaluation). Fidelity: C4 documents (150 on) concatenated into 8,192-token
+documents, fed in 512-token chunks through the real KVQuantCache. Passkey: generate() through the real cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def ppl_rows(model):
+    """(label, method) for every row of the table."""
+    from transformers_kvquant.evaluation.perplexity import make_method
+    from transformers_kvquant.evaluation.simulation import IntMethod, KiviMethod
+
+    hub = REPO / "hub_configs" / "smollm2-135m-instruct"
+    rows = [("fp", None)]
+    for bits in (4, 3, 2):
+        for frac in (0.0, 0.01):
+            rows.append((f"kvquant {bits}-bit" + (" 1%" if frac else ""), make_method("kvquant", model, bits=bits, outlier_fraction=frac)))
+    for bits in (4, 3, 2):
+        rows.append((f"int{bits}", IntMethod(bits)))
+    for bits in (4, 2):
+        rows.append((f"kivi{bits}", KiviMethod(bits)))
+    rows += [
+        ("ablation: post-RoPE keys", make_method("kvquant", model, config=str(hub / "nuq3-1pct-post-rope"), ablation="post-rope")),
+        ("ablation: uniform codebooks", make_method("kvquant", model, bits=3, outlier_fraction=0.01, ablation="uniform")),
+        ("ablation: no Fisher weighting", make_method("kvquant", model, config=str(hub / "nuq3-1pct-no-fisher"), ablation="no-fisher")),
+        ("ablation: no sink", make_method("kvquant", model, bits=3, outlier_fraction=0.01, ablation="no-sink")),
+        ("kvquant 2-bit 1% + window 128", make_method("kvquant", model, bits=2, outlier_fraction=0.01, recent_window=128)),
+        ("kvquant 2-bit + window 128", make_method("kvquant", model, bits=2, outlier_fraction=0.0, recent_window=128)),
+    ]
+    return rows
+
+
+def stage_ppl(model, tokenizer, args, log) -> dict:
+    from dataclasses import asdict
+
+    from transformers_kvquant.datasets import load_text, parse_documents
+    from transformers_kvquant.evaluation.perplexity import evaluate_perplexity, token_windows
+
+    datasets = {
+        "wikitext2": load_text(args.wikitext),
+        "c4": load_text(args.c4, parse_documents("150:")),
+    }
+    out = {}
+    rows = ppl_rows(model)
+    for name, text in datasets.items():
+        windows = token_windows(tokenizer, text, 2048, args.windows)
+        out[name] = []
+        for label, method in rows:
+            r = evaluate_perplexity(model, windows, method, batch_size=args.batch, progress=False)
+            row = asdict(r)
+            row["label"] = label
+            row["config"] = getattr(method, "source", None)
+            out[name].append(row)
+            log(f"{name:9s} {label:34s} ppl {r.ppl:9.4f}  bits {r.avg_bits:6.3f}  ({r.seconds:.0f} s)")
+    return out
+
+
+def stage_fidelity(model, tokenizer, args, log) -> dict:
+    from transformers_kvquant.datasets import load_text, parse_documents
+    from transformers_kvquant.evaluation.fidelity import default_methods, documents_from_text, evaluate_fidelity
+
+    text = load_text(args.c4, parse_documents("150:"))
+    docs = documents_from_text(tokenizer, text, args.context, args.documents)
+    methods = default_methods(model)
+    for m in methods:
+        if hasattr(m, "cache_config"):
+            m.cache_config["backend"] = args.backend
+    res = evaluate_fidelity(model, docs, methods, chunk=512, bucket=1024, progress=False)
+    res["dataset"] = "C4 sample, documents 150 on, concatenated"
+    res["backend"] = args.backend
+    for name, m in res["methods"].items():
+        log(f"fidelity {name:28s} bits {m['avg_bits']:5.2f} KL " + " ".join(f"{b['kl']:.4f}" for b in m["buckets"]))
+    return res
+
+
+def stage_passkey(model, tokenizer, args, log) -> dict:
+    from transformers_kvquant.evaluation.passkey import evaluate_passkey
+
+    methods = {
+        "fp": None,
+        "kvquant 3-bit 1%": {"bits": 3, "outlier_fraction": 0.01, "backend": args.backend},
+        "kvquant 2-bit 1%": {"bits": 2, "outlier_fraction": 0.01, "backend": args.backend},
+        "kvquant 2-bit": {"bits": 2, "outlier_fraction": 0.0, "backend": args.backend},
+    }
+    res = evaluate_passkey(model, tokenizer, methods, samples=args.passkey_samples, progress=False)
+    for name, acc in res.items():
+        log(f"passkey {name:20s} " + " ".join(f"{k}:{v:.2f}" for k, v in acc.items()))
+    return {"samples": args.passkey_samples, "accuracy": res}
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, str(REPO))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", default="ppl,fidelity,passkey")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+    parser.add_argument("--c4", default=str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"))
+    parser.add_argument("--windows", type=int, default=80)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--documents", type=int, default=8)
+    parser.add_argument("--passkey-samples", type=int, default=20)
+    parser.add_argument("--backend", default="reference", choices=("reference", "auto", "triton"))
+    args = parser.parse_args(argv)
+
+    import transformers_kvquant  # noqa: F401
+    from transformers_kvquant.models import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "results.log", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    env = environment()
+    log(json.dumps(env))
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(args.model, device_map=device if device == "cuda" else None)
+    for stage in args.stages.split(","):
+        fn = {"ppl": stage_ppl, "fidelity": stage_fidelity, "passkey": stage_passkey}[stage]
+        start = time.time()
+        try:
+            result = fn(model, tokenizer, args, log)
+            result_env = dict(env, seconds=round(time.time() - start, 1), args=vars(args))
+            (out / f"{stage}.json").write_text(json.dumps({"environment": result_env, "result": result}, indent=1))
+            log(f"== {stage} done in {time.time() - start:.0f} s")
+        except Exception:
+            log(f"== {stage} FAILED\n{traceback.format_exc()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
