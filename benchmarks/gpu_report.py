@@ -221,8 +221,9 @@ def main() -> None:
         for f in t.get("pytest", {}).get("failures", []):
             lines.append(f"- {f}")
         for g in t.get("generate", []):
-            lines.append(f"- generate, {g.get('model')}: same tokens as the reference path: **{g.get('same_tokens')}**, max |Δlogit| "
-                         f"{g.get('max_abs_logit_diff', float('nan')):.3g} (logit scale {g.get('logit_scale', float('nan')):.3g})" if "same_tokens" in g else f"- generate, {g.get('model')}: {g.get('status')}")
+            lines.append(f"- generate, {g.get('model')}: same greedy tokens as the reference path: **{g.get('same_tokens')}**; teacher-forced "
+                         f"max |Δlogit| {g.get('max_abs_logit_diff', float('nan')):.3g} (logit scale {g.get('logit_scale', float('nan')):.3g}), "
+                         f"top-1 agreement {g.get('teacher_forced_top1_agreement', float('nan')):.1%}" if "same_tokens" in g else f"- generate, {g.get('model')}: {g.get('status')}")
     if "decode" in st:
         lines += ["", "## (a) Decode attention, one layer", ""] + decode_tables(st["decode"])
     if "e2e" in st:
