@@ -258,9 +258,14 @@ def stage_decode(s: Suite, rec: dict, deadline: float, quick: bool = False) -> N
             best = min(timed, key=timed.get)
             bn, wp = (int(x) for x in best.split("x"))
             da.TUNED[(hk, hq // hk, d)] = (bn, wp)
-            for mult in (1, 2, 4):  # programs per SM
-                sms = torch.cuda.get_device_properties(0).multi_processor_count
-                tried[f"{best} splits={mult * sms}"] = bench(lambda: da.decode_attention(q, qc, qs, cache, inv_freq, 1.0, d**-0.5, num_splits=mult * sms), 100)
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            per_sm = {}
+            for mult in (1, 2, 4, 8):  # programs per SM
+                per_sm[mult] = tried[f"{best} programs/SM={mult}"] = bench(
+                    lambda: da.decode_attention(q, qc, qs, cache, inv_freq, 1.0, d**-0.5, num_splits=mult * sms), 100)
+            if shape.startswith("MHA"):  # one global setting; the MHA shape is the acceptance case
+                da.PROGRAMS_PER_SM = min(per_sm, key=per_sm.get)
+                rec["programs_per_sm"] = da.PROGRAMS_PER_SM
         rec["tuning"][shape] = tried
         s.say(f"tuning {shape}: {tried}")
         del cache

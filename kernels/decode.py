@@ -302,13 +302,16 @@ def decode_config(heads: int, groups: int, head_dim: int) -> tuple[int, int]:
     return block_n, warps
 
 
+PROGRAMS_PER_SM = 2  # decode programs per SM over all rows; benchmarks/gpu_suite.py may set a measured value
+
+
 def default_splits(batch: int, packed_len: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU about twice, none shorter than 64 slots."""
+    """Enough programs to fill the GPU ``PROGRAMS_PER_SM`` times, none shorter than 64 slots."""
     if packed_len == 0:
         return 0
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = max(1, (2 * sms) // max(batch, 1))
+        want = max(1, (PROGRAMS_PER_SM * sms) // max(batch, 1))
     else:
         want = 2
     return max(1, min(want, math.ceil(packed_len / 64)))
