@@ -10,7 +10,9 @@ import torch
 
 from tests.helpers import STORIES
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread by default: the tests are many small ops, where extra threads mostly add synchronization (and on a
+# shared machine oversubscribe it). KVQUANT_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("KVQUANT_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
