@@ -73,7 +73,7 @@ def decode_cases():
                 warps = OVERRIDE.get("warps", warps)
                 yield f"decode {name} b{bits} {'1%' if outliers else '0%'}", dict(
                     H=h, HP=hp, G=g, GP=gp, D=d, BITS=bits, W=packed_words(d, bits), S_PAD=64 if outliers else 1,
-                    HAS_OUTLIERS=outliers, N_SINK=1, NS_PAD=1, MASK_KIND=1, BLOCK_N=block_n), warps
+                    HAS_OUTLIERS=outliers, N_SINK=1, NS_PAD=1, MASK_KIND=1, BLOCK_N=block_n, FAST_TRIG=True), warps
 
 
 def main():
@@ -107,7 +107,7 @@ def main():
         for g, d in ((1, 128), (4, 128), (3, 64)):
             gp = next_pow2(g)
             const = dict(H=8, G=g, GP=gp, D=d, BITS=bits, W=packed_words(d, bits), N_SINK=1, MASK_KIND=1,
-                         BLOCK_T=max(1, 64 // gp), BLOCK_N=32, DOT_DTYPE=tl.float16, PRECISION="tf32")
+                         BLOCK_T=max(1, 64 // gp), BLOCK_N=32, DOT_DTYPE=tl.float16, PRECISION="tf32", FAST_TRIG=True)
             label = f"prefill G{g} D{d} b{bits}"
             try:
                 pw = 8 if d >= 128 else 4

@@ -244,7 +244,7 @@ def stage_decode(s: Suite, rec: dict, deadline: float, quick: bool = False) -> N
     for shape, (hq, hk, d) in SHAPES.items():
         cache = fast_random_packed_kv(1, hk, d, 3, 32768 if quick else 131072, outlier_slots(0.01, hk * d))
         q, qc, qs = query(1, hq, cache.total)
-        cands = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8)] if hk <= 8 else [(1, 8), (1, 4), (2, 8), (1, 16), (2, 16)]
+        cands = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (8, 8)] if hk <= 8 else [(1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (4, 16)]
         tried = {}
         for block_n, warps in cands:
             if time.time() > deadline - 120:

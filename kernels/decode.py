@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .layout import PackedKV, next_pow2
-from .triton_common import LOG2E, code_at, sincos, unpack_half
+from .triton_common import LOG2E, code_at, fast_trig, sincos, unpack_half
 
 
 @triton.jit
@@ -92,6 +92,7 @@ def _decode_kernel(
     scale, rope_scale,
     H: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -137,7 +138,7 @@ def _decode_kernel(
             live = rel < hi
             phys = first + rel
             pos = tl.load(pos_ptr + b * cap + phys, mask=live, other=0).to(tl.float32)
-            cos, sin = sincos(pos[:, None] * inv_freq[None, :])  # [BLOCK_N, HALF], shared by all heads
+            cos, sin = sincos(pos[:, None] * inv_freq[None, :], FAST_TRIG)  # [BLOCK_N, HALF], shared by all heads
             cos = cos[None, :, :]
             sin = sin[None, :, :]
             row_live = (row_h < H) & ((k0 + row_n) < hi)
@@ -162,7 +163,7 @@ def _decode_kernel(
                 deq = tl.load(ktab_ptr + code, mask=ok, other=0.0) * tl.load(kscale_ptr + he * D + de, mask=ok, other=0.0)
                 deq += tl.load(kzero_ptr + he * D + de, mask=ok, other=0.0)
                 delta = tl.where(ok, val - deq, 0.0)
-                ce, se = sincos(pos[:, None] * tl.load(inv_freq_ptr + je, mask=ok, other=0.0))
+                ce, se = sincos(pos[:, None] * tl.load(inv_freq_ptr + je, mask=ok, other=0.0), FAST_TRIG)
                 cell = ok[:, :, None] & (gc < G)[None, None, :]  # [BLOCK_N, S_PAD, GP]
                 qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, (he * G)[:, :, None] + gc[None, None, :],
                                                  je[:, :, None], cell, scale * rope_scale, HALF)
@@ -228,7 +229,7 @@ def _decode_kernel(
             bias = _slot_allowed(mask_ptr, b, m_sb, relc, total, window, MASK_KIND)
             bias = tl.where(use, bias, float("-inf"))
             m_i, l_i, acc_lo, acc_hi = _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi,
-                                                     m_i, l_i, acc_lo, acc_hi, HALF)
+                                                     m_i, l_i, acc_lo, acc_hi, HALF, FAST_TRIG)
         for w in range(0, n_window):
             rel = packed_len + w
             pos = tl.load(pos_ptr + b * cap + first + rel).to(tl.float32)
@@ -236,7 +237,7 @@ def _decode_kernel(
             base_v = win_v_ptr + b * wk_sb + hr[:, None] * wk_sh + w * wk_sn + j[None, :]
             bias = _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND)
             m_i, l_i, acc_lo, acc_hi = _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi,
-                                                     m_i, l_i, acc_lo, acc_hi, HALF)
+                                                     m_i, l_i, acc_lo, acc_hi, HALF, FAST_TRIG)
         acc_ptrs = part_acc_ptr + (part + hq_rows)[:, :, None] * D + j[None, None, :]
         tl.store(acc_ptrs, acc_lo, mask=qmask[:, :, None])
         tl.store(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
@@ -245,9 +246,9 @@ def _decode_kernel(
 
 
 @triton.jit
-def _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, HALF: tl.constexpr):
+def _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, HALF: tl.constexpr, FAST_TRIG: tl.constexpr):
     """Online-softmax step with one exact (model dtype) token for all heads."""
-    cos, sin = sincos(pos * inv_freq)
+    cos, sin = sincos(pos * inv_freq, FAST_TRIG)
     k_lo = tl.load(base_k, mask=hmask[:, None], other=0.0).to(tl.float32)
     k_hi = tl.load(base_k + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
     r_lo = (k_lo * cos[None, :] - k_hi * sin[None, :])[:, None, :]
@@ -397,7 +398,7 @@ def decode_attention(
         cache.key_codes.shape[2], cache.begin - cache.offset, length, wk.shape[2], cache.begin, s, split_len, splits, window,
         softmax_scale * LOG2E, attention_scaling,
         H=h, HP=hp, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
-        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n,
+        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n, FAST_TRIG=fast_trig(),
         num_warps=warps,
     )
     out = torch.empty(b, 1, hq, d, device=dev, dtype=query.dtype)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .layout import PackedKV, next_pow2
-from .triton_common import LOG2E, sincos, unpack_half
+from .triton_common import LOG2E, fast_trig, sincos, unpack_half
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _prefill_kernel(
     T, cap, first, packed_len, n_window, begin, n_outliers, window,
     scale, rope_scale,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr,
-    N_SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    N_SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     BLOCK_M: tl.constexpr = BLOCK_T * GP
@@ -117,7 +117,7 @@ def _prefill_kernel(
             k_hi = tl.where(hit, tl.load(sink_k_ptr + sbase + HALF).to(tl.float32), k_hi)
             v_lo = tl.where(hit, tl.load(sink_v_ptr + sbase).to(tl.float32), v_lo)
             v_hi = tl.where(hit, tl.load(sink_v_ptr + sbase + HALF).to(tl.float32), v_hi)
-        cos, sin = sincos(pos[:, None] * inv_freq[None, :])
+        cos, sin = sincos(pos[:, None] * inv_freq[None, :], FAST_TRIG)
         kr_lo = (k_lo * cos - k_hi * sin).to(DOT_DTYPE)
         kr_hi = (k_hi * cos + k_lo * sin).to(DOT_DTYPE)
         s = tl.dot(qr_lo, tl.trans(kr_lo), input_precision=PRECISION) + tl.dot(qr_hi, tl.trans(kr_hi), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 domain
@@ -212,6 +212,6 @@ def prefill_attention(
         t, cache.key_codes.shape[2], cache.begin - cache.offset, cache.packed_len, wk.shape[2], cache.begin,
         cache.outlier_slots, window, softmax_scale * LOG2E, attention_scaling,
         H=h, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3], N_SINK=cache.sink_slot.shape[1],
-        MASK_KIND=mask_kind, BLOCK_T=block_t, BLOCK_N=block_n, DOT_DTYPE=_DOT[query.dtype], PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        MASK_KIND=mask_kind, BLOCK_T=block_t, BLOCK_N=block_n, DOT_DTYPE=_DOT[query.dtype], PRECISION="ieee" if query.dtype == torch.float32 else "tf32", FAST_TRIG=fast_trig(), num_warps=num_warps,
     )
     return out

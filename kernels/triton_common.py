@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 LOG2E = 1.4426950408889634
 
 
+def fast_trig() -> bool:
+    """Hardware sin/cos (``sin.approx``) when compiled; the interpreter has no such op."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
+
+
 @triton.jit
-def sincos(angle):
-    """cos and sin of fp32 angles of any size: reduce to [-pi, pi] first (2-term Cody-Waite with FMA), since fast
-    hardware sin/cos are only accurate near zero and RoPE angles reach ``position * 1`` radians."""
+def sincos(angle, FAST: tl.constexpr):
+    """cos and sin of fp32 angles of any size: reduce to [-pi, pi] first (2-term Cody-Waite with FMA), then the
+    hardware approximations (abs. error ~5e-7 there), instead of libdevice's precise versions whose own reduction
+    (with a Payne-Hanek path for large angles) costs tens of instructions per value."""
     k = tl.floor(angle * 0.15915494309189535 + 0.5)
     r = tl.fma(-k, 6.2831854820251465, angle)
     r = tl.fma(-k, -1.7484555314695172e-07, r)
-    return tl.cos(r), tl.sin(r)
+    if FAST:
+        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+    else:
+        return tl.cos(r), tl.sin(r)
 
 
 @triton.jit
