@@ -14,14 +14,14 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transformers_kvquant.kernels import append, decode, prefill  # noqa: E402
-from transformers_kvquant.kernels.layout import next_pow2, packed_words  # noqa: E402
+from transformers_kvquant.kernels import append, decode, prefill
+from transformers_kvquant.kernels.layout import next_pow2, packed_words
 
 
 def sig_of(fn, ptr_types: dict, constexprs: dict):
@@ -124,7 +124,7 @@ def main():
     print(f"triton {triton.__version__}, sm_{args.arch}")
     print(f"{'kernel':36s} {'warps':>5s} {'regs':>6s} {'stack':>7s} {'smem':>7s}")
     for r in rows:
-        print(f"{r[0]:36s} {r[1]:>5} {str(r[2]):>6s} {str(r[3]):>7s} {str(r[4]):>7s}")
+        print(f"{r[0]:36s} {r[1]:>5} {r[2]!s:>6s} {r[3]!s:>7s} {r[4]!s:>7s}")
     sys.exit(1 if failures else 0)
 
 

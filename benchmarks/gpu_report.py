@@ -56,7 +56,7 @@ def decode_tables(rec: dict) -> list[str]:
                     x = r.get(f, {})
                     cells.append(f"{us(x)} (×{x['speedup_vs_fp16']:.2f})" if "speedup_vs_fp16" in x else us(x))
                 out.append("| " + " | ".join(cells) + " |")
-            out.append(f"\nAchieved bandwidth of the bytes each call must read (GB/s, and fraction of the copy bandwidth):\n")
+            out.append("\nAchieved bandwidth of the bytes each call must read (GB/s, and fraction of the copy bandwidth):\n")
             head = ["context", "fp16 SDPA"] + FORMATS
             out.append("| " + " | ".join(head) + " |")
             out.append("|" + "---|" * len(head))

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.pop("TRITON_INTERPRET", None)
 
-import torch  # noqa: E402
+import torch
 
 GiB = 2**30
 SHAPES = {"MHA-32x128": (32, 32, 128), "GQA-32q-8kv-128": (32, 8, 128)}  # (query heads, KV heads, head_dim)
@@ -225,7 +225,12 @@ def generate_check(name: str, heads: int, kv_heads: int) -> dict:
 def stage_decode(s: Suite, rec: dict, deadline: float, quick: bool = False) -> None:
     from transformers_kvquant.kernels import decode as da
     from transformers_kvquant.kernels.naive import packed_attention_naive
-    from transformers_kvquant.kernels.synthetic import cache_bytes, fast_random_packed_kv, query_rope, rope_inv_freq
+    from transformers_kvquant.kernels.synthetic import (
+        cache_bytes,
+        fast_random_packed_kv,
+        query_rope,
+        rope_inv_freq,
+    )
 
     rec["copy_GBps"] = copy_bw = copy_bandwidth()
     s.say(f"device-to-device copy: {copy_bw:.0f} GB/s")
@@ -244,7 +249,7 @@ def stage_decode(s: Suite, rec: dict, deadline: float, quick: bool = False) -> N
     for shape, (hq, hk, d) in SHAPES.items():
         cache = fast_random_packed_kv(1, hk, d, 3, 32768 if quick else 131072, outlier_slots(0.01, hk * d))
         q, qc, qs = query(1, hq, cache.total)
-        cands = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (8, 8)] if hk <= 8 else [(1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (4, 16)]
+        cands = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (8, 8)] if hk <= 8 else [(1, 8), (2, 8), (4, 8), (1, 4), (2, 4), (1, 2)]
         tried = {}
         for block_n, warps in cands:
             if time.time() > deadline - 120:

@@ -152,7 +152,11 @@ def capture_kv(model, tokenizer, tokens: int) -> tuple[list, list]:
 
 def kvquant_configs(model, tokenizer, samples: int, seqlen: int) -> dict:
     """Real calibrated configs for every (bits, outlier fraction) variant, from one Fisher pass."""
-    from transformers_kvquant.calibration import calibration_windows, collect_statistics, fit_config
+    from transformers_kvquant.calibration import (
+        calibration_windows,
+        collect_statistics,
+        fit_config,
+    )
     from transformers_kvquant.datasets import default_calibration_path, load_text
 
     windows = calibration_windows(tokenizer, load_text(default_calibration_path()), samples, seqlen)

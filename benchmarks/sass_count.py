@@ -20,15 +20,16 @@ from collections import Counter
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.compile_check import sig_of  # noqa: E402
-from transformers_kvquant.kernels import decode  # noqa: E402
-from transformers_kvquant.kernels.layout import next_pow2, packed_words  # noqa: E402
+from transformers_kvquant.kernels import decode
+from transformers_kvquant.kernels.layout import next_pow2, packed_words
+
+from benchmarks.compile_check import sig_of
 
 PTRS = {"q_ptr": "*fp16", "qc_ptr": "*fp16", "qs_ptr": "*fp16", "kc_ptr": "*i32", "vc_ptr": "*i32", "vzero_ptr": "*fp16",
         "vscale_ptr": "*fp16", "kov_ptr": "*fp16", "vov_ptr": "*fp16", "koi_ptr": "*i16", "voi_ptr": "*i16", "pos_ptr": "*i32",

@@ -73,7 +73,10 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
     from dataclasses import asdict
 
     from transformers_kvquant.datasets import load_text, parse_documents
-    from transformers_kvquant.evaluation.perplexity import evaluate_perplexity, token_windows
+    from transformers_kvquant.evaluation.perplexity import (
+        evaluate_perplexity,
+        token_windows,
+    )
 
     datasets = {
         "wikitext2": load_text(args.wikitext),
@@ -96,7 +99,11 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
 
 def stage_fidelity(model, tokenizer, args, log) -> dict:
     from transformers_kvquant.datasets import load_text, parse_documents
-    from transformers_kvquant.evaluation.fidelity import default_methods, documents_from_text, evaluate_fidelity
+    from transformers_kvquant.evaluation.fidelity import (
+        default_methods,
+        documents_from_text,
+        evaluate_fidelity,
+    )
 
     text = load_text(args.c4, parse_documents("150:"))
     docs = documents_from_text(tokenizer, text, args.context, args.documents)

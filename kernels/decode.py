@@ -219,7 +219,7 @@ def _decode_kernel(
         tl.atomic_add(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
     else:
         # ------------------------------------------------------------------ exact tokens: sink, then window
-        for i in range(0, N_SINK):
+        for i in range(N_SINK):
             rel = tl.sum(tl.where(ns == i, sink_slot, 0))
             use = (rel >= 0) & (rel < packed_len)
             relc = tl.where(use, rel, 0)
@@ -230,7 +230,7 @@ def _decode_kernel(
             bias = tl.where(use, bias, float("-inf"))
             m_i, l_i, acc_lo, acc_hi = _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi,
                                                      m_i, l_i, acc_lo, acc_hi, HALF, FAST_TRIG)
-        for w in range(0, n_window):
+        for w in range(n_window):
             rel = packed_len + w
             pos = tl.load(pos_ptr + b * cap + first + rel).to(tl.float32)
             base_k = win_k_ptr + b * wk_sb + hr[:, None] * wk_sh + w * wk_sn + j[None, :]

@@ -113,7 +113,7 @@ def append_naive(keys, values, key_zero, key_scale, key_bounds, value_bounds, ke
     vn = (out.pop("value_vectors") - out["value_zero"].float().unsqueeze(-1)) / out["value_scale"].float().unsqueeze(-1)
     kcodes = torch.bucketize(kn.contiguous(), key_bounds.float().contiguous())
     vcodes = torch.bucketize(vn.contiguous(), value_bounds.float().contiguous())
-    as_heads = lambda x: x.reshape(b, t, h, d).permute(0, 2, 1, 3)  # noqa: E731
+    as_heads = lambda x: x.reshape(b, t, h, d).permute(0, 2, 1, 3)
     out["key_codes"] = pack_codes(as_heads(kcodes), bits)
     out["value_codes"] = pack_codes(as_heads(vcodes), bits)
     return out

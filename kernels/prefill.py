@@ -22,7 +22,7 @@ from .triton_common import LOG2E, fast_trig, sincos, unpack_half
 def _dense_outliers(x, oi_ptr, ov_ptr, token_rows, rmask, n_outliers, channel0, S_MAX: tl.constexpr, HALF: tl.constexpr):
     """Replace elements of a ``[BLOCK_N, HALF]`` tile whose channel (``channel0 + j``) is a token's outlier."""
     j = tl.arange(0, HALF)
-    for s in range(0, n_outliers):
+    for s in range(n_outliers):
         idx = tl.load(oi_ptr + token_rows * n_outliers + s, mask=rmask, other=-1).to(tl.int32)
         val = tl.load(ov_ptr + token_rows * n_outliers + s, mask=rmask, other=0.0).to(tl.float32)
         hit = idx[:, None] == channel0 + j[None, :]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.kernels.common import DEVICE
 from transformers_kvquant.kernels.append import append_packed
 from transformers_kvquant.kernels.layout import packed_words
 from transformers_kvquant.kernels.naive import append_naive, pack_codes, unpack_codes
+
+from tests.kernels.common import DEVICE
 from transformers_kvquant.quant.codebook import Codebook
 from transformers_kvquant.quant.packing import pack
 from transformers_kvquant.quant.quantizer import ChannelKeyQuantizer, TokenQuantizer

@@ -7,11 +7,15 @@ import dataclasses
 
 import pytest
 import torch
-
-from tests.kernels.common import DEVICE, TOLERANCE, rel_err
 from transformers_kvquant.kernels.decode import decode_attention
 from transformers_kvquant.kernels.naive import packed_attention_naive
-from transformers_kvquant.kernels.synthetic import query_rope, random_packed_kv, rope_inv_freq
+from transformers_kvquant.kernels.synthetic import (
+    query_rope,
+    random_packed_kv,
+    rope_inv_freq,
+)
+
+from tests.kernels.common import DEVICE, TOLERANCE, rel_err
 
 # (batch, kv heads, query heads per kv head, head_dim, visible slots, bits, outlier slots): MHA, GQA 4:1 and 8:1,
 # head_dim 64 and 128, odd lengths, every bit width with and without outliers.

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.kernels.common import COMPILED, DEVICE, TOLERANCE, rel_err
 from transformers_kvquant.kernels.naive import packed_attention_naive
 from transformers_kvquant.kernels.prefill import prefill_attention
-from transformers_kvquant.kernels.synthetic import query_rope, random_packed_kv, rope_inv_freq
+from transformers_kvquant.kernels.synthetic import (
+    query_rope,
+    random_packed_kv,
+    rope_inv_freq,
+)
+
+from tests.kernels.common import COMPILED, DEVICE, TOLERANCE, rel_err
 
 # fp32 models use IEEE fp32 dots (no tf32); compiled sums run in another order.
 FP32_TOL = 1e-4 if COMPILED else TOLERANCE[torch.float32]
