@@ -164,17 +164,15 @@ def _decode_kernel(
                 deq += tl.load(kzero_ptr + he * D + de, mask=ok, other=0.0)
                 delta = tl.where(ok, val - deq, 0.0)
                 ce, se = sincos(pos[:, None] * tl.load(inv_freq_ptr + je, mask=ok, other=0.0), FAST_TRIG)
-                cell = ok[:, :, None] & (gc < G)[None, None, :]  # [BLOCK_N, S_PAD, GP]
-                qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, (he * G)[:, :, None] + gc[None, None, :],
-                                                 je[:, :, None], cell, scale * rope_scale, HALF)
-                first_half = (de < HALF)[:, :, None]
-                ce = ce[:, :, None]
-                se = se[:, :, None]
-                weight = tl.where(first_half, ce * qe_lo + se * qe_hi, ce * qe_hi - se * qe_lo)
-                contrib = tl.where(cell, delta[:, :, None] * weight, 0.0)  # [BLOCK_N, S_PAD, GP]
-                own = (he[None, :, :] == hr[:, None, None])[:, :, :, None]  # [HP, BLOCK_N, S_PAD, 1]
-                corr = tl.sum(tl.where(own, contrib[None, :, :, :], 0.0), axis=2)  # [HP, BLOCK_N, GP]
-                s += tl.permute(corr, (0, 2, 1))
+                first_half = de < HALF
+                own = he[None, :, :] == hr[:, None, None]  # [HP, BLOCK_N, S_PAD]
+                # One query head of the group at a time: 3-D tensors only (Triton 3.6 fails on the 4-D form).
+                for gi in tl.static_range(G):
+                    qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, he * G + gi, je, ok, scale * rope_scale, HALF)
+                    weight = tl.where(first_half, ce * qe_lo + se * qe_hi, ce * qe_hi - se * qe_lo)
+                    contrib = tl.where(ok, delta * weight, 0.0)  # [BLOCK_N, S_PAD]
+                    corr = tl.sum(tl.where(own, contrib[None, :, :], 0.0), axis=2)  # [HP, BLOCK_N]
+                    s += tl.where((gc == gi)[None, :, None], corr[:, None, :], 0.0)
             bias = _slot_bias(mask_ptr, b, m_sb, rel, live, total, window, MASK_KIND)
             is_sink = tl.sum((sink_slot[None, :] == rel[:, None]).to(tl.int32), axis=1) > 0
             bias = tl.where(is_sink, float("-inf"), bias)
@@ -210,11 +208,11 @@ def _decode_kernel(
                 de = tl.where(ok, idx % D, 0)
                 code = code_at(vc_ptr + ((b * H + he) * cap + phys[:, None]) * W, de, ok, BITS)
                 delta = tl.where(ok, val - (tl.load(vtab_ptr + code, mask=ok, other=0.0) * vs[:, None] + vz[:, None]), 0.0)
-                own = (he[None, :, :] == hr[:, None, None])[:, None, :, :]  # [HP, 1, BLOCK_N, S_PAD]
-                pe = tl.sum(tl.where(own, p[:, :, :, None], 0.0), axis=0)  # [GP, BLOCK_N, S_PAD]
-                cell = (gc < G)[:, None, None] & ok[None, :, :]
-                target = part_acc_ptr + (part + (he * G)[None, :, :] + gc[:, None, None]) * D + de[None, :, :]
-                tl.atomic_add(target, pe * delta[None, :, :], mask=cell)
+                own = he[None, :, :] == hr[:, None, None]  # [HP, BLOCK_N, S_PAD]
+                for gi in tl.static_range(G):
+                    p_g = tl.sum(tl.where((gc == gi)[None, :, None], p, 0.0), axis=1)  # [HP, BLOCK_N]
+                    pe = tl.sum(tl.where(own, p_g[:, :, None], 0.0), axis=0)  # [BLOCK_N, S_PAD]
+                    tl.atomic_add(part_acc_ptr + (part + he * G + gi) * D + de, pe * delta, mask=ok)
         tl.atomic_add(acc_ptrs, acc_lo, mask=qmask[:, :, None])
         tl.atomic_add(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
     else:
