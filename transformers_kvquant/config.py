@@ -246,7 +246,7 @@ class KVQuantConfig:
 
     def key_quantizer(self, layer_idx: int) -> ChannelKeyQuantizer:
         layer = self.layers[layer_idx]
-        return ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, self.slots)
+        return ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=self.outlier_fraction > 0)
 
     def value_quantizer(self, layer_idx: int) -> TokenQuantizer:
         return TokenQuantizer(self.layers[layer_idx].value_codebook, self.slots)

@@ -11,7 +11,7 @@ def make_store(bits=3, h=2, d=32, slots=2, sink=1, window=0):
     g = torch.Generator().manual_seed(0)
     zero = torch.randn(h, d, generator=g) * 0.1
     scale = torch.rand(h, d, generator=g) + 0.5
-    kq = ChannelKeyQuantizer(uniform_codebook(bits), zero, scale, slots)
+    kq = ChannelKeyQuantizer(uniform_codebook(bits), zero, scale, outliers=slots > 0)
     vq = TokenQuantizer(uniform_codebook(bits), slots)
     return PackedStore(kq, vq, bits, sink_tokens=sink, recent_window=window), kq, vq
 
@@ -127,16 +127,45 @@ def test_eviction_and_growth_keep_the_retained_slots():
 def test_accounting_counts_every_tensor(bits):
     b, h, t, d, slots = 2, 3, 64, 64, 2
     k, v, pos = data(b=b, h=h, t=t, d=d)
-    s, _, _ = make_store(bits=bits, h=h, d=d, slots=slots, sink=1)
+    s, kq, _ = make_store(bits=bits, h=h, d=d, slots=slots, sink=1)
     s.append(k, v, pos)
     rep = store_report(s)
+    key_outliers = int((kq.normalize(k)[1]).sum())
+    assert key_outliers > 0
     codes = 2 * b * h * t * d * bits // 8
     ranges = 2 * b * t * 2
-    outliers = 2 * b * t * slots * (2 + 2)
+    value_outliers = b * t * slots * (2 + 2)
+    key_csr = b * t * 4 + key_outliers * (2 + 2)
     positions = b * t * 4
     sink = 2 * b * h * d * 4 + b * 8
-    assert rep.total_bytes == codes + ranges + outliers + positions + sink
+    assert rep.total_bytes == codes + ranges + value_outliers + key_csr + positions + sink
     assert rep.elements == 2 * b * t * h * d
+
+
+def test_key_outliers_survive_crop_reorder_and_eviction():
+    k, v, pos = data(b=3, t=40)
+    k[:, :, ::3] *= 6  # many out-of-range keys, unevenly spread over tokens and rows
+    k[1] *= 2
+    s, kq, _ = make_store(window=0, sink=0)
+    s.append(k[:, :, :25], v[:, :, :25], pos[:, :25])
+    s.append(k[:, :, 25:] * 9, v[:, :, 25:], pos[:, 25:])
+    s.crop(15)
+    s.append(k[:, :, 25:], v[:, :, 25:], pos[:, 25:])
+    ref, _, _ = make_store(window=0, sink=0)
+    ref.append(k, v, pos)
+    assert torch.equal(s.keys_values()[0], ref.keys_values()[0])
+    assert torch.equal(s.key_nnz, ref.key_nnz)
+    idx = torch.tensor([2, 2, 0])
+    s.map_rows(lambda t: t.index_select(0, idx))
+    torch.testing.assert_close(s.keys_values()[0], ref.keys_values()[0][idx], rtol=0, atol=0)
+    # Evict and keep appending: entries of evicted slots are dropped when the entry buffer grows.
+    grow, _, _ = make_store(window=0, sink=0)
+    for a in range(0, 40, 5):
+        grow.append(k[:, :, a : a + 5], v[:, :, a : a + 5], pos[:, a : a + 5])
+        grow.evict_before(grow.length - 12)
+    torch.testing.assert_close(grow.keys_values()[0], ref.keys_values()[0][:, :, grow.start :], rtol=0, atol=0)
+    live = int((kq.normalize(k[:, :, grow.start :])[1]).sum())
+    assert store_report(grow).bytes_by_component["key_outlier_entries"] == live * 4
 
 
 def test_full_precision_store_is_exact():

@@ -1,9 +1,14 @@
 """KVQuant quantizers for one layer: keys per channel with calibrated ranges, values per token with online ranges.
 
 Tensors use the cache layout ``[batch, kv_heads, tokens, head_dim]``. A token's *vector* is its
-``kv_heads * head_dim`` channels (channel ``h * head_dim + d``); outliers are chosen per vector (per token) and
-kept exactly in 16 bits in a fixed number of slots per token (an ELL sparse layout: values plus channel indices,
-``-1`` marking an empty slot). Everything is deterministic and works on any device.
+``kv_heads * head_dim`` channels (channel ``h * head_dim + d``). Outliers are kept exactly in 16 bits:
+
+- keys: every element outside its channel's calibrated range (the paper's per-channel thresholds, uncapped), in
+  a row-wise CSR layout (:class:`SparseOutliers`: a count per token, entries sorted by token then channel);
+- values: exactly ``slots`` per token (the split into low and high ones minimizes the remaining range), in a
+  fixed-width layout ``[B, T, S]`` of values and channel indices.
+
+Everything is deterministic and works on any device.
 """
 
 from __future__ import annotations
@@ -31,14 +36,37 @@ def half_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass
+class SparseOutliers:
+    """Variable-count outliers of ``[B, T, C]`` vectors: entries sorted by (row, token, channel)."""
+
+    counts: torch.Tensor  # [B, T] int32 entries per token
+    values: torch.Tensor  # [nnz] 16-bit
+    channels: torch.Tensor  # [nnz] int16/int32 channel index h * head_dim + d
+
+    def row_counts(self) -> torch.Tensor:
+        return self.counts.sum(1)
+
+    def dense_mask_scatter(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``vectors`` [B, T, C] with the outlier entries written in."""
+        if self.values.numel() == 0:
+            return vectors
+        b, t, c = vectors.shape
+        token = torch.repeat_interleave(torch.arange(b * t, device=vectors.device), self.counts.flatten().long())
+        flat = vectors.reshape(-1).clone()
+        flat[token * c + self.channels.long()] = self.values.to(vectors.dtype)
+        return flat.view(b, t, c)
+
+
+@dataclass
 class QuantizedVectors:
     """Quantized ``[B, H, T, D]`` tensor before bit packing."""
 
     codes: torch.Tensor  # [B, H, T, D] uint8
-    outlier_values: torch.Tensor  # [B, T, S] 16-bit
+    outlier_values: torch.Tensor  # [B, T, S] 16-bit (fixed-width outliers: values)
     outlier_index: torch.Tensor  # [B, T, S] int16/int32 channel index, -1 = empty slot
     zero: torch.Tensor | None = None  # [B, T] 16-bit, per-token ranges only
     scale: torch.Tensor | None = None  # [B, T]
+    sparse: SparseOutliers | None = None  # variable-count outliers (keys)
 
 
 def _to_vectors(x: torch.Tensor) -> torch.Tensor:
@@ -70,13 +98,14 @@ def scatter_outliers(vectors: torch.Tensor, values: torch.Tensor, index: torch.T
 
 
 class ChannelKeyQuantizer:
-    """Keys: per-channel ranges fixed at calibration (unrounded zero point), per-vector outliers.
+    """Keys: per-channel ranges fixed at calibration (unrounded zero point), per-channel outlier thresholds.
 
-    ``zero`` and ``scale`` have shape ``[H, D]`` (pre-RoPE channels). A normalized value outside [-1, 1] is an
-    outlier candidate; the ``slots`` largest by magnitude per token are kept exactly, the rest saturate.
+    ``zero`` and ``scale`` have shape ``[H, D]`` (pre-RoPE channels). With ``outliers``, every value outside its
+    channel's range (normalized |x_hat| > 1) is kept exactly as a sparse entry, as in the paper; without, such
+    values saturate to the outermost centroid.
     """
 
-    def __init__(self, codebook: Codebook, zero: torch.Tensor, scale: torch.Tensor, slots: int):
+    def __init__(self, codebook: Codebook, zero: torch.Tensor, scale: torch.Tensor, outliers: bool):
         if zero.shape != scale.shape or zero.ndim != 2:
             raise ValueError(f"key zero/scale must both be [kv_heads, head_dim], got {tuple(zero.shape)}, {tuple(scale.shape)}")
         if (scale <= 0).any() or not torch.isfinite(scale).all() or not torch.isfinite(zero).all():
@@ -84,7 +113,7 @@ class ChannelKeyQuantizer:
         self.codebook = codebook
         self.zero = zero.float()
         self.scale = scale.float()
-        self.slots = slots
+        self.outliers = bool(outliers)
         self._device_cache: dict = {}
 
     def _params(self, device):
@@ -104,32 +133,25 @@ class ChannelKeyQuantizer:
         return normalized, normalized.abs() > 1.0
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
-        zero, scale, _ = self._params(x.device)
-        xf = x.float()
-        normalized = (xf - zero) / scale
-        codes = self.codebook.encode(normalized)
         b, h, t, d = x.shape
-        hd = half_dtype(x.dtype)
-        idt = _index_dtype(h * d)
-        if self.slots == 0:
-            empty = torch.empty(b, t, 0, device=x.device)
+        normalized, outside = self.normalize(x)
+        codes = self.codebook.encode(normalized)
+        hd, idt = half_dtype(x.dtype), _index_dtype(h * d)
+        empty = torch.empty(b, t, 0, device=x.device)
+        if not self.outliers:
             return QuantizedVectors(codes, empty.to(hd), empty.to(idt))
-        excess = _to_vectors(normalized.abs())
-        excess = torch.where(excess > 1.0, excess, torch.zeros_like(excess))
-        k = min(self.slots, h * d)
-        top, idx = torch.topk(excess, k, dim=-1)
-        values = torch.gather(_to_vectors(xf), -1, idx)
-        valid = top > 0
-        values = torch.where(valid, values, torch.zeros_like(values))
-        idx = torch.where(valid, idx, torch.full_like(idx, -1))
-        return QuantizedVectors(codes, values.to(hd), idx.to(idt))
+        mask = _to_vectors(outside)  # [B, T, C]
+        flat_mask = mask.reshape(-1, h * d)
+        entries = flat_mask.nonzero()  # row-major: sorted by (b, t), then channel
+        values = _to_vectors(x).reshape(-1, h * d)[entries[:, 0], entries[:, 1]]
+        sparse = SparseOutliers(mask.sum(-1, dtype=torch.int32), values.to(hd), entries[:, 1].to(idt))
+        return QuantizedVectors(codes, empty.to(hd), empty.to(idt), sparse=sparse)
 
     def dequantize(self, q: QuantizedVectors, dtype: torch.dtype) -> torch.Tensor:
         zero, scale, table = self._params(q.codes.device)
         x = table[q.codes.long()] * scale + zero
-        if q.outlier_index.shape[-1]:
-            heads = x.shape[1]
-            x = _from_vectors(scatter_outliers(_to_vectors(x), q.outlier_values.float(), q.outlier_index), heads)
+        if q.sparse is not None and q.sparse.values.numel():
+            x = _from_vectors(q.sparse.dense_mask_scatter(_to_vectors(x)), x.shape[1])
         return x.to(dtype)
 
 
@@ -187,6 +209,10 @@ class TokenQuantizer:
         normalized = (v - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)
         outlier = torch.zeros_like(v, dtype=torch.bool).scatter_(-1, idx, True)
         return _from_vectors(normalized, h), _from_vectors(outlier, h)
+
+    def token_scales(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token scales ``[B, T]`` (float32, as stored) that :meth:`normalize` divides by."""
+        return self._ranges(_to_vectors(x.float()), half_dtype(x.dtype))[1].float()
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         b, h, t, d = x.shape

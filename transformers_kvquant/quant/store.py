@@ -4,7 +4,11 @@ Tokens live in *slots* ``0, 1, 2, ...`` (the cache index, shared by all rows). A
 
 - ``key_codes`` / ``value_codes``: int32 ``[B, H, cap, words]`` bit-packed codes (pre-RoPE keys);
 - ``value_zero`` / ``value_scale``: 16-bit ``[B, cap]`` per-token ranges (keys use calibrated per-channel ranges);
-- ``key_outlier_*`` / ``value_outlier_*``: ``[B, cap, S]`` 16-bit values and int16 channel indices (-1 = empty);
+- ``key_outlier_begin``: int32 ``[B, cap]``, where the slot's key outliers start in its row's entry buffers
+  ``key_entry_values`` (16-bit) / ``key_entry_channels`` (int16) ``[B, entry_cap]``: a row-wise CSR over slots,
+  since a token has as many key outliers as it has channels outside the calibrated ranges. A slot's entries end
+  where the next packed slot's begin, the last one's at ``key_nnz[b]``;
+- ``value_outlier_*``: ``[B, cap, S]`` 16-bit values and int16 channel indices (exactly S per token);
 - ``positions``: int32 ``[B, cap]`` RoPE position of every slot (rows differ under left padding).
 
 Besides the packed slots: the *sink* (the first ``sink_tokens`` positions of each row, exact, with their slot)
@@ -17,15 +21,14 @@ from __future__ import annotations
 import torch
 
 from .packing import pack, packed_words, unpack
-from .quantizer import QuantizedVectors
+from .quantizer import QuantizedVectors, SparseOutliers
 
 _TOKEN_DIM = {  # dimension of the slot axis in each packed buffer
     "key_codes": 2,
     "value_codes": 2,
     "value_zero": 1,
     "value_scale": 1,
-    "key_outlier_values": 1,
-    "key_outlier_index": 1,
+    "key_outlier_begin": 1,
     "value_outlier_values": 1,
     "value_outlier_index": 1,
     "positions": 1,
@@ -185,7 +188,6 @@ class PackedStore(KVStore):
         self.batch, self.heads, self.head_dim = b, h, d
         self.dtype, self.device = keys.dtype, keys.device
         dev = keys.device
-        slots = self.key_quantizer.slots
         probe = self.key_quantizer.quantize(keys[:, :, :0])
         hd, idt = probe.outlier_values.dtype, probe.outlier_index.dtype
         w = packed_words(d, self.bits)
@@ -194,8 +196,7 @@ class PackedStore(KVStore):
             "value_codes": ((b, h, None, w), torch.int32, dev),
             "value_zero": ((b, None), hd, dev),
             "value_scale": ((b, None), hd, dev),
-            "key_outlier_values": ((b, None, slots), hd, dev),
-            "key_outlier_index": ((b, None, slots), idt, dev),
+            "key_outlier_begin": ((b, None), torch.int32, dev),
             "value_outlier_values": ((b, None, self.value_quantizer.slots), hd, dev),
             "value_outlier_index": ((b, None, self.value_quantizer.slots), idt, dev),
             "positions": ((b, None), torch.int32, dev),
@@ -207,6 +208,9 @@ class PackedStore(KVStore):
         self.sink_keys = keys.new_zeros(b, h, n, d)
         self.sink_values = values.new_zeros(b, h, n, d)
         self.sink_slot = torch.full((b, n), -1, dtype=torch.long, device=dev)
+        self.key_entry_values = torch.empty(b, 0, dtype=hd, device=dev)
+        self.key_entry_channels = torch.empty(b, 0, dtype=idt, device=dev)
+        self.key_nnz = torch.zeros(b, dtype=torch.long, device=dev)
         self.initialized = True
 
     # ------------------------------------------------------------------------------------------ writing
@@ -274,10 +278,60 @@ class PackedStore(KVStore):
         self.buffers.write("value_codes", at, pack(qv.codes, self.bits))
         self.buffers.write("value_zero", at, qv.zero)
         self.buffers.write("value_scale", at, qv.scale)
-        self.buffers.write("key_outlier_values", at, qk.outlier_values)
-        self.buffers.write("key_outlier_index", at, qk.outlier_index)
         self.buffers.write("value_outlier_values", at, qv.outlier_values)
         self.buffers.write("value_outlier_index", at, qv.outlier_index)
+        self._append_key_outliers(qk.sparse, at, keys.shape[2])
+
+    def _append_key_outliers(self, sparse: SparseOutliers | None, at: int, n: int) -> None:
+        """Record the new slots' key outliers: begins for the slots, entries at the end of each row."""
+        if sparse is None:
+            self.buffers.write("key_outlier_begin", at, self.key_nnz.to(torch.int32).view(-1, 1).expand(self.batch, n))
+            return
+        counts = sparse.counts.to(torch.long)  # [B, n]
+        exclusive = torch.cumsum(counts, 1) - counts
+        self.buffers.write("key_outlier_begin", at, (self.key_nnz.view(-1, 1) + exclusive).to(torch.int32))
+        per_row = counts.sum(1)
+        self._reserve_entries(int((self.key_nnz + per_row).max()) if self.batch else 0)
+        if sparse.values.numel():
+            row = torch.repeat_interleave(torch.arange(self.batch, device=self.device), per_row)
+            row_first = torch.cumsum(per_row, 0) - per_row  # flat index of each row's first new entry
+            rank = torch.arange(row.numel(), device=self.device) - row_first[row]
+            dest = self.key_nnz[row] + rank
+            self.key_entry_values[row, dest] = sparse.values.to(self.key_entry_values.dtype)
+            self.key_entry_channels[row, dest] = sparse.channels.to(self.key_entry_channels.dtype)
+        self.key_nnz = self.key_nnz + per_row
+
+    def _reserve_entries(self, needed: int) -> None:
+        """Room for ``needed`` key-outlier entries per row; evicted slots' entries are dropped when growing."""
+        cap = self.key_entry_values.shape[1]
+        if needed <= cap:
+            return
+        shift = self._evicted_entries()
+        if bool((shift > 0).any()):
+            self._compact_entries(shift)
+            needed -= int(shift.min())
+        new_cap = max(needed, cap + cap // 2, 64)
+        pad = new_cap - self.key_entry_values.shape[1]
+        if pad > 0:
+            self.key_entry_values = torch.nn.functional.pad(self.key_entry_values, (0, pad))
+            self.key_entry_channels = torch.nn.functional.pad(self.key_entry_channels, (0, pad))
+
+    def _evicted_entries(self) -> torch.Tensor:
+        """Per row, how many entries belong to evicted slots (they all precede the first retained slot's)."""
+        if self.start >= self.packed_length:
+            return self.key_nnz.clone()
+        at = self.start - self._offset
+        return self.buffers.read("key_outlier_begin", at, at + 1)[:, 0].long()
+
+    def _compact_entries(self, shift: torch.Tensor) -> None:
+        """Move each row's live entries to the front (rows shift by different amounts) and rebase the begins."""
+        cap = self.key_entry_values.shape[1]
+        src = (torch.arange(cap, device=self.device).view(1, -1) + shift.view(-1, 1)).clamp(max=cap - 1)
+        self.key_entry_values = torch.gather(self.key_entry_values, 1, src)
+        self.key_entry_channels = torch.gather(self.key_entry_channels, 1, src)
+        begins = self.buffers.tensors["key_outlier_begin"]
+        self.buffers.tensors["key_outlier_begin"] = (begins.long() - shift.view(-1, 1)).clamp(min=0).to(torch.int32)
+        self.key_nnz = self.key_nnz - shift
 
     def _ensure(self, n):
         used = self.length - self._offset
@@ -304,17 +358,29 @@ class PackedStore(KVStore):
         begin = self.start if begin is None else begin
         return self.buffers.read("positions", begin - self._offset, self.length - self._offset)
 
+    def key_outliers(self, begin: int | None = None) -> SparseOutliers:
+        """Key outliers of packed slots [begin, packed_length) as :class:`SparseOutliers`."""
+        begin = self.start if begin is None else begin
+        starts = self.packed_view("key_outlier_begin", begin).long()  # [B, n]
+        ends = torch.cat([starts[:, 1:], self.key_nnz.view(-1, 1)], dim=1)
+        counts = ends - starts
+        if starts.shape[1] == 0:
+            first = self.key_nnz
+        else:
+            first = starts[:, 0]
+        cols = torch.arange(self.key_entry_values.shape[1], device=self.device).view(1, -1)
+        live = (cols >= first.view(-1, 1)) & (cols < self.key_nnz.view(-1, 1))
+        return SparseOutliers(counts.to(torch.int32), self.key_entry_values[live], self.key_entry_channels[live])
+
     def keys_values(self, begin: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized pre-RoPE keys and values of slots [begin, length), in the model dtype."""
         begin = self.start if begin is None else begin
         pb = min(max(begin, self.start), self.packed_length)
         parts_k, parts_v = [], []
         if self.packed_length > pb:
-            qk = QuantizedVectors(
-                unpack(self.packed_view("key_codes", pb), self.bits, self.head_dim),
-                self.packed_view("key_outlier_values", pb),
-                self.packed_view("key_outlier_index", pb),
-            )
+            codes = unpack(self.packed_view("key_codes", pb), self.bits, self.head_dim)
+            empty = codes.new_empty(codes.shape[0], codes.shape[2], 0)
+            qk = QuantizedVectors(codes, empty, empty, sparse=self.key_outliers(pb))
             qv = QuantizedVectors(
                 unpack(self.packed_view("value_codes", pb), self.bits, self.head_dim),
                 self.packed_view("value_outlier_values", pb),
@@ -358,6 +424,8 @@ class PackedStore(KVStore):
         self.window_keys = self.window_keys[:, :, :keep]
         self.window_values = self.window_values[:, :, :keep]
         self.length = new_length
+        if new_length < self.packed_length:
+            self.key_nnz = self.packed_view("key_outlier_begin", new_length, new_length + 1)[:, 0].long()
         self.packed_length = min(self.packed_length, new_length)
         self.sink_slot = torch.where(self.sink_slot >= new_length, torch.full_like(self.sink_slot, -1), self.sink_slot)
 
@@ -381,6 +449,9 @@ class PackedStore(KVStore):
         self.sink_keys = fn(self.sink_keys)
         self.sink_values = fn(self.sink_values)
         self.sink_slot = fn(self.sink_slot)
+        self.key_entry_values = fn(self.key_entry_values)
+        self.key_entry_channels = fn(self.key_entry_channels)
+        self.key_nnz = fn(self.key_nnz)
         self.batch = self.sink_slot.shape[0]
 
     # ------------------------------------------------------------------------------------------ accounting
@@ -392,6 +463,9 @@ class PackedStore(KVStore):
         for name in self.buffers.tensors:
             end = self.length if name == "positions" else self.packed_length
             out[name] = _nbytes(self.packed_view(name, self.start, end))
+        live = self.key_nnz - self._evicted_entries()
+        entry_bytes = self.key_entry_values.element_size() + self.key_entry_channels.element_size()
+        out["key_outlier_entries"] = int(live.sum()) * entry_bytes
         out["sink"] = _nbytes(self.sink_keys) + _nbytes(self.sink_values) + _nbytes(self.sink_slot)
         out["recent_window"] = _nbytes(self.window_keys) + _nbytes(self.window_values)
         return out
@@ -406,11 +480,12 @@ def _append_kernel_applies(store, keys) -> bool:
     if not keys.is_cuda:
         return False
     try:
+        from ..kernels import append as append_kernel
         from ..kernels.layout import supported_head_dim
-
-        return supported_head_dim(store.head_dim, store.bits)
     except ImportError:
         return False
+    # The kernel must write this store's layout (row-wise CSR key outliers).
+    return getattr(append_kernel, "CSR_KEY_OUTLIERS", False) and supported_head_dim(store.head_dim, store.bits)
 
 
 def _nbytes(t: torch.Tensor) -> int:
