@@ -84,6 +84,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
     }
     out = {}
     rows = ppl_rows(model)
+    partial = Path(args.out) / "ppl.partial.json"
     for name, text in datasets.items():
         windows = token_windows(tokenizer, text, 2048, args.windows)
         out[name] = []
@@ -93,6 +94,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
             row["label"] = label
             row["config"] = getattr(method, "source", None)
             out[name].append(row)
+            partial.write_text(json.dumps(out, indent=1))  # nothing finished is lost if the run is cut short
             log(f"{name:9s} {label:34s} ppl {r.ppl:9.4f}  bits {r.avg_bits:6.3f}  ({r.seconds:.0f} s)")
     return out
 
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--documents", type=int, default=8)
     parser.add_argument("--passkey-samples", type=int, default=20)
     parser.add_argument("--backend", default="reference", choices=("reference", "auto", "triton"))
+    parser.add_argument("--budget", type=float, default=0, help="seconds; skip stages that start after this (0: none)")
     args = parser.parse_args(argv)
 
     import transformers_kvquant  # noqa: F401
@@ -168,8 +171,12 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.model, device_map=device if device == "cuda" else None)
+    began = time.time()
     for stage in args.stages.split(","):
         fn = {"ppl": stage_ppl, "fidelity": stage_fidelity, "passkey": stage_passkey}[stage]
+        if args.budget and time.time() - began > args.budget:
+            log(f"== {stage} skipped: the time budget of {args.budget:.0f} s is spent")
+            continue
         start = time.time()
         try:
             result = fn(model, tokenizer, args, log)

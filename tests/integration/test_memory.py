@@ -56,13 +56,21 @@ def expected_layer_bytes(store) -> int:
     per_packed_token = (
         2 * h * words * 4  # key and value codes, int32 words
         + 2 * half  # per-token value zero and scale
-        + store.key_quantizer.slots * (half + index)
-        + store.value_quantizer.slots * (half + index)
+        + 4  # int32 begin of the token's key outliers (row-wise CSR)
+        + store.value_quantizer.slots * (half + index)  # exactly S value outliers per token
     )
+    # Key outliers: one 16-bit value and int16 channel per out-of-range element, plus each row's int64 entry count.
+    key_entries = store.key_outliers().values.numel() * (half + index) + b * 8 if packed else b * 8
     model_bytes = store.window_keys.element_size()
     per_token_positions = 4  # int32, every retained slot (packed and window)
     sink = 2 * b * h * store.sink_tokens * d * model_bytes + b * store.sink_tokens * 8  # K, V and int64 slots
-    return b * packed * per_packed_token + b * store.retained * per_token_positions + 2 * b * h * window * d * model_bytes + sink
+    return (
+        b * packed * per_packed_token
+        + key_entries
+        + b * store.retained * per_token_positions
+        + 2 * b * h * window * d * model_bytes
+        + sink
+    )
 
 
 def fill_prefill(cache, keys, values):
@@ -151,7 +159,7 @@ def test_report_matches_the_layout_after_generation(dtype):
     assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
     assert report.elements == 2 * len(cache.layers) * 3 * stored_tokens * 2 * 16  # K+V x layers x rows x T x H x D
     components = report.bytes_by_component
-    assert components["recent_window"] > 0 and components["sink"] > 0 and components["key_outlier_values"] > 0
+    assert components["recent_window"] > 0 and components["sink"] > 0 and components["key_outlier_entries"] > 0
 
 
 def test_report_counts_only_the_sliding_window():

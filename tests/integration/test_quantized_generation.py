@@ -40,8 +40,9 @@ def check_cache(cache, bits, model_dtype, rows, tokens_seen):
         assert store.batch == rows and layer.get_seq_length() == tokens_seen
         assert store.positions().dtype == torch.int32
         assert store.buffers.tensors["key_codes"].dtype == store.buffers.tensors["value_codes"].dtype == torch.int32
-        for name in ("value_zero", "value_scale", "key_outlier_values", "value_outlier_values"):
+        for name in ("value_zero", "value_scale", "value_outlier_values"):
             assert store.buffers.tensors[name].dtype == half, name
+        assert store.key_entry_values.dtype == half and store.buffers.tensors["key_outlier_begin"].dtype == torch.int32
         assert store.sink_keys.dtype == store.window_keys.dtype == model_dtype
     report = cache.memory_report()
     assert 0 < report.avg_bits < 16

@@ -465,7 +465,7 @@ class PackedStore(KVStore):
             out[name] = _nbytes(self.packed_view(name, self.start, end))
         live = self.key_nnz - self._evicted_entries()
         entry_bytes = self.key_entry_values.element_size() + self.key_entry_channels.element_size()
-        out["key_outlier_entries"] = int(live.sum()) * entry_bytes
+        out["key_outlier_entries"] = int(live.sum()) * entry_bytes + _nbytes(self.key_nnz)
         out["sink"] = _nbytes(self.sink_keys) + _nbytes(self.sink_values) + _nbytes(self.sink_slot)
         out["recent_window"] = _nbytes(self.window_keys) + _nbytes(self.window_values)
         return out
