@@ -73,7 +73,7 @@ def decode_cases():
                 warps = OVERRIDE.get("warps", warps)
                 yield f"decode {name} b{bits} {'1%' if outliers else '0%'}", dict(
                     H=h, HP=hp, G=g, GP=gp, D=d, BITS=bits, W=packed_words(d, bits), S_PAD=64 if outliers else 1,
-                    HAS_OUTLIERS=outliers, N_SINK=1, NS_PAD=1, MASK_KIND=1, BLOCK_N=block_n, FAST_TRIG=True), warps
+                    HAS_OUTLIERS=outliers, HAS_KEY_OUTLIERS=outliers, KE=decode.KEY_ENTRIES_PER_SLOT, N_SINK=1, NS_PAD=1, MASK_KIND=1, BLOCK_N=block_n, FAST_TRIG=True), warps
 
 
 def main():
@@ -88,7 +88,7 @@ def main():
     if args.warps:
         OVERRIDE["warps"] = args.warps
     ptrs = {"q_ptr": "*fp16", "qc_ptr": "*fp16", "qs_ptr": "*fp16", "kc_ptr": "*i32", "vc_ptr": "*i32", "vzero_ptr": "*fp16",
-            "vscale_ptr": "*fp16", "kov_ptr": "*fp16", "vov_ptr": "*fp16", "koi_ptr": "*i16", "voi_ptr": "*i16", "pos_ptr": "*i32",
+            "vscale_ptr": "*fp16", "kev_ptr": "*fp16", "vov_ptr": "*fp16", "kec_ptr": "*i16", "voi_ptr": "*i16", "kbeg_ptr": "*i32", "knnz_ptr": "*i64", "pos_ptr": "*i32",
             "sink_k_ptr": "*fp16", "sink_v_ptr": "*fp16", "sink_slot_ptr": "*i64", "win_k_ptr": "*fp16", "win_v_ptr": "*fp16",
             "mask_ptr": "*u8", "out_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16"}
     failures = 0
@@ -106,7 +106,7 @@ def main():
     for bits in (2, 3, 4):
         for g, d in ((1, 128), (4, 128), (3, 64)):
             gp = next_pow2(g)
-            const = dict(H=8, G=g, GP=gp, D=d, BITS=bits, W=packed_words(d, bits), N_SINK=1, MASK_KIND=1,
+            const = dict(H=8, G=g, GP=gp, D=d, BITS=bits, W=packed_words(d, bits), HAS_KEY_OUTLIERS=True, N_SINK=1, MASK_KIND=1,
                          BLOCK_T=max(1, 64 // gp), BLOCK_N=32, DOT_DTYPE=tl.float16, PRECISION="tf32", FAST_TRIG=True)
             label = f"prefill G{g} D{d} b{bits}"
             try:

@@ -32,7 +32,7 @@ from transformers_kvquant.kernels.layout import next_pow2, packed_words
 from benchmarks.compile_check import sig_of
 
 PTRS = {"q_ptr": "*fp16", "qc_ptr": "*fp16", "qs_ptr": "*fp16", "kc_ptr": "*i32", "vc_ptr": "*i32", "vzero_ptr": "*fp16",
-        "vscale_ptr": "*fp16", "kov_ptr": "*fp16", "vov_ptr": "*fp16", "koi_ptr": "*i16", "voi_ptr": "*i16", "pos_ptr": "*i32",
+        "vscale_ptr": "*fp16", "kev_ptr": "*fp16", "vov_ptr": "*fp16", "kec_ptr": "*i16", "voi_ptr": "*i16", "kbeg_ptr": "*i32", "knnz_ptr": "*i64", "pos_ptr": "*i32",
         "sink_k_ptr": "*fp16", "sink_v_ptr": "*fp16", "sink_slot_ptr": "*i64", "win_k_ptr": "*fp16", "win_v_ptr": "*fp16", "mask_ptr": "*u8"}
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     bn, warps = a.block_n or bn, a.warps or warps
     fn = decode._decode_kernel
     const = dict(H=a.heads, HP=next_pow2(a.heads), G=a.groups, GP=next_pow2(a.groups), D=a.head_dim, BITS=a.bits,
-                 W=packed_words(a.head_dim, a.bits), S_PAD=64 if a.outliers else 1, HAS_OUTLIERS=a.outliers, N_SINK=1, NS_PAD=1,
+                 W=packed_words(a.head_dim, a.bits), S_PAD=64 if a.outliers else 1, HAS_OUTLIERS=a.outliers, HAS_KEY_OUTLIERS=a.outliers, KE=decode.KEY_ENTRIES_PER_SLOT, N_SINK=1, NS_PAD=1,
                  MASK_KIND=0, BLOCK_N=bn, FAST_TRIG=True)
     src = ASTSource(fn=fn, signature=sig_of(fn, PTRS, const), constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})

@@ -1,7 +1,8 @@
 """Append: quantize and pack new tokens straight into the cache buffers.
 
-The per-token choices that need a sort (which channels are outliers, the value range left after removing them)
-use ``torch.topk`` (:func:`~.naive.select_outliers`); the element-wise work (normalize, nearest centroid, bit
+The per-token choices that need a sort or a variable-size output (key outliers: every element outside its channel's
+calibrated range, as CSR entries; value outliers and the value range left after removing them: ``torch.topk``)
+are made in PyTorch (:func:`~.naive.select_outliers`); the element-wise work (normalize, nearest centroid, bit
 packing, storing into the buffers at the right slots) is one Triton kernel for keys and values together, so no
 fp32 copy of the chunk's codes is ever materialized. Codes equal the PyTorch quantizer's bit for bit: the
 normalization uses IEEE division (``div_rn``) and a code is the number of decision thresholds strictly below the
@@ -15,7 +16,11 @@ import triton
 import triton.language as tl
 
 from .layout import next_pow2, packed_words
-from .naive import select_outliers
+from .naive import KeyOutliers, select_outliers
+
+# The store's CUDA append path is enabled by this flag: the kernel writes its layout (row-wise CSR key outliers,
+# returned for the store to append to its rows exactly like its PyTorch path).
+CSR_KEY_OUTLIERS = True
 
 
 @triton.jit
@@ -92,29 +97,31 @@ def append_packed(
     key_scale: torch.Tensor,
     key_bounds: torch.Tensor,
     value_bounds: torch.Tensor,
-    key_slots: int,
+    key_outliers: bool,
     value_slots: int,
     bits: int,
     buffers: dict[str, torch.Tensor],
     at: int,
     block_t: int | None = None,
-) -> None:
+) -> KeyOutliers | None:
     """Quantize ``[B, H, T, D]`` keys (pre-RoPE) and values into ``buffers`` at physical slot ``at``.
 
     ``buffers``: the store's tensors by name (``key_codes``/``value_codes`` ``[B, H, cap, W]`` contiguous int32;
-    ``value_zero``/``value_scale`` ``[B, cap]``; ``*_outlier_values``/``*_outlier_index`` ``[B, cap, S]``).
-    Writes exactly what :func:`~.naive.append_naive` returns.
+    ``value_zero``/``value_scale`` ``[B, cap]``; ``value_outlier_values``/``value_outlier_index`` ``[B, cap, S]``).
+    Writes exactly what :func:`~.naive.append_naive` returns and returns its key outliers (CSR over the new tokens,
+    None without key outliers): the caller appends them to its rows' entry buffers and writes the slots' begins.
     """
     b, h, t, d = keys.shape
     if t == 0:
-        return
+        return None
     kc, vc = buffers["key_codes"], buffers["value_codes"]
     if not (kc.is_contiguous() and vc.is_contiguous()) or kc.shape[3] != packed_words(d, bits):
         raise ValueError("code buffers must be contiguous [B, H, cap, packed_words(D, bits)]")
     key_zero = key_zero.float().contiguous()
     key_scale = key_scale.float().contiguous()
-    chosen = select_outliers(keys, values, key_zero, key_scale, key_slots, value_slots)
+    chosen = select_outliers(keys, values, key_zero, key_scale, key_outliers, value_slots)
     del chosen["key_vectors"], chosen["value_vectors"]
+    sparse = chosen.pop("key_outliers")
     for name, value in chosen.items():
         buffers[name].narrow(1, at, t).copy_(value)
     vz = buffers["value_zero"].narrow(1, at, t)
@@ -126,3 +133,4 @@ def append_packed(
         vz.stride(0), vz.stride(1), t, kc.shape[2], at,
         H=h, D=d, BITS=bits, W=kc.shape[3], BT=bt,
     )
+    return sparse

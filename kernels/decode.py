@@ -84,14 +84,14 @@ def _slot_bias(mask_ptr, b, m_sb, rel, live, total, window, MASK_KIND: tl.conste
 def _decode_kernel(
     q_ptr, qc_ptr, qs_ptr, inv_freq_ptr,
     kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kzero_ptr, kscale_ptr, vzero_ptr, vscale_ptr,
-    kov_ptr, koi_ptr, vov_ptr, voi_ptr, pos_ptr,
+    kbeg_ptr, kev_ptr, kec_ptr, knnz_ptr, vov_ptr, voi_ptr, pos_ptr,
     sink_k_ptr, sink_v_ptr, sink_slot_ptr, win_k_ptr, win_v_ptr, mask_ptr,
     scores_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    q_sb, q_sh, c_sb, sk_sb, sk_sh, sk_sn, wk_sb, wk_sh, wk_sn, m_sb,
+    q_sb, q_sh, c_sb, ke_sb, sk_sb, sk_sh, sk_sn, wk_sb, wk_sh, wk_sn, m_sb,
     cap, first, packed_len, n_window, begin, n_outliers, split_len, n_splits, window,
     scale, rope_scale,
     H: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
+    W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_KEY_OUTLIERS: tl.constexpr, KE: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
     FAST_TRIG: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -148,31 +148,38 @@ def _decode_kernel(
             r_lo = (k_lo * cos - k_hi * sin)[:, None, :, :]
             r_hi = (k_hi * cos + k_lo * sin)[:, None, :, :]
             s = tl.sum(q_lo[:, :, None, :] * r_lo + q_hi[:, :, None, :] * r_hi, axis=3)  # [HP, GP, BLOCK_N]
-            if HAS_OUTLIERS:
-                # Key outliers: replacing element (h, d) of a dequantized key adds (value - dequantized) times the
-                # rotated query's weight of that channel at the slot's position to the score.
-                tok = (b * cap + phys)[:, None] * n_outliers + e[None, :]  # [BLOCK_N, S_PAD]
-                emask = live[:, None] & (e < n_outliers)[None, :]
-                idx = tl.load(koi_ptr + tok, mask=emask, other=-1).to(tl.int32)
-                val = tl.load(kov_ptr + tok, mask=emask, other=0.0).to(tl.float32)
-                ok = idx >= 0
-                he = tl.where(ok, idx // D, 0)
-                de = tl.where(ok, idx % D, 0)
-                je = de % HALF
-                code = code_at(kc_ptr + ((b * H + he) * cap + phys[:, None]) * W, de, ok, BITS)
-                deq = tl.load(ktab_ptr + code, mask=ok, other=0.0) * tl.load(kscale_ptr + he * D + de, mask=ok, other=0.0)
-                deq += tl.load(kzero_ptr + he * D + de, mask=ok, other=0.0)
-                delta = tl.where(ok, val - deq, 0.0)
-                ce, se = sincos(pos[:, None] * tl.load(inv_freq_ptr + je, mask=ok, other=0.0), FAST_TRIG)
-                first_half = de < HALF
-                own = he[None, :, :] == hr[:, None, None]  # [HP, BLOCK_N, S_PAD]
-                # One query head of the group at a time: 3-D tensors only (Triton 3.6 fails on the 4-D form).
-                for gi in tl.static_range(G):
-                    qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, he * G + gi, je, ok, scale * rope_scale, HALF)
-                    weight = tl.where(first_half, ce * qe_lo + se * qe_hi, ce * qe_hi - se * qe_lo)
-                    contrib = tl.where(ok, delta * weight, 0.0)  # [BLOCK_N, S_PAD]
-                    corr = tl.sum(tl.where(own, contrib[None, :, :], 0.0), axis=2)  # [HP, BLOCK_N]
-                    s += tl.where((gc == gi)[None, :, None], corr[:, None, :], 0.0)
+            if HAS_KEY_OUTLIERS:
+                # Key outliers (CSR): replacing element (h, d) of a dequantized key adds (value - dequantized) times
+                # the rotated query's weight of that channel at the slot's position to the score. Entries of the
+                # block's slots are taken KE per slot at a time, up to the block's largest count.
+                ent0 = tl.load(kbeg_ptr + b * cap + phys, mask=live, other=0)
+                last = (rel + 1) >= packed_len
+                ent1 = tl.load(kbeg_ptr + b * cap + phys + 1, mask=live & (rel + 1 < packed_len), other=0)
+                ent1 = tl.where(last, tl.load(knnz_ptr + b).to(tl.int32), ent1)
+                ent1 = tl.where(live, ent1, ent0)
+                ek = tl.arange(0, KE)
+                for i0 in range(0, tl.max(ent1 - ent0, axis=0), KE):
+                    ent = ent0[:, None] + i0 + ek[None, :]  # [BLOCK_N, KE]
+                    ok = ent < ent1[:, None]
+                    idx = tl.load(kec_ptr + b * ke_sb + ent, mask=ok, other=0).to(tl.int32)
+                    val = tl.load(kev_ptr + b * ke_sb + ent, mask=ok, other=0.0).to(tl.float32)
+                    he = tl.where(ok, idx // D, 0)
+                    de = tl.where(ok, idx % D, 0)
+                    je = de % HALF
+                    code = code_at(kc_ptr + ((b * H + he) * cap + phys[:, None]) * W, de, ok, BITS)
+                    deq = tl.load(ktab_ptr + code, mask=ok, other=0.0) * tl.load(kscale_ptr + he * D + de, mask=ok, other=0.0)
+                    deq += tl.load(kzero_ptr + he * D + de, mask=ok, other=0.0)
+                    delta = tl.where(ok, val - deq, 0.0)
+                    ce, se = sincos(pos[:, None] * tl.load(inv_freq_ptr + je, mask=ok, other=0.0), FAST_TRIG)
+                    first_half = de < HALF
+                    own = he[None, :, :] == hr[:, None, None]  # [HP, BLOCK_N, KE]
+                    # One query head of the group at a time: 3-D tensors only (Triton 3.6 fails on the 4-D form).
+                    for gi in tl.static_range(G):
+                        qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, he * G + gi, je, ok, scale * rope_scale, HALF)
+                        weight = tl.where(first_half, ce * qe_lo + se * qe_hi, ce * qe_hi - se * qe_lo)
+                        contrib = tl.where(ok, delta * weight, 0.0)  # [BLOCK_N, KE]
+                        corr = tl.sum(tl.where(own, contrib[None, :, :], 0.0), axis=2)  # [HP, BLOCK_N]
+                        s += tl.where((gc == gi)[None, :, None], corr[:, None, :], 0.0)
             bias = _slot_bias(mask_ptr, b, m_sb, rel, live, total, window, MASK_KIND)
             is_sink = tl.sum((sink_slot[None, :] == rel[:, None]).to(tl.int32), axis=1) > 0
             bias = tl.where(is_sink, float("-inf"), bias)
@@ -284,6 +291,8 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_parts, o_sb
     tl.store(out_ptr + b * o_sb + hq * o_sh + d, out.to(out_ptr.dtype.element_ty))
 
 
+KEY_ENTRIES_PER_SLOT = 16  # key-outlier entries of each slot handled at once (the loop runs to the block's largest count)
+
 TUNED: dict[tuple[int, int, int], tuple[int, int]] = {}  # (heads, groups, head_dim) -> (block_n, warps), set by a sweep
 
 
@@ -389,14 +398,15 @@ def decode_attention(
         q, qc, qs, inv_freq.float().contiguous(),
         cache.key_codes, cache.value_codes, cache.key_table.float().contiguous(), cache.value_table.float().contiguous(),
         cache.key_zero.float().contiguous(), cache.key_scale.float().contiguous(), cache.value_zero, cache.value_scale,
-        cache.key_outlier_values, cache.key_outlier_index, cache.value_outlier_values, cache.value_outlier_index,
+        cache.key_outlier_begin, cache.key_entry_values, cache.key_entry_channels, cache.key_nnz,
+        cache.value_outlier_values, cache.value_outlier_index,
         cache.positions, sk, sv, cache.sink_slot.contiguous(), wk, wv, mask_arg,
         scores, part_m, part_l, part_acc,
-        q.stride(0), q.stride(1), qc.stride(0), sk.stride(0), sk.stride(1), sk.stride(2), wk.stride(0), wk.stride(1), wk.stride(2), m_sb,
+        q.stride(0), q.stride(1), qc.stride(0), cache.key_entry_values.stride(0), sk.stride(0), sk.stride(1), sk.stride(2), wk.stride(0), wk.stride(1), wk.stride(2), m_sb,
         cache.key_codes.shape[2], cache.begin - cache.offset, length, wk.shape[2], cache.begin, s, split_len, splits, window,
         softmax_scale * LOG2E, attention_scaling,
         H=h, HP=hp, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
-        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n, FAST_TRIG=fast_trig(),
+        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, HAS_KEY_OUTLIERS=cache.has_key_outliers, KE=KEY_ENTRIES_PER_SLOT, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n, FAST_TRIG=fast_trig(),
         num_warps=warps,
     )
     out = torch.empty(b, 1, hq, d, device=dev, dtype=query.dtype)

@@ -1,14 +1,20 @@
 """What the kernels read and write: one layer's packed KV cache, described without any store class.
 
-Layout (all tensors on one device; ``B`` rows, ``H`` KV heads, head dim ``D``, ``S`` outlier slots per token):
+Layout (all tensors on one device; ``B`` rows, ``H`` KV heads, head dim ``D``, ``S`` value-outlier slots per token):
 
 - ``key_codes`` / ``value_codes``: int32 ``[B, H, cap, W]``, ``W = packed_words(D, bits)``; the ``D`` codes of a
   (row, head, slot) form a little-endian bit stream (code ``i`` at bits ``[bits*i, bits*i + bits)``; 3-bit codes
   10 and 21 of every 32 straddle a word boundary).
 - keys are pre-RoPE: ``key = key_table[code] * key_scale[h, d] + key_zero[h, d]`` (fp32, ``[H, D]`` ranges);
   values: ``value = value_table[code] * value_scale[b, s] + value_zero[b, s]`` (16-bit ``[B, cap]`` ranges).
-- outliers: ``*_outlier_values`` 16-bit and ``*_outlier_index`` int16 ``[B, cap, S]``; index ``c = h*D + d`` over
-  all KV heads, ``-1`` = empty. An outlier *replaces* the dequantized element.
+- key outliers (every element outside its channel's calibrated range, uncapped): a row-wise CSR over slots.
+  ``key_outlier_begin`` int32 ``[B, cap]`` is where slot ``s``'s entries begin in the row's entry buffers
+  ``key_entry_values`` (16-bit) / ``key_entry_channels`` (int16, ``c = h*D + d``) ``[B, E]``; they end at the next
+  packed slot's begin, the last packed slot's at ``key_nnz[b]`` (int64 ``[B]``). Entries are sorted by slot, then
+  channel. The dense code of an outlier element is the saturated nearest centroid.
+- value outliers: exactly ``S`` per token, ``value_outlier_values`` 16-bit and ``value_outlier_index`` int16
+  ``[B, cap, S]`` (``-1`` = empty).
+- An outlier *replaces* the dequantized element.
 - ``positions``: int32 ``[B, cap]`` RoPE position of every slot.
 
 A :class:`PackedKV` is a *view* of the slots a query may see: packed slots ``[begin, packed_end)`` at physical
@@ -62,9 +68,11 @@ class PackedKV:
     key_scale: torch.Tensor
     value_zero: torch.Tensor  # [B, cap] 16-bit
     value_scale: torch.Tensor
-    key_outlier_values: torch.Tensor  # [B, cap, S]
-    key_outlier_index: torch.Tensor
-    value_outlier_values: torch.Tensor
+    key_outlier_begin: torch.Tensor  # [B, cap] int32: first entry of each slot (CSR over slots)
+    key_entry_values: torch.Tensor  # [B, E] 16-bit
+    key_entry_channels: torch.Tensor  # [B, E] int16 (h * D + d)
+    key_nnz: torch.Tensor  # [B] int64: end of the last packed slot's entries
+    value_outlier_values: torch.Tensor  # [B, cap, S]
     value_outlier_index: torch.Tensor
     positions: torch.Tensor  # [B, cap] int32
     window_keys: torch.Tensor  # [B, H, n_w, D] exact, slots [packed_end, length)
@@ -100,7 +108,20 @@ class PackedKV:
 
     @property
     def outlier_slots(self) -> int:
-        return self.key_outlier_index.shape[-1]
+        """Value-outlier slots per token (keys have a variable count, see :meth:`key_outlier_ranges`)."""
+        return self.value_outlier_index.shape[-1]
+
+    @property
+    def has_key_outliers(self) -> bool:
+        """Whether the key-outlier entry buffers can hold anything (a static hint: no device sync)."""
+        return self.key_entry_values.shape[-1] > 0
+
+    def key_outlier_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(begin, end)`` int64 ``[B, packed_len]``: the entry range of every visible packed slot."""
+        a, e = self.begin - self.offset, self.packed_end - self.offset
+        starts = self.key_outlier_begin[:, a:e].long()
+        ends = torch.cat([starts[:, 1:], self.key_nnz.view(-1, 1).long()], dim=1)
+        return starts, ends
 
     def check(self) -> None:
         b, h, cap, w = self.key_codes.shape

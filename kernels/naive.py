@@ -11,7 +11,18 @@ from __future__ import annotations
 
 import torch
 
+from typing import NamedTuple
+
 from .layout import PackedKV, group_size, packed_words
+
+
+class KeyOutliers(NamedTuple):
+    """New tokens' key outliers, CSR over tokens: ``counts`` int32 ``[B, T]``, then ``values`` (16-bit) and
+    ``channels`` (``h * D + d``) ``[nnz]`` sorted by (row, token, channel): what the store appends to its rows."""
+
+    counts: torch.Tensor
+    values: torch.Tensor
+    channels: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------ bit packing
@@ -43,12 +54,13 @@ def unpack_codes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ append
-def select_outliers(keys, values, key_zero, key_scale, key_slots: int, value_slots: int):
+def select_outliers(keys, values, key_zero, key_scale, key_outliers: bool, value_slots: int):
     """Per-token outlier choice and value ranges (shared by the naive and the Triton append).
 
-    Keys: the ``key_slots`` channels of a token whose normalized magnitude exceeds 1 the most. Values: ``s`` extreme
-    channels split into low and high ones so that the remaining range is smallest; the remaining extremes give the
-    token's zero point and scale (16-bit). Returns fp32 ``[B, T, C]`` vectors and the choices.
+    Keys: every element whose normalized value ``(k - zero) / scale`` exceeds 1 in magnitude, as CSR entries sorted
+    by (row, token, channel) (``key_outliers=False``: none). Values: ``s`` extreme channels split into low and high
+    ones so that the remaining range is smallest; the remaining extremes give the token's zero point and scale
+    (16-bit). Returns fp32 ``[B, T, C]`` vectors and the choices.
     """
     b, h, t, d = keys.shape
     c = h * d
@@ -56,15 +68,12 @@ def select_outliers(keys, values, key_zero, key_scale, key_slots: int, value_slo
     idt = torch.int16 if c < 2**15 else torch.int32
     kv = keys.float().permute(0, 2, 1, 3).reshape(b, t, c)
     vv = values.float().permute(0, 2, 1, 3).reshape(b, t, c)
-    kn = (kv - key_zero.reshape(1, 1, c)) / key_scale.reshape(1, 1, c)
-    if key_slots:
-        excess = torch.where(kn.abs() > 1.0, kn.abs(), torch.zeros_like(kn))
-        top, kidx = torch.topk(excess, min(key_slots, c), dim=-1)
-        kval = torch.where(top > 0, torch.gather(kv, -1, kidx), torch.zeros_like(top))
-        kidx = torch.where(top > 0, kidx, torch.full_like(kidx, -1))
+    if key_outliers:
+        outside = ((kv - key_zero.float().reshape(1, 1, c)) / key_scale.float().reshape(1, 1, c)).abs() > 1.0
+        entries = outside.reshape(-1, c).nonzero()  # row-major: sorted by (b, t), then channel
+        key_sparse = KeyOutliers(outside.sum(-1, dtype=torch.int32), kv.reshape(-1, c)[entries[:, 0], entries[:, 1]].to(half), entries[:, 1].to(idt))
     else:
-        kval = kv.new_zeros(b, t, 0)
-        kidx = torch.zeros(b, t, 0, dtype=torch.long, device=kv.device)
+        key_sparse = None
     s = min(value_slots, max(0, (c - 2) // 2))
     if s == 0:
         vmax, vmin = vv.amax(-1), vv.amin(-1)
@@ -91,8 +100,7 @@ def select_outliers(keys, values, key_zero, key_scale, key_slots: int, value_slo
     return {
         "key_vectors": kv,
         "value_vectors": vv,
-        "key_outlier_values": kval.to(half),
-        "key_outlier_index": kidx.to(idt),
+        "key_outliers": key_sparse,
         "value_outlier_values": vval.to(half),
         "value_outlier_index": vidx.to(idt),
         "value_zero": vzero,
@@ -100,15 +108,16 @@ def select_outliers(keys, values, key_zero, key_scale, key_slots: int, value_slo
     }
 
 
-def append_naive(keys, values, key_zero, key_scale, key_bounds, value_bounds, key_slots: int, value_slots: int, bits: int) -> dict:
+def append_naive(keys, values, key_zero, key_scale, key_bounds, value_bounds, key_outliers: bool, value_slots: int, bits: int) -> dict:
     """Quantize and pack ``[B, H, T, D]`` keys (pre-RoPE) and values.
 
     ``key_bounds`` / ``value_bounds``: the ``2**bits - 1`` decision thresholds of each codebook (midpoints of its
     centroids); a code is the number of thresholds strictly below the normalized value. Returns the packed codes
-    ``[B, H, T, W]`` and the per-token tensors ``[B, T, ...]`` under the store's buffer names.
+    ``[B, H, T, W]``, the per-token tensors ``[B, T, ...]`` under the store's buffer names and ``key_outliers``
+    (:class:`KeyOutliers` or None).
     """
     b, h, t, d = keys.shape
-    out = select_outliers(keys, values, key_zero, key_scale, key_slots, value_slots)
+    out = select_outliers(keys, values, key_zero, key_scale, key_outliers, value_slots)
     kn = (out.pop("key_vectors") - key_zero.reshape(1, 1, -1).float()) / key_scale.reshape(1, 1, -1).float()
     vn = (out.pop("value_vectors") - out["value_zero"].float().unsqueeze(-1)) / out["value_scale"].float().unsqueeze(-1)
     kcodes = torch.bucketize(kn.contiguous(), key_bounds.float().contiguous())
@@ -156,9 +165,25 @@ def dequantize_packed(cache: PackedKV) -> tuple[torch.Tensor, torch.Tensor]:
         vec = _scatter_outliers(vec, values[:, a:e], index[:, a:e])
         return vec.reshape(b, n, h, d).permute(0, 2, 1, 3)
 
-    k = with_outliers(k, cache.key_outlier_values, cache.key_outlier_index)
+    k = with_key_outliers(cache, k)
     v = with_outliers(v, cache.value_outlier_values, cache.value_outlier_index)
     return k, v
+
+
+def with_key_outliers(cache: PackedKV, k: torch.Tensor) -> torch.Tensor:
+    """Replace the CSR key-outlier elements of ``k`` ``[B, H, L, D]`` (the visible packed slots) by their values."""
+    b, h, n, d = k.shape
+    if n == 0 or not cache.has_key_outliers:
+        return k
+    starts, ends = cache.key_outlier_ranges()
+    vec = k.permute(0, 2, 1, 3).reshape(b, n, h * d).clone()
+    for row in range(b):
+        first, last = int(starts[row, 0]), int(ends[row, -1])
+        counts = (ends[row] - starts[row]).clamp(min=0)
+        slot = torch.repeat_interleave(torch.arange(n, device=k.device), counts)
+        chan = cache.key_entry_channels[row, first:last].long()
+        vec[row, slot, chan] = cache.key_entry_values[row, first:last].float()
+    return vec.reshape(b, n, h, d).permute(0, 2, 1, 3)
 
 
 def visible_kv(cache: PackedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,7 +5,8 @@ read from the packed buffers tile by tile and the full-precision K/V of the cont
 Grid ``(query blocks, B * H)``: a program holds ``BLOCK_T`` query tokens times the ``G`` query heads of one KV
 head (GQA rows share every dequantized tile), loops over key tiles up to its causal limit with an online
 softmax, and computes ``q . k`` and ``p . v`` with ``tl.dot``. A key tile is used by a whole block of queries,
-so outliers are applied densely (compare each of the ``S`` slots of a token against the tile's channels).
+so outliers are applied densely: each value-outlier slot of a token, and each CSR key-outlier entry of a token (one
+entry of every slot of the tile at a time, up to the tile's largest count), is compared against the tile's channels.
 """
 
 from __future__ import annotations
@@ -31,16 +32,34 @@ def _dense_outliers(x, oi_ptr, ov_ptr, token_rows, rmask, n_outliers, channel0, 
 
 
 @triton.jit
+def _dense_key_outliers(x, kbeg_ptr, kev_ptr, kec_ptr, knnz_ptr, b, ke_sb, token_rows, rel, rmask, packed_len, channel0, HALF: tl.constexpr):
+    """Replace elements of a ``[BLOCK_N, HALF]`` key tile that are CSR key outliers of their slot (channels
+    ``channel0 + j``): one entry of every slot at a time, up to the tile's largest count."""
+    j = tl.arange(0, HALF)
+    ent0 = tl.load(kbeg_ptr + token_rows, mask=rmask, other=0)
+    ent1 = tl.load(kbeg_ptr + token_rows + 1, mask=rmask & (rel + 1 < packed_len), other=0)
+    ent1 = tl.where(rel + 1 >= packed_len, tl.load(knnz_ptr + b).to(tl.int32), ent1)
+    ent1 = tl.where(rmask, ent1, ent0)
+    for i in range(0, tl.max(ent1 - ent0, axis=0)):
+        ent = ent0 + i
+        ok = ent < ent1
+        idx = tl.load(kec_ptr + b * ke_sb + ent, mask=ok, other=-1).to(tl.int32)
+        val = tl.load(kev_ptr + b * ke_sb + ent, mask=ok, other=0.0).to(tl.float32)
+        x = tl.where(idx[:, None] == channel0 + j[None, :], val[:, None], x)
+    return x
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, qc_ptr, qs_ptr, inv_freq_ptr,
     kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kzero_ptr, kscale_ptr, vzero_ptr, vscale_ptr,
-    kov_ptr, koi_ptr, vov_ptr, voi_ptr, pos_ptr,
+    kbeg_ptr, kev_ptr, kec_ptr, knnz_ptr, vov_ptr, voi_ptr, pos_ptr,
     sink_k_ptr, sink_v_ptr, sink_slot_ptr, win_k_ptr, win_v_ptr, mask_ptr, out_ptr,
-    q_sb, q_sh, q_st, c_sb, c_st, sk_sb, sk_sh, sk_sn, wk_sb, wk_sh, wk_sn, m_sb, m_st, o_sb, o_st, o_sh,
+    q_sb, q_sh, q_st, c_sb, c_st, ke_sb, sk_sb, sk_sh, sk_sn, wk_sb, wk_sh, wk_sn, m_sb, m_st, o_sb, o_st, o_sh,
     T, cap, first, packed_len, n_window, begin, n_outliers, window,
     scale, rope_scale,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr,
-    N_SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
+    HAS_KEY_OUTLIERS: tl.constexpr, N_SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     BLOCK_M: tl.constexpr = BLOCK_T * GP
@@ -93,8 +112,9 @@ def _prefill_kernel(
         # --- keys: packed dequantization, dense outliers, exact sink and window rows, RoPE at stored positions
         k_lo = tl.load(ktab_ptr + unpack_half(rows, in_packed, 0, BITS, HALF, BLOCK_N)) * ks_lo[None, :] + kz_lo[None, :]
         k_hi = tl.load(ktab_ptr + unpack_half(rows, in_packed, W // 2, BITS, HALF, BLOCK_N)) * ks_hi[None, :] + kz_hi[None, :]
-        k_lo = _dense_outliers(k_lo, koi_ptr, kov_ptr, token_rows, in_packed, n_outliers, h * D, 0, HALF)
-        k_hi = _dense_outliers(k_hi, koi_ptr, kov_ptr, token_rows, in_packed, n_outliers, h * D + HALF, 0, HALF)
+        if HAS_KEY_OUTLIERS:
+            k_lo = _dense_key_outliers(k_lo, kbeg_ptr, kev_ptr, kec_ptr, knnz_ptr, b, ke_sb, token_rows, rel, in_packed, packed_len, h * D, HALF)
+            k_hi = _dense_key_outliers(k_hi, kbeg_ptr, kev_ptr, kec_ptr, knnz_ptr, b, ke_sb, token_rows, rel, in_packed, packed_len, h * D + HALF, HALF)
         vrows = vc_ptr + ((b * H + h) * cap + phys) * W
         vz = tl.load(vzero_ptr + token_rows, mask=in_packed, other=0.0).to(tl.float32)[:, None]
         vs = tl.load(vscale_ptr + token_rows, mask=in_packed, other=0.0).to(tl.float32)[:, None]
@@ -204,14 +224,15 @@ def prefill_attention(
         query, qc, qs, inv_freq.float().contiguous(),
         cache.key_codes, cache.value_codes, cache.key_table.float().contiguous(), cache.value_table.float().contiguous(),
         cache.key_zero.float().contiguous(), cache.key_scale.float().contiguous(), cache.value_zero, cache.value_scale,
-        cache.key_outlier_values, cache.key_outlier_index, cache.value_outlier_values, cache.value_outlier_index,
+        cache.key_outlier_begin, cache.key_entry_values, cache.key_entry_channels, cache.key_nnz,
+        cache.value_outlier_values, cache.value_outlier_index,
         cache.positions, sk, sv, cache.sink_slot.contiguous(), wk, wv, mask_arg, out,
-        query.stride(0), query.stride(1), query.stride(2), qc.stride(0), qc.stride(1),
+        query.stride(0), query.stride(1), query.stride(2), qc.stride(0), qc.stride(1), cache.key_entry_values.stride(0),
         sk.stride(0), sk.stride(1), sk.stride(2), wk.stride(0), wk.stride(1), wk.stride(2), m_sb, m_st,
         out.stride(0), out.stride(1), out.stride(2),
         t, cache.key_codes.shape[2], cache.begin - cache.offset, cache.packed_len, wk.shape[2], cache.begin,
         cache.outlier_slots, window, softmax_scale * LOG2E, attention_scaling,
-        H=h, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3], N_SINK=cache.sink_slot.shape[1],
+        H=h, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3], HAS_KEY_OUTLIERS=cache.has_key_outliers, N_SINK=cache.sink_slot.shape[1],
         MASK_KIND=mask_kind, BLOCK_T=block_t, BLOCK_N=block_n, DOT_DTYPE=_DOT[query.dtype], PRECISION="ieee" if query.dtype == torch.float32 else "tf32", FAST_TRIG=fast_trig(), num_warps=num_warps,
     )
     return out

@@ -27,7 +27,9 @@ def random_packed_kv(
 
     ``pads[b]`` left-pad slots of row ``b`` (position 0, before the real tokens, whose positions start at 0).
     ``spare`` extra unused capacity, so kernels must honour the buffer capacity and offsets. Codes are uniform
-    random; outlier channels are distinct per token, with some empty slots.
+    random. Values: ``outlier_slots`` per token with distinct channels, some empty. Keys (when ``outlier_slots``):
+    a CSR with a random count per slot (0 to ``2 * outlier_slots``, a few slots with many more), distinct sorted
+    channels, and entries of evicted slots before the first visible one.
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     pads = pads or [0] * batch
@@ -57,8 +59,8 @@ def random_packed_kv(
         idx = torch.where(empty, torch.full_like(idx, -1), idx)
         return vals, idx.to(torch.int16 if c < 2**15 else torch.int32)
 
-    kov, koi = outliers()
     vov, voi = outliers()
+    key_begin, key_values, key_channels, key_nnz = random_key_csr(batch, cap, begin + n_packed, c, outlier_slots, half, g)
     positions = torch.zeros(batch, slots, dtype=torch.int32)
     sink_slot = torch.full((batch, sink_tokens), -1, dtype=torch.long)
     for row in range(batch):
@@ -74,10 +76,37 @@ def random_packed_kv(
     sink_values = rnd(batch, heads, sink_tokens, head_dim).to(dtype)
     cache = PackedKV(
         bits, key_codes, value_codes, key_table, value_table, key_zero, key_scale, value_zero, value_scale,
-        kov, koi, vov, voi, positions, window_keys, window_values, sink_keys, sink_values, sink_slot,
+        key_begin, key_values, key_channels, key_nnz, vov, voi, positions, window_keys, window_values, sink_keys, sink_values, sink_slot,
         begin=begin, packed_end=begin + n_packed, offset=0,
     )
     return to_device(cache, device)
+
+
+def random_key_csr(batch, cap, packed_slots, channels, mean_count, half, g, heavy_every=7):
+    """Row-wise CSR key outliers for slots ``[0, packed_slots)`` of ``cap``: counts ``0 .. 2 * mean_count`` (every
+    ``heavy_every``-th slot of a row gets up to a quarter of all channels), distinct sorted channels, random values.
+    Returns ``(begin [B, cap] int32, values [B, E], channels [B, E], nnz [B] int64)``; ``E`` has some spare room."""
+    idt = torch.int16 if channels < 2**15 else torch.int32
+    if mean_count == 0:
+        return (torch.zeros(batch, cap, dtype=torch.int32), torch.zeros(batch, 0, dtype=half), torch.zeros(batch, 0, dtype=idt),
+                torch.zeros(batch, dtype=torch.long))
+    counts = torch.randint(0, 2 * mean_count + 1, (batch, packed_slots), generator=g)
+    heavy = torch.randint(0, max(1, channels // 4) + 1, (batch, packed_slots), generator=g)
+    slot = torch.arange(packed_slots)
+    counts = torch.where((slot % heavy_every == 3)[None, :], heavy, counts).clamp(max=channels)
+    ends = counts.cumsum(1)
+    begin = torch.zeros(batch, cap, dtype=torch.int32)
+    begin[:, :packed_slots] = (ends - counts).to(torch.int32)
+    begin[:, packed_slots:] = ends[:, -1:].to(torch.int32) if packed_slots else 0
+    nnz = ends[:, -1].clone() if packed_slots else torch.zeros(batch, dtype=torch.long)
+    entries = int(nnz.max()) + 5
+    values = (torch.randn(batch, entries, generator=g) * 4).to(half)
+    chans = torch.zeros(batch, entries, dtype=torch.long)
+    for row in range(batch):
+        for s in range(packed_slots):
+            n, a = int(counts[row, s]), int(ends[row, s] - counts[row, s])
+            chans[row, a : a + n] = torch.sort(torch.randperm(channels, generator=g)[:n]).values
+    return begin, values, chans.to(idt), nnz
 
 
 def to_device(cache: PackedKV, device) -> PackedKV:
@@ -97,9 +126,12 @@ def query_rope(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dty
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
 
 
-def fast_random_packed_kv(batch, heads, head_dim, bits, length, outlier_slots=0, dtype=torch.float16, device="cuda", sink_tokens=1) -> PackedKV:
-    """A large random cache built on the device in a few kernels (for benchmarks): uniform codes, distinct outlier
-    channels ``(r + 97 k) mod C`` per token (97 is odd, so distinct for any power-of-two ``C``)."""
+def fast_random_packed_kv(batch, heads, head_dim, bits, length, outlier_slots=0, dtype=torch.float16, device="cuda", sink_tokens=1,
+                          key_outlier_fraction=None) -> PackedKV:
+    """A large random cache built on the device in a few kernels (for benchmarks): uniform codes; values with
+    ``outlier_slots`` outliers per token on distinct channels ``(r + 97 k) mod C`` (97 is odd, so distinct for any
+    power-of-two ``C``); keys with the same count per token on the channels ``(r' + 97 k) mod C``, sorted (CSR), or
+    ``key_outlier_fraction`` of the channels when given."""
     w = packed_words(head_dim, bits)
     c = heads * head_dim
     half = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
@@ -108,14 +140,21 @@ def fast_random_packed_kv(batch, heads, head_dim, bits, length, outlier_slots=0,
     def codes():
         return torch.randint(-(2**31), 2**31 - 1, (batch, heads, length, w), device=device, dtype=torch.int32)
 
-    start = torch.randint(0, c, (batch, length, 1), device=device)
-    idx = ((start + 97 * torch.arange(outlier_slots, device=device)) % c).to(idt)
+    def spread(count):
+        start = torch.randint(0, c, (batch, length, 1), device=device)
+        return (start + 97 * torch.arange(count, device=device)) % c
+
+    idx = spread(outlier_slots).to(idt)
+    key_count = outlier_slots if key_outlier_fraction is None else max(0, round(key_outlier_fraction * c))
+    key_channels = torch.sort(spread(key_count), dim=-1).values.to(idt).reshape(batch, length * key_count)
+    key_begin = (torch.arange(length, device=device, dtype=torch.int32) * key_count).expand(batch, length).contiguous()
     table = torch.linspace(-1, 1, 2**bits, device=device)
     return PackedKV(
         bits, codes(), codes(), table, table.flip(0).neg(),
         torch.randn(heads, head_dim, device=device) * 0.3, torch.rand(heads, head_dim, device=device) + 0.5,
         (torch.randn(batch, length, device=device) * 0.1).to(half), (torch.rand(batch, length, device=device) + 0.5).to(half),
-        (torch.randn(batch, length, outlier_slots, device=device) * 4).to(half), idx,
+        key_begin, (torch.randn(batch, length * key_count, device=device) * 4).to(half), key_channels,
+        torch.full((batch,), length * key_count, device=device, dtype=torch.long),
         (torch.randn(batch, length, outlier_slots, device=device) * 4).to(half), idx.flip(-1).contiguous(),
         torch.arange(length, device=device, dtype=torch.int32).expand(batch, length).contiguous(),
         torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype), torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype),
@@ -126,10 +165,17 @@ def fast_random_packed_kv(batch, heads, head_dim, bits, length, outlier_slots=0,
 
 
 def cache_bytes(cache: PackedKV) -> int:
-    """Bytes a decode step must read from the cache: codes, value ranges, outliers, positions of the visible slots."""
+    """Bytes a decode step must read from the cache: codes, value ranges, outliers (value slots, key CSR entries and
+    begins), positions of the visible slots."""
     a, e = cache.begin - cache.offset, cache.packed_end - cache.offset
     b, h, _, w = cache.key_codes.shape
     n = e - a
     per_token = 2 * h * w * 4 + 2 * cache.value_zero.element_size() + 4
-    per_token += cache.outlier_slots * (cache.key_outlier_values.element_size() + cache.key_outlier_index.element_size()) * 2
-    return b * n * per_token
+    per_token += cache.outlier_slots * (cache.value_outlier_values.element_size() + cache.value_outlier_index.element_size())
+    per_token += cache.key_outlier_begin.element_size() if cache.has_key_outliers else 0
+    if cache.has_key_outliers and n:
+        starts, ends = cache.key_outlier_ranges()
+        entries = int((ends[:, -1] - starts[:, 0]).sum())
+    else:
+        entries = 0
+    return b * n * per_token + entries * (cache.key_entry_values.element_size() + cache.key_entry_channels.element_size())

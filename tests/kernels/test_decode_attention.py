@@ -18,7 +18,8 @@ from transformers_kvquant.kernels.synthetic import (
 from tests.kernels.common import DEVICE, TOLERANCE, rel_err
 
 # (batch, kv heads, query heads per kv head, head_dim, visible slots, bits, outlier slots): MHA, GQA 4:1 and 8:1,
-# head_dim 64 and 128, odd lengths, every bit width with and without outliers.
+# head_dim 64 and 128, odd lengths, every bit width with and without outliers. Outlier slots s: s value outliers per
+# token and CSR key outliers with 0..2s per slot (every 7th slot of a row up to a quarter of its channels).
 GRID = [
     (1, 2, 1, 64, 21, 3, 3),
     (3, 2, 1, 64, 7, 2, 0),
@@ -104,7 +105,10 @@ def test_outliers_and_sink_change_the_output():
     """The comparison can fail: dropping the outliers or the sink moves the result far beyond the tolerance."""
     cache = random_packed_kv(1, 2, 64, 2, 12, 4, dtype=torch.float32, device=DEVICE, seed=13)
     out, ref = run(cache)
-    no_outliers = dataclasses.replace(cache, key_outlier_index=torch.full_like(cache.key_outlier_index, -1), value_outlier_index=torch.full_like(cache.value_outlier_index, -1))
+    no_outliers = dataclasses.replace(
+        cache, key_outlier_begin=torch.zeros_like(cache.key_outlier_begin), key_entry_values=cache.key_entry_values[:, :0],
+        key_entry_channels=cache.key_entry_channels[:, :0], key_nnz=torch.zeros_like(cache.key_nnz),
+        value_outlier_index=torch.full_like(cache.value_outlier_index, -1))
     no_sink = dataclasses.replace(cache, sink_slot=torch.full_like(cache.sink_slot, -1))
     for other in (no_outliers, no_sink):
         changed, changed_ref = run(other)

@@ -269,7 +269,9 @@ class PackedStore(KVStore):
             if getattr(self, "_append_constants", None) is None:  # device copies made once (a copy per step syncs)
                 dev = keys.device
                 self._append_constants = (kq.zero.to(dev), kq.scale.to(dev), kq.codebook.boundaries.to(dev), vq.codebook.boundaries.to(dev))
-            append_packed(keys, values, *self._append_constants, kq.slots, vq.slots, self.bits, self.buffers.tensors, first_slot - self._offset)
+            at = first_slot - self._offset
+            sparse = append_packed(keys, values, *self._append_constants, kq.outliers, vq.slots, self.bits, self.buffers.tensors, at)
+            self._append_key_outliers(sparse, at, keys.shape[2])
             return
         qk = self.key_quantizer.quantize(keys)
         qv = self.value_quantizer.quantize(values)
