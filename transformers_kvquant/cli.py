@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name != name:
+            # Skip a command whose module (or its parent package) is absent; re-raise a missing dependency.
+            if e.name is None or not name.startswith(e.name):
                 raise
             continue
         module.register_cli(sub)

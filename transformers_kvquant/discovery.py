@@ -59,7 +59,8 @@ def find_config(model, bits=None, outlier_fraction=None, revision=None, local_fi
 
     ``bits`` / ``outlier_fraction`` given: only configs with those values; not given: prefer 3 bits and 1%.
     """
-    name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+    path = str(getattr(model, "name_or_path", "") or "")
+    name = path or type(model).__name__  # for messages
     tried = []
     beside = _beside_model(model, revision, local_files_only)
     if beside is not None:
@@ -85,7 +86,7 @@ def find_config(model, bits=None, outlier_fraction=None, revision=None, local_fi
     raise KVQuantConfigError(
         f"no KVQuant config for {name} at {want} ({where}, and no shipped hub_configs entry matches this model)",
         remedy=(
-            f"calibrate it: `kvquant calibrate {name} --bits {DEFAULT_BITS if bits is None else bits} --outliers "
+            f"calibrate it: `kvquant calibrate {path or 'MODEL'} --bits {DEFAULT_BITS if bits is None else bits} --outliers "
             f"{DEFAULT_OUTLIER_FRACTION if outlier_fraction is None else outlier_fraction} -o DIR`, then pass "
             "cache_config={'config': DIR}; or use cache_config={'bits': 16} to run without quantization"
         ),
