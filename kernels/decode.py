@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .layout import PackedKV, next_pow2
-from .triton_common import LOG2E, code_at, fast_trig, sincos, unpack_half
+from .triton_common import LOG2E, code_at, fast_trig, group_codes, lane_table, lane_table_lookup, shuffle_lookup, sincos, unpack_half
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _decode_kernel(
     scale, rope_scale,
     H: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_KEY_OUTLIERS: tl.constexpr, KE: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
-    FAST_TRIG: tl.constexpr,
+    FAST_TRIG: tl.constexpr, VBN: tl.constexpr, SHFL: tl.constexpr,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -186,26 +186,64 @@ def _decode_kernel(
             s = s + bias[None, None, :]
             tl.store(score_ptrs[:, :, None] + rel[None, None, :], s, mask=cell3 & live[None, None, :])
             m_i = tl.maximum(m_i, tl.max(s, axis=2))
-        tl.debug_barrier()  # scores and the zeroed partial output are visible to every thread of the program
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        for k0 in range(lo, lo + split_len, BLOCK_N):  # slots past `hi` are masked
-            rel = k0 + nb
-            live = rel < hi
+        # The split's final max is known: publish it (pass 2 reads it back per thread layout, value outliers too).
+        tl.store(part_m_ptr + part + hq_rows, m_i, mask=qmask)
+        tl.debug_barrier()  # scores, the max and the zeroed partial output are visible to every thread of the program
+        # ---------------------------------------------------------------- pass 2: values
+        # One thread per (KV head, slot, group of 32 channels): the group's BITS words are decoded in registers and
+        # weighted by p * value_scale (the per-token scale folded into the weight; the zero point adds p * zero once
+        # per slot), accumulated per thread over the loop and reduced over slots once at the end: no shuffles.
+        NGRP: tl.constexpr = D // 32
+        VU: tl.constexpr = HP * VBN * NGRP
+        u = tl.arange(0, VU)
+        ug = u % NGRP
+        un = (u // NGRP) % VBN
+        uh = u // (NGRP * VBN)
+        # Unit tensors put the units last ([GP, VU], [GP, 32, VU]): Triton's default layouts then spread the units
+        # over the lanes and keep a unit's 32 channels (and its query heads) in one thread.
+        hq_u = gc[:, None] + uh[None, :] * G  # [GP, VU]
+        cell_u = (gc < G)[:, None] & (uh < H)[None, :]
+        first_group = (ug == 0)[None, :]
+        m_u = tl.load(part_m_ptr + part + hq_u, mask=cell_u, other=0.0)
+        m_u = tl.where(m_u == float("-inf"), 0.0, m_u)
+        score_u = scores_ptr + (b * HQ + hq_u) * packed_len  # [GP, VU]
+        if SHFL:
+            v_lanes = lane_table(vtab_ptr, u[None, :], BITS)  # [1, VU]: this lane's codebook entry
+        vacc = tl.zeros((GP, 32, VU), tl.float32)
+        zacc = tl.zeros((GP, VU), tl.float32)
+        lacc = tl.zeros((GP, VU), tl.float32)
+        for k0 in range(lo, lo + split_len, VBN):  # slots past `hi` are masked
+            rel = k0 + un
+            live = (rel < hi) & (uh < H)
             phys = first + rel
-            st = tl.load(score_ptrs[:, :, None] + rel[None, None, :], mask=cell3 & live[None, None, :], other=float("-inf"))
-            p = tl.exp2(st - m_safe[:, :, None])  # [HP, GP, BLOCK_N]
-            l_i += tl.sum(p, axis=2)
+            p = tl.exp2(tl.load(score_u + rel[None, :], mask=cell_u & live[None, :], other=float("-inf")) - m_u)  # [GP, VU]
             vz = tl.load(vzero_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
             vs = tl.load(vscale_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
-            row_live = (row_h < H) & ((k0 + row_n) < hi)
-            rows = vc_ptr + ((b * H + row_h) * cap + first + k0 + row_n) * W
-            vs3 = vs[None, :, None]
-            vz3 = vz[None, :, None]
-            v_lo = tl.reshape(tl.load(vtab_ptr + unpack_half(rows, row_live, 0, BITS, HALF, ROWS)), (HP, BLOCK_N, HALF)) * vs3 + vz3
-            v_hi = tl.reshape(tl.load(vtab_ptr + unpack_half(rows, row_live, W // 2, BITS, HALF, ROWS)), (HP, BLOCK_N, HALF)) * vs3 + vz3
-            acc_lo += tl.sum(p[:, :, :, None] * v_lo[:, None, :, :], axis=2)
-            acc_hi += tl.sum(p[:, :, :, None] * v_hi[:, None, :, :], axis=2)
-            if HAS_OUTLIERS:
+            lacc += tl.where(first_group, p, 0.0)
+            zacc += tl.where(first_group, p * vz[None, :], 0.0)
+            if SHFL:
+                codes = group_codes(vc_ptr + ((b * H + uh) * cap + phys) * W + ug * BITS, live, BITS, False)  # [32, VU]
+                vals = lane_table_lookup(v_lanes, codes)
+            else:
+                vals = tl.load(vtab_ptr + group_codes(vc_ptr + ((b * H + uh) * cap + phys) * W + ug * BITS, live, BITS))
+            vacc += (p * vs[None, :])[:, None, :] * vals[None, :, :]
+        # Reduce over the slots of each (head, group); lay the groups out along the head dimension.
+        dense = tl.sum(tl.reshape(vacc, (GP, 32, HP, VBN, NGRP)), axis=3)  # [GP, 32, HP, NGRP]
+        dense = tl.reshape(tl.permute(dense, (2, 0, 3, 1)), (HP, GP, D))
+        zsum = tl.trans(tl.sum(tl.reshape(zacc, (GP, HP, VBN * NGRP)), axis=2))  # [HP, GP]
+        l_i = tl.trans(tl.sum(tl.reshape(lacc, (GP, HP, VBN * NGRP)), axis=2))
+        dense = dense + zsum[:, :, None]
+        dd = tl.arange(0, D)
+        tl.atomic_add(part_acc_ptr + (part + hq_rows)[:, :, None] * D + dd[None, None, :], dense, mask=qmask[:, :, None])
+        if HAS_OUTLIERS:
+            # Value outliers: (value - dequantized) * p, with p = 2^(score - final max) of that token and query head,
+            # added to the partial output at their channel (data-dependent: atomics).
+            for k0 in range(lo, lo + split_len, BLOCK_N):
+                rel = k0 + nb
+                live = rel < hi
+                phys = first + rel
+                vz = tl.load(vzero_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
+                vs = tl.load(vscale_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
                 tok = (b * cap + phys)[:, None] * n_outliers + e[None, :]
                 emask = live[:, None] & (e < n_outliers)[None, :]
                 idx = tl.load(voi_ptr + tok, mask=emask, other=-1).to(tl.int32)
@@ -215,13 +253,12 @@ def _decode_kernel(
                 de = tl.where(ok, idx % D, 0)
                 code = code_at(vc_ptr + ((b * H + he) * cap + phys[:, None]) * W, de, ok, BITS)
                 delta = tl.where(ok, val - (tl.load(vtab_ptr + code, mask=ok, other=0.0) * vs[:, None] + vz[:, None]), 0.0)
-                own = he[None, :, :] == hr[:, None, None]  # [HP, BLOCK_N, S_PAD]
                 for gi in tl.static_range(G):
-                    p_g = tl.sum(tl.where((gc == gi)[None, :, None], p, 0.0), axis=1)  # [HP, BLOCK_N]
-                    pe = tl.sum(tl.where(own, p_g[:, :, None], 0.0), axis=0)  # [BLOCK_N, S_PAD]
-                    tl.atomic_add(part_acc_ptr + (part + he * G + gi) * D + de, pe * delta, mask=ok)
-        tl.atomic_add(acc_ptrs, acc_lo, mask=qmask[:, :, None])
-        tl.atomic_add(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
+                    hq_e = he * G + gi
+                    m_e = tl.load(part_m_ptr + part + hq_e, mask=ok, other=0.0)
+                    m_e = tl.where(m_e == float("-inf"), 0.0, m_e)
+                    s_e = tl.load(scores_ptr + (b * HQ + hq_e) * packed_len + rel[:, None], mask=ok, other=float("-inf"))
+                    tl.atomic_add(part_acc_ptr + (part + hq_e) * D + de, tl.exp2(s_e - m_e) * delta, mask=ok)
     else:
         # ------------------------------------------------------------------ exact tokens: sink, then window
         for i in range(N_SINK):
@@ -308,6 +345,11 @@ def decode_config(heads: int, groups: int, head_dim: int) -> tuple[int, int]:
     block_n = 1 << (block_n.bit_length() - 1)
     warps = 8 if next_pow2(heads) * head_dim >= 2048 else 4
     return block_n, warps
+
+
+def value_block(heads: int, head_dim: int, warps: int) -> int:
+    """Slots per iteration of the value pass: one (head, slot, 32-channel group) unit per thread."""
+    return max(1, (32 * warps) // (next_pow2(heads) * (head_dim // 32)))
 
 
 PROGRAMS_PER_SM = 2  # decode programs per SM over all rows; benchmarks/gpu_suite.py may set a measured value
@@ -407,7 +449,7 @@ def decode_attention(
         softmax_scale * LOG2E, attention_scaling,
         H=h, HP=hp, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
         S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, HAS_KEY_OUTLIERS=cache.has_key_outliers, KE=KEY_ENTRIES_PER_SLOT, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n, FAST_TRIG=fast_trig(),
-        num_warps=warps,
+        VBN=value_block(h, d, warps), SHFL=shuffle_lookup(), num_warps=warps,
     )
     out = torch.empty(b, 1, hq, d, device=dev, dtype=query.dtype)
     _combine_kernel[(hq, b)](part_m, part_l, part_acc, out, parts, out.stride(0), out.stride(2), HQ=hq, D=d, P_PAD=next_pow2(parts))

@@ -75,3 +75,62 @@ def code_at(word_ptrs, channel, mask, BITS: tl.constexpr):
         nxt = tl.load(ptr + 1, mask=mask & (shift > 29), other=0).to(tl.uint32, bitcast=True)
         code = code | tl.where(shift > 29, nxt << ((32 - shift) & 31), 0)
     return (code & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def group_codes(word_ptrs, mask, BITS: tl.constexpr, MASKED: tl.constexpr = True):
+    """Codes ``[32, N]`` (int32, code index first) of the 32-code groups whose ``BITS`` words start at ``word_ptrs``
+    ``[N]``.
+
+    A group of 32 codes is exactly ``BITS`` words at every width (3-bit codes 10 and 21 straddle words). The code
+    index is the *leading* axis so that Triton's default layouts put the ``N`` groups on the lanes and keep a whole
+    group in one thread: the word choice and shift of every code are then compile-time constants (no selects) and
+    sums over codes need no shuffles. ``MASKED=False`` leaves the bits above each code in place (only the low
+    ``BITS`` bits are the code): :func:`lane_table_lookup` ignores them.
+    """
+    i = tl.arange(0, 32)
+    bit = i * BITS
+    widx = (bit >> 5)[:, None]
+    shift = (bit & 31)[:, None].to(tl.uint32)
+    w0 = tl.load(word_ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
+    w1 = tl.load(word_ptrs + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
+    if BITS == 2:
+        codes = tl.where(widx == 0, w0, w1) >> shift
+    elif BITS == 3:
+        w2 = tl.load(word_ptrs + 2, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
+        lo = tl.where(widx == 0, w0, tl.where(widx == 1, w1, w2))
+        nxt = tl.where(widx == 0, w1, w2)
+        spill = tl.where(shift > 29, nxt << ((32 - shift) & 31), 0)
+        codes = (lo >> shift) | spill
+    else:
+        w2 = tl.load(word_ptrs + 2, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
+        w3 = tl.load(word_ptrs + 3, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
+        lo = tl.where(widx < 2, tl.where(widx == 0, w0, w1), tl.where(widx == 2, w2, w3))
+        codes = lo >> shift
+    if MASKED:
+        codes = codes & ((1 << BITS) - 1)
+    return codes.to(tl.int32)
+
+
+def shuffle_lookup() -> bool:
+    """Codebook lookups through warp shuffles (compiled only: the interpreter has no inline assembly).
+    ``KVQUANT_SHUFFLE_LOOKUP=0`` turns them off (table loads instead)."""
+    return fast_trig() and os.environ.get("KVQUANT_SHUFFLE_LOOKUP", "1") != "0"
+
+
+@triton.jit
+def lane_table(table_ptr, like, BITS: tl.constexpr):
+    """Each thread's entry of a codebook spread over the lanes: lane ``l`` holds ``table[l % 2**BITS]`` (fp32 bits
+    as int32), shaped like ``like`` (e.g. ``[1, N]``); computed once, outside the loops."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.load(table_ptr + (lane & ((1 << BITS) - 1))).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def lane_table_lookup(lane_values, codes):
+    """``table[code]`` (fp32) by one warp shuffle per element: ``shfl.idx`` reads lane ``code & 31``, which holds
+    ``table[code % 2**BITS]`` (:func:`lane_table`), so bits above the code need no masking and no address is formed.
+    Every lane of the warp must execute it (the kernels' loops are uniform)."""
+    got = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [lane_values, codes],
+                                    dtype=tl.int32, is_pure=True, pack=1)
+    return got.to(tl.float32, bitcast=True)
