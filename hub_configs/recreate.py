@@ -3,6 +3,7 @@
     python hub_configs/recreate.py                      # SmolLM2-135M-Instruct and stories260K
     python hub_configs/recreate.py --models smollm2     # one model
     python hub_configs/recreate.py --eval-windows 8     # also measure each config's WikiText-2 perplexity change
+    python hub_configs/recreate.py --skip-existing      # resume: only the configs not yet written
 
 For each model: one Fisher/activation pass over the calibration windows (shared by every config), then
 4/3/2-bit codebooks with 0% and 1% outliers, plus (SmolLM2 only) the two ablations that need their own
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=0, help="WikiText-2 test windows for the ppl change (0: skip)")
+    parser.add_argument("--skip-existing", action="store_true", help="keep configs already written (resume a run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -70,6 +72,10 @@ def main(argv=None) -> int:
         jobs = [(bits, frac, None, {}) for bits, frac in GRID]
         if ablations:
             jobs += [(3, 0.01, name, opts) for name, opts in ABLATIONS.items()]
+        if args.skip_existing:
+            jobs = [job for job in jobs if not (HERE / folder / config_dir_name(*job[:3]) / "kvquant_config.json").exists()]
+            if not jobs:
+                continue
         for bits, frac, variant, opts in jobs:
             t0 = time.time()
             cfg = fit_config(stats, bits=bits, outlier_fraction=frac, **opts)

@@ -135,7 +135,7 @@ def test_accounting_counts_every_tensor(bits):
     codes = 2 * b * h * t * d * bits // 8
     ranges = 2 * b * t * 2
     value_outliers = b * t * slots * (2 + 2)
-    key_csr = b * t * 4 + key_outliers * (2 + 2)
+    key_csr = b * t * 4 + key_outliers * (2 + 2) + b * 8  # begins, entries, each row's int64 entry count
     positions = b * t * 4
     sink = 2 * b * h * d * 4 + b * 8
     assert rep.total_bytes == codes + ranges + value_outliers + key_csr + positions + sink
@@ -165,7 +165,7 @@ def test_key_outliers_survive_crop_reorder_and_eviction():
         grow.evict_before(grow.length - 12)
     torch.testing.assert_close(grow.keys_values()[0], ref.keys_values()[0][:, :, grow.start :], rtol=0, atol=0)
     live = int((kq.normalize(k[:, :, grow.start :])[1]).sum())
-    assert store_report(grow).bytes_by_component["key_outlier_entries"] == live * 4
+    assert store_report(grow).bytes_by_component["key_outlier_entries"] == live * 4 + 3 * 8  # + int64 row counts
 
 
 def test_full_precision_store_is_exact():
