@@ -83,11 +83,14 @@ def test_average_bits_of_baselines():
 
 
 def test_kvquant_average_bits_come_from_a_real_store(stories):
-    model, _ = stories
+    model, tok = stories
     method = make_method("kvquant", model, bits=3, outlier_fraction=0.01)
     cache = KVQuantCache(model, method.config)
+    # Real text: the count of exactly kept key elements depends on how the keys meet the calibrated ranges
+    # (random token ids push ~8% of them out; text about the calibrated 1%).
+    ids = tok(WIKITEXT.read_text()[:20000], return_tensors="pt").input_ids[:, :256]
     with torch.no_grad():
-        model(torch.randint(3, 500, (1, 256)).to(torch.long), past_key_values=cache, use_cache=True)
+        model(ids, past_key_values=cache, use_cache=True)
     # The simulation's count is made with a 16-bit model: compare in a fp16 copy of the layout.
     assert method.avg_bits(4, 8, 256) == pytest.approx(cache.memory_report().avg_bits - _sink_extra(cache), rel=0.02)
 

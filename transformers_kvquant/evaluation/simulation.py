@@ -69,10 +69,20 @@ class KVQuantMethod(SimulatedMethod):
         return fake_quantize(self._value_q[layer], values)
 
     def avg_bits(self, heads, head_dim, tokens):
-        """Bits per element of a real store holding ``tokens`` tokens of a 16-bit model (sink, window included)."""
+        """Bits per element of a real store holding ``tokens`` tokens of a 16-bit model (sink, window included).
+
+        Keys are drawn so that the configured outlier fraction of them falls outside layer 0's calibrated ranges
+        (what the calibration aims for), since every out-of-range key element is stored exactly.
+        """
         store = PackedStore(self._key_q[0], self._value_q[0], self.config.bits, self.sink_tokens, self.window)
         g = torch.Generator().manual_seed(0)
-        k = torch.randn(1, heads, tokens, head_dim, generator=g).half()
+        frac = self.config.outlier_fraction
+        spread = 1 / torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - frac / 2)).item() if frac else 0.25
+        layer = self.config.layers[0]
+        z = torch.randn(1, heads, tokens, head_dim, generator=g) * spread
+        if not frac:
+            z = z.clamp(-1, 1)
+        k = (layer.key_zero.float()[:, None, :] + layer.key_scale.float()[:, None, :] * z).half()
         store.append(k, torch.randn(1, heads, tokens, head_dim, generator=g).half(), torch.arange(tokens)[None])
         return store_report(store).avg_bits
 
