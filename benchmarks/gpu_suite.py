@@ -443,17 +443,20 @@ def llama_config(kind: str, max_positions: int):
 
 
 @torch.no_grad()
-def build_model(kind: str, max_positions: int = 2**21):
-    """A LLaMA-shaped model with random fp16 weights, created directly on the GPU."""
+def build_model(kind, max_positions: int = 2**21, device="cuda"):
+    """A LLaMA-shaped model with random fp16 weights, created directly on ``device`` (default the GPU).
+
+    ``kind``: "llama2-7b", "llama3-8b", or a ``LlamaConfig`` (e.g. a tiny one for a CPU dry run).
+    """
     from transformers import LlamaForCausalLM
 
-    cfg = llama_config(kind, max_positions)
+    cfg = llama_config(kind, max_positions) if isinstance(kind, str) else kind
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
@@ -490,9 +493,25 @@ def kv_bytes_per_token(model, fmt) -> float:
     return layers * (2 * h * packed_words(d, bits) * 4 + 4 + 4 + 2 * s * 4)
 
 
+def synchronize(devices=None) -> None:
+    """``torch.cuda.synchronize()`` on the current device, or on every CUDA device among ``devices``."""
+    if devices is None:
+        torch.cuda.synchronize()
+        return
+    for dev in {torch.device(d) for d in devices}:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+
 @torch.no_grad()
-def fill_kvquant(model, cfg, batch: int, length: int, extra: int, chunk: int | None = None, backend: str = "auto"):
-    """A KVQuantCache holding ``length`` synthetic pre-RoPE tokens, appended through the real append kernel."""
+def fill_kvquant(model, cfg, batch: int, length: int, extra: int, chunk: int | None = None, backend: str = "auto", layer_devices=None,
+                 key_spread: float = 0.6):
+    """A KVQuantCache holding ``length`` synthetic pre-RoPE tokens, appended through the real append kernel.
+
+    ``layer_devices``: the device of each decoder layer (a split model); default every layer on "cuda".
+    ``key_spread``: std of the keys in units of the calibrated per-channel range; the entries beyond the range
+    (|x| > 1) are the stored key outliers: 0.6 gives ~9.6% of them, 1/2.576 the 1% a 1% calibration sees.
+    """
     from transformers_kvquant import KVQuantCache
 
     cache = KVQuantCache(model, cfg, max_length=length + extra, backend=backend)
@@ -501,29 +520,32 @@ def fill_kvquant(model, cfg, batch: int, length: int, extra: int, chunk: int | N
     # Chunks of ~16M channel values: the outlier selection holds a few fp32 copies of a chunk.
     n = min(chunk or max(1024, 2**24 // (batch * h * d)), length)
     for idx, layer in enumerate(cache.layers):
+        dev = "cuda" if layer_devices is None else layer_devices[idx]
         lc = cfg.layers[idx]
-        zero = lc.key_zero.to("cuda", torch.float32)[None, :, None, :]
-        scale = lc.key_scale.to("cuda", torch.float32)[None, :, None, :]
-        k = (torch.randn(batch, h, n, d, device="cuda") * 0.6 * scale + zero).to(model.dtype)
-        v = torch.randn(batch, h, n, d, device="cuda", dtype=model.dtype)
+        zero = lc.key_zero.to(dev, torch.float32)[None, :, None, :]
+        scale = lc.key_scale.to(dev, torch.float32)[None, :, None, :]
+        k = (torch.randn(batch, h, n, d, device=dev) * key_spread * scale + zero).to(model.dtype)
+        v = torch.randn(batch, h, n, d, device=dev, dtype=model.dtype)
         for start in range(0, length, n):
             m = min(n, length - start)
-            layer.stage(torch.arange(start, start + m, device="cuda")[None].expand(batch, m), m)
+            layer.stage(torch.arange(start, start + m, device=dev)[None].expand(batch, m), m)
             layer.update(k[:, :, :m], v[:, :, :m])
         del k, v
-    torch.cuda.synchronize()
+    synchronize(layer_devices)
     return cache
 
 
 @torch.no_grad()
-def fill_dynamic(model, batch: int, length: int):
+def fill_dynamic(model, batch: int, length: int, layer_devices=None):
+    """A DynamicCache holding ``length`` random fp16 tokens per layer (on ``layer_devices[i]``, default "cuda")."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     c = model.config
     h, d = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
-    for layer in cache.layers:
-        k = torch.randn(batch, h, length, d, device="cuda", dtype=model.dtype)
+    for idx, layer in enumerate(cache.layers):
+        dev = "cuda" if layer_devices is None else layer_devices[idx]
+        k = torch.randn(batch, h, length, d, device=dev, dtype=model.dtype)
         layer.lazy_initialization(k[:, :, :0], k[:, :, :0])
         layer.keys, layer.values = k, torch.randn_like(k)
         layer.is_initialized = True
@@ -545,23 +567,36 @@ def fill_quanto(model, batch: int, length: int, nbits: int):
 
 
 @torch.no_grad()
-def decode_steps(model, cache, batch: int, steps: int, warmup: int = 2) -> dict:
-    """Wall-clock ms per decode step of the whole model (synchronized), and the peak memory while decoding."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    tok = torch.randint(3, min(1000, model.config.vocab_size), (batch, 1), device="cuda")
+def decode_steps(model, cache, batch: int, steps: int, warmup: int = 2, devices=None) -> dict:
+    """Wall-clock ms per decode step of the whole model (synchronized), and the peak memory while decoding.
+
+    ``devices``: for a model split over several devices, all of them (the first holds the embeddings): every
+    CUDA device among them is synchronized, and ``peak_bytes_per_device`` reports each one's peak (``peak_bytes``
+    is then their sum). Default: the current CUDA device only.
+    """
+    cuda_devs = None if devices is None else sorted({torch.device(d) for d in devices if torch.device(d).type == "cuda"}, key=str)
+    synchronize(devices)
+    for dev in [None] if cuda_devs is None else cuda_devs:
+        torch.cuda.reset_peak_memory_stats(dev)
+    tok = torch.randint(3, min(1000, model.config.vocab_size), (batch, 1), device="cuda" if devices is None else devices[0])
     times = []
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        synchronize(devices)
         t0 = time.perf_counter()
         out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        tok = out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
+        tok = out.logits[:, -1:].argmax(-1).to(tok.device)
+        synchronize(devices)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     finite = bool(torch.isfinite(out.logits).all())
-    return {"ms_per_token": times[len(times) // 2], "ms_all": [round(t, 2) for t in times], "peak_bytes": torch.cuda.max_memory_allocated(), "finite_logits": finite}
+    res = {"ms_per_token": times[len(times) // 2], "ms_all": [round(t, 2) for t in times], "finite_logits": finite}
+    if cuda_devs is None:
+        res["peak_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        res["peak_bytes_per_device"] = {str(d): torch.cuda.max_memory_allocated(d) for d in cuda_devs}
+        res["peak_bytes"] = sum(res["peak_bytes_per_device"].values())
+    return res
 
 
 def quanto_available() -> bool:
