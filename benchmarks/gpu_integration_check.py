@@ -65,6 +65,14 @@ def check_exactness(tok, models, log):
     return rows
 
 
+def _execution_device(module) -> str:
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is None:
+        dev = next(module.parameters()).device
+    return torch.device(dev).type
+
+
 def check_device_map(tok, models, log):
     from accelerate import dispatch_model
 
@@ -95,7 +103,9 @@ def check_device_map(tok, models, log):
         split.generate(ids.to(DEV), attention_mask=torch.ones_like(ids).to(DEV), max_new_tokens=16, do_sample=False, past_key_values=cache, pad_token_id=0)
         placement = []
         for i, layer in enumerate(cache.layers):
-            want = DEV if i % 2 == 0 else "cpu"
+            # Accelerate offloads "cpu" entries when a GPU is present: their weights stay in CPU memory and the
+            # layer executes on the main device, so its cache belongs there (the layer's execution device).
+            want = _execution_device(split.model.layers[i])
             tensors = list(layer.store.buffers.tensors.values()) + [layer.store.sink_keys, layer.store.key_entry_values]
             placement.append(all(t.device.type == want for t in tensors))
         row = {
@@ -105,6 +115,7 @@ def check_device_map(tok, models, log):
             "bits16_max_delta_logit": float((logits16 - ref_logits).abs().max()),
             "split_equals_single_gpu_tokens": torch.equal(ref_seq.cpu(), single_ref),
             "quantized_layers_on_their_device": placement,
+            "layer_execution_devices": [_execution_device(m) for m in split.model.layers],
         }
         row["ok"] = row["bits16_tokens_equal"] and row["bits16_max_delta_logit"] == 0.0 and all(placement)
         out.append(row)

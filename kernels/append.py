@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import next_pow2, packed_words
+from .layout import next_pow2, on_input_device, packed_words
 from .naive import KeyOutliers, select_outliers
 
 # The store's CUDA append path is enabled by this flag: the kernel writes its layout (row-wise CSR key outliers,
@@ -90,6 +90,7 @@ def _append_kernel(
     _store_packed(vcodes, vc_ptr + rows, tmask, BT, D, BITS)
 
 
+@on_input_device
 def append_packed(
     keys: torch.Tensor,
     values: torch.Tensor,

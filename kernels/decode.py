@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import PackedKV, next_pow2
+from .layout import PackedKV, next_pow2, on_input_device
 from .triton_common import LOG2E, code_at, fast_trig, group_codes, lane_table, lane_table_lookup, shuffle_lookup, sincos, unpack_half
 
 
@@ -367,6 +367,7 @@ def default_splits(batch: int, packed_len: int, device: torch.device) -> int:
     return max(1, min(want, math.ceil(packed_len / 64)))
 
 
+@on_input_device
 def decode_attention(
     query: torch.Tensor,
     query_cos: torch.Tensor,

@@ -25,9 +25,27 @@ kernels (``0 .. total-1``), which is also the last axis of an attention mask.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+
+def on_input_device(launcher):
+    """Run ``launcher`` with the current CUDA device set to that of its first (tensor) argument.
+
+    Triton launches on the current device, so without this a layer on ``cuda:1`` (a model split by ``device_map``)
+    would be launched on ``cuda:0`` with pointers into the other GPU's memory.
+    """
+
+    @functools.wraps(launcher)
+    def wrapper(first, *args, **kwargs):
+        if first.is_cuda and first.device.index is not None and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+
+    return wrapper
 
 SUPPORTED_BITS = (2, 3, 4)
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import PackedKV, next_pow2
+from .layout import PackedKV, next_pow2, on_input_device
 from .triton_common import LOG2E, fast_trig, sincos, unpack_half
 
 
@@ -167,6 +167,7 @@ def _prefill_kernel(
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+@on_input_device
 def prefill_attention(
     query: torch.Tensor,
     query_cos: torch.Tensor,

@@ -73,3 +73,38 @@ def test_unsupported_head_dim_is_refused_when_forced_and_skipped_by_auto():
     layer.lazy_initialization(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
     with pytest.raises(KernelUnavailableError, match="head_dim"):
         kernels_enabled(cache.settings, layer.store)
+
+
+def test_launchers_switch_to_the_inputs_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device: a launcher called with tensors on another GPU (a layer that
+    device_map placed on cuda:1) must make that GPU current for the launch, and leave CPU inputs alone."""
+    import contextlib
+
+    from transformers_kvquant.kernels.layout import on_input_device
+
+    current = {"device": 0}
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(dev):
+        entered.append(dev)
+        before, current["device"] = current["device"], torch.device(dev).index
+        try:
+            yield
+        finally:
+            current["device"] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+
+    class OnGpu:  # stands in for a CUDA tensor: only .is_cuda and .device are read
+        def __init__(self, index):
+            self.is_cuda, self.device = True, torch.device("cuda", index)
+
+    seen = []
+    launch = on_input_device(lambda first, *rest: seen.append(current["device"]) or len(rest))
+    assert launch(OnGpu(1), 2, 3) == 2
+    assert launch(OnGpu(0)) == 0
+    assert launch(torch.zeros(1)) == 0
+    assert seen == [1, 0, 0] and entered == [torch.device("cuda", 1)]
+    assert current["device"] == 0  # restored after the launch
