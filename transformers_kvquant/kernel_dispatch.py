@@ -40,15 +40,16 @@ def kernels_enabled(settings, store) -> bool:
             raise KernelUnavailableError("backend='triton' needs a quantized cache (bits 2, 3 or 4); bits=16 has no kernels")
         if not _triton_importable():
             raise KernelUnavailableError("backend='triton' needs the `triton` package (pip install triton)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise KernelUnavailableError(
-                f"backend='triton' runs on CUDA tensors; this layer is on {device}. Use backend='auto' or 'reference', "
-                "or set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's (slow) CPU interpreter"
-            )
+        # The model's geometry first: no device makes an unsupported head_dim work.
         if not supported_head_dim(store.head_dim, store.bits):
             raise KernelUnavailableError(
                 f"the kernels need each RoPE half of a head to hold whole {store.bits}-bit packing groups "
                 f"(head_dim 64, 128 or 256); this model has head_dim {store.head_dim}"
+            )
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise KernelUnavailableError(
+                f"backend='triton' runs on CUDA tensors; this layer is on {device}. Use backend='auto' or 'reference', "
+                "or set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's (slow) CPU interpreter"
             )
         return True
     return packed and device.type == "cuda" and _triton_importable() and supported_head_dim(store.head_dim, store.bits)
