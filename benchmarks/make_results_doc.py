@@ -196,8 +196,23 @@ def _fidelity_checks(m: dict) -> list[str]:
                 worse = [i for i, (x, y) in enumerate(zip(v["buckets"], bv["buckets"])) if x["kl"] >= y["kl"]]
                 if worse:
                     out.append(f"- {name} ({v['avg_bits']:.2f} bits) has KL at or above {base} ({bv['avg_bits']:.2f} bits) in buckets {worse}")
+                else:
+                    out.append(f"- {name} ({v['avg_bits']:.2f} bits) has lower KL than {base} ({bv['avg_bits']:.2f} bits) in every bucket")
     if not any("at or above" in x for x in out):
         out.append("- Every KVQuant configuration has lower KL than every int/kivi baseline with at least as many bits, in every bucket")
+    else:
+        out.append(
+            "- Where a baseline wins: KIVI's key ranges are per channel over groups of 32 tokens (fitted to the tokens "
+            "they cover) and its newest 128 tokens stay exact, while KVQuant's key ranges are calibrated offline over "
+            "the whole context; on this small model (3 KV heads x 64) the adaptive groups win where listed above. `int` "
+            "(per-token keys after RoPE) is compared in the lines above at each width."
+        )
+    two = [n for n in m if n.startswith("nuq2")]
+    if two:
+        out.append("- 2 bits: " + "; ".join(
+            f"{n} ({m[n]['avg_bits']:.2f} bits) KL {min(b['kl'] for b in m[n]['buckets']):.3f}-{max(b['kl'] for b in m[n]['buckets']):.3f}, "
+            f"top-1 {min(b['top1'] for b in m[n]['buckets']):.2f}-{max(b['top1'] for b in m[n]['buckets']):.2f}" for n in two)
+            + ". The exact sink and the exact recent window both lower the KL at 2 bits; 2-bit KVQuant stays far from fp on this model.")
     return out
 
 
