@@ -2,6 +2,9 @@
 
     python benchmarks/sass_count.py [--heads 32 --groups 1 --bits 3 --outliers --block-n 1 --warps 8]
 
+The loops print in code order: key pass, key-outlier entries (with --outliers; "per element" is per entry / 32
+there), max pass, value pass, value outliers (with --outliers), exact tokens.
+
 Compiles ``_decode_kernel`` with Triton's bundled ptxas, finds the loops (backward branches) and prints, for each,
 the thread-instructions per loop iteration divided by the K (pass 1) or V (pass 2) elements one iteration covers,
 with the most frequent opcodes. An H100 issues ~30 T thread-instructions/s, so e.g. 30 per element over the ~1G
@@ -52,7 +55,7 @@ def main() -> None:
     fn = decode._decode_kernel
     const = dict(H=a.heads, HP=next_pow2(a.heads), G=a.groups, GP=next_pow2(a.groups), D=a.head_dim, BITS=a.bits,
                  W=packed_words(a.head_dim, a.bits), S_PAD=64 if a.outliers else 1, HAS_OUTLIERS=a.outliers, HAS_KEY_OUTLIERS=a.outliers, KE=decode.KEY_ENTRIES_PER_SLOT, N_SINK=1, NS_PAD=1,
-                 MASK_KIND=0, BLOCK_N=bn, FAST_TRIG=True, VBN=decode.value_block(a.heads, a.head_dim, warps), SHFL=not a.no_shfl)
+                 MASK_KIND=0, BLOCK_N=bn, FAST_TRIG=True, VBN=decode.value_block(a.heads, a.head_dim, warps), SHFL=not a.no_shfl, KBN=decode.key_block(a.heads, a.head_dim, warps), MBN=max(1, 1024 // (next_pow2(a.heads) * next_pow2(a.groups))))
     src = ASTSource(fn=fn, signature=sig_of(fn, PTRS, const), constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -68,8 +71,14 @@ def main() -> None:
             t = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1])
             if t and int(t.group(1), 16) < addr:
                 loops.append((int(t.group(1), 16), addr))
-    elements = next_pow2(a.heads) * bn * a.head_dim
+    # The key and value passes give each thread one unit of 32 elements per iteration (key: 16 RoPE pairs of a
+    # (head, slot); value: a 32-channel group of a (head, slot)), so instructions per element = per-thread body / 32.
+    # Other loops (key-outlier entries: one entry per thread per iteration; the max pass; exact tokens) are listed
+    # with the same division, which is only meaningful for the two passes.
+    elements = 32 * warps * 32
     print(f"decode H{a.heads} G{a.groups} D{a.head_dim} b{a.bits} outliers={a.outliers} BLOCK_N={bn} warps={warps}: {len(instrs)} instructions")
+    if os.environ.get("SASS_DUMP"):
+        open(os.environ["SASS_DUMP"], "w").write(sass)
     for lo, hi in loops:
         body = [op for addr, op, _ in instrs if lo <= addr <= hi]
         if len(body) < 100:  # helper loops (e.g. a slow path), not a pass over slots

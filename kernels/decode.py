@@ -6,8 +6,9 @@ token's sparse outliers (stored per token over all heads), which each program re
 passes over its slots:
 
 1. keys: unpack codes, codebook lookup, per-channel scale/zero, rotate by the stored position, ``q . k`` for every
-   query head of the KV head (GQA: a KV head is dequantized once for its query heads), key outliers as sparse
-   corrections of the scores; scores go to a scratch buffer, the running max is kept;
+   query head of the KV head (GQA: a KV head is dequantized once for its query heads); scores go to a scratch
+   buffer; key outliers are then added to them as sparse corrections (one CSR entry per thread, atomics), and the
+   split's max is read back from the scores;
 2. values: ``p = exp(score - max)`` with the split's final max, dense ``p . v``, and value outliers added to the
    split's partial output with atomics (they land on data-dependent channels).
 
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .layout import PackedKV, next_pow2, on_input_device
-from .triton_common import LOG2E, code_at, fast_trig, group_codes, lane_table, lane_table_lookup, shuffle_lookup, sincos, unpack_half
+from .triton_common import LOG2E, chunk_codes, code_at, fast_trig, group_codes, lane_table, lane_table_lookup, shuffle_lookup, sincos, unpack_half
 
 
 @triton.jit
@@ -54,6 +55,15 @@ def _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, hq, j, mask, s
     s_lo = tl.load(qs_ptr + b * c_sb + j, mask=mask, other=0.0).to(tl.float32)
     s_hi = tl.load(qs_ptr + b * c_sb + HALF + j, mask=mask, other=0.0).to(tl.float32)
     return (q_lo * c_lo - q_hi * s_lo) * scale, (q_hi * c_hi + q_lo * s_hi) * scale
+
+
+@triton.jit
+def _to_units(x, CH: tl.constexpr, HP: tl.constexpr, KBN: tl.constexpr, NCH: tl.constexpr):
+    """A per-(slot, pair) tile ``[KBN, NCH * CH]`` laid out as the key pass's ``[CH, KU]`` unit tensor (unit = (head,
+    slot, chunk); the same values for every head)."""
+    x = tl.permute(tl.reshape(x, (KBN, NCH, CH)), (2, 0, 1))  # [CH, KBN, NCH]
+    x = tl.broadcast_to(x[:, None, :, :], (CH, HP, KBN, NCH))
+    return tl.reshape(x, (CH, HP * KBN * NCH))
 
 
 @triton.jit
@@ -92,7 +102,7 @@ def _decode_kernel(
     scale, rope_scale,
     H: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_KEY_OUTLIERS: tl.constexpr, KE: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
-    FAST_TRIG: tl.constexpr, VBN: tl.constexpr, SHFL: tl.constexpr,
+    FAST_TRIG: tl.constexpr, VBN: tl.constexpr, SHFL: tl.constexpr, KBN: tl.constexpr, MBN: tl.constexpr,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -115,77 +125,133 @@ def _decode_kernel(
     ns = tl.arange(0, NS_PAD)
     sink_slot = tl.load(sink_slot_ptr + b * N_SINK + ns, mask=ns < N_SINK, other=-1) - begin  # relative slots
     if split < n_splits:
-        # ------------------------------------------------------------------ packed slots [lo, hi), BLOCK_N at a time
+        # ------------------------------------------------------------------ packed slots [lo, hi)
         lo = split * split_len
         hi = tl.minimum(lo + split_len, packed_len)
         e = tl.arange(0, S_PAD)
-        nb = tl.arange(0, BLOCK_N)
-        ROWS: tl.constexpr = HP * BLOCK_N
-        row_h = tl.arange(0, ROWS) // BLOCK_N  # rows of an unpacked tile: (head, slot in block)
-        row_n = tl.arange(0, ROWS) % BLOCK_N
-        kz_lo = tl.load(kzero_ptr + hr[:, None] * D + j[None, :], mask=hmask[:, None], other=0.0)[:, None, :]
-        kz_hi = tl.load(kzero_ptr + hr[:, None] * D + HALF + j[None, :], mask=hmask[:, None], other=0.0)[:, None, :]
-        ks_lo = tl.load(kscale_ptr + hr[:, None] * D + j[None, :], mask=hmask[:, None], other=0.0)[:, None, :]
-        ks_hi = tl.load(kscale_ptr + hr[:, None] * D + HALF + j[None, :], mask=hmask[:, None], other=0.0)[:, None, :]
+        nb = tl.arange(0, BLOCK_N)  # slots per iteration of the value-outlier loop
         # Zero this program's partial output now: value outliers are added to it with atomics in pass 2.
         acc_ptrs = part_acc_ptr + (part + hq_rows)[:, :, None] * D + j[None, None, :]
         tl.store(acc_ptrs, acc_lo, mask=qmask[:, :, None])
         tl.store(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
         score_ptrs = scores_ptr + (b * HQ + hq_rows) * packed_len  # [HP, GP]
         cell3 = qmask[:, :, None]
-        for k0 in range(lo, lo + split_len, BLOCK_N):  # slots past `hi` are masked
-            rel = k0 + nb  # [BLOCK_N]
-            live = rel < hi
+        # ---------------------------------------------------------------- pass 1: keys
+        # One thread per (KV head, slot, chunk of CH RoPE pairs: channels j and HALF + j for CH consecutive j):
+        # both halves' codes are decoded in registers, dequantized with the per-channel range, rotated by the slot's
+        # position and dotted with every query head of the group; the chunks of a slot meet in one shuffle reduction.
+        # CH = 16 (not a whole 32-code group) keeps the thread's loop constants (scale, zero, query per pair) in
+        # registers without spills.
+        CH: tl.constexpr = 16
+        NCH: tl.constexpr = HALF // CH
+        KU: tl.constexpr = HP * KBN * NCH
+        u = tl.arange(0, KU)
+        kc = u % NCH
+        kn = (u // NCH) % KBN
+        kh = u // (NCH * KBN)
+        kmask = kh < H
+        # Pair index of each element, [CH, KU]. Multiplied by a runtime 1: addresses that the compiler knows to be
+        # contiguous along the chunk would make it vectorize these loads across lanes and lay the whole loop out
+        # with a unit's chunk spread over 4 threads (cross-lane sums, shuffles); unknown strides keep a unit's chunk
+        # in one thread, as the codes are.
+        one = (n_splits + 1) // (n_splits + 1)
+        jj = (kc[None, :] * CH + tl.arange(0, CH)[:, None]) * one
+        m2 = kmask[None, :]
+        ks_lo = tl.load(kscale_ptr + kh[None, :] * D + jj, mask=m2, other=0.0)
+        ks_hi = tl.load(kscale_ptr + kh[None, :] * D + HALF + jj, mask=m2, other=0.0)
+        kz_lo = tl.load(kzero_ptr + kh[None, :] * D + jj, mask=m2, other=0.0)
+        kz_hi = tl.load(kzero_ptr + kh[None, :] * D + HALF + jj, mask=m2, other=0.0)
+        hq_k = (kh * G)[None, None, :] + gc[:, None, None]  # [GP, 1, KU]
+        qk_mask = (gc < G)[:, None, None] & kmask[None, None, :]
+        qu_lo, qu_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, hq_k, jj[None, :, :], qk_mask, scale * rope_scale, HALF)
+        if SHFL:
+            k_lanes = lane_table(ktab_ptr, u[None, :], BITS)
+        # Slot-level index of the [GP, HP * KBN] scores of an iteration.
+        sn = tl.arange(0, HP * KBN)
+        h_s = sn // KBN
+        hq_s = (h_s * G)[None, :] + gc[:, None]
+        cn = tl.arange(0, KBN)
+        for k0 in range(lo, lo + split_len, KBN):  # slots past `hi` are masked
+            rel = k0 + kn  # [KU]
+            live = (rel < hi) & kmask
             phys = first + rel
-            pos = tl.load(pos_ptr + b * cap + phys, mask=live, other=0).to(tl.float32)
-            cos, sin = sincos(pos[:, None] * inv_freq[None, :], FAST_TRIG)  # [BLOCK_N, HALF], shared by all heads
-            cos = cos[None, :, :]
-            sin = sin[None, :, :]
-            row_live = (row_h < H) & ((k0 + row_n) < hi)
-            rows = kc_ptr + ((b * H + row_h) * cap + first + k0 + row_n) * W
-            k_lo = tl.reshape(tl.load(ktab_ptr + unpack_half(rows, row_live, 0, BITS, HALF, ROWS)), (HP, BLOCK_N, HALF)) * ks_lo + kz_lo
-            k_hi = tl.reshape(tl.load(ktab_ptr + unpack_half(rows, row_live, W // 2, BITS, HALF, ROWS)), (HP, BLOCK_N, HALF)) * ks_hi + kz_hi
-            r_lo = (k_lo * cos - k_hi * sin)[:, None, :, :]
-            r_hi = (k_hi * cos + k_lo * sin)[:, None, :, :]
-            s = tl.sum(q_lo[:, :, None, :] * r_lo + q_hi[:, :, None, :] * r_hi, axis=3)  # [HP, GP, BLOCK_N]
-            if HAS_KEY_OUTLIERS:
-                # Key outliers (CSR): replacing element (h, d) of a dequantized key adds (value - dequantized) times
-                # the rotated query's weight of that channel at the slot's position to the score. Entries of the
-                # block's slots are taken KE per slot at a time, up to the block's largest count.
-                ent0 = tl.load(kbeg_ptr + b * cap + phys, mask=live, other=0)
-                last = (rel + 1) >= packed_len
-                ent1 = tl.load(kbeg_ptr + b * cap + phys + 1, mask=live & (rel + 1 < packed_len), other=0)
-                ent1 = tl.where(last, tl.load(knnz_ptr + b).to(tl.int32), ent1)
-                ent1 = tl.where(live, ent1, ent0)
-                ek = tl.arange(0, KE)
-                for i0 in range(0, tl.max(ent1 - ent0, axis=0), KE):
-                    ent = ent0[:, None] + i0 + ek[None, :]  # [BLOCK_N, KE]
-                    ok = ent < ent1[:, None]
-                    idx = tl.load(kec_ptr + b * ke_sb + ent, mask=ok, other=0).to(tl.int32)
-                    val = tl.load(kev_ptr + b * ke_sb + ent, mask=ok, other=0.0).to(tl.float32)
-                    he = tl.where(ok, idx // D, 0)
-                    de = tl.where(ok, idx % D, 0)
-                    je = de % HALF
-                    code = code_at(kc_ptr + ((b * H + he) * cap + phys[:, None]) * W, de, ok, BITS)
-                    deq = tl.load(ktab_ptr + code, mask=ok, other=0.0) * tl.load(kscale_ptr + he * D + de, mask=ok, other=0.0)
-                    deq += tl.load(kzero_ptr + he * D + de, mask=ok, other=0.0)
-                    delta = tl.where(ok, val - deq, 0.0)
-                    ce, se = sincos(pos[:, None] * tl.load(inv_freq_ptr + je, mask=ok, other=0.0), FAST_TRIG)
-                    first_half = de < HALF
-                    own = he[None, :, :] == hr[:, None, None]  # [HP, BLOCK_N, KE]
-                    # One query head of the group at a time: 3-D tensors only (Triton 3.6 fails on the 4-D form).
-                    for gi in tl.static_range(G):
-                        qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, he * G + gi, je, ok, scale * rope_scale, HALF)
-                        weight = tl.where(first_half, ce * qe_lo + se * qe_hi, ce * qe_hi - se * qe_lo)
-                        contrib = tl.where(ok, delta * weight, 0.0)  # [BLOCK_N, KE]
-                        corr = tl.sum(tl.where(own, contrib[None, :, :], 0.0), axis=2)  # [HP, BLOCK_N]
-                        s += tl.where((gc == gi)[None, :, None], corr[:, None, :], 0.0)
-            bias = _slot_bias(mask_ptr, b, m_sb, rel, live, total, window, MASK_KIND)
-            is_sink = tl.sum((sink_slot[None, :] == rel[:, None]).to(tl.int32), axis=1) > 0
+            # sin/cos depend on (slot, pair) only: computed once per iteration on a compact [KBN, HALF] tile and
+            # spread to the units (a layout conversion through shared memory), not once per head.
+            rel_c = k0 + cn
+            pos_c = tl.load(pos_ptr + b * cap + first + rel_c, mask=rel_c < hi, other=0).to(tl.float32)
+            cos_c, sin_c = sincos(pos_c[:, None] * inv_freq[None, :], FAST_TRIG)  # [KBN, HALF]
+            cos = _to_units(cos_c, CH, HP, KBN, NCH)
+            sin = _to_units(sin_c, CH, HP, KBN, NCH)
+            row = kc_ptr + ((b * H + kh) * cap + phys) * W
+            c_lo = chunk_codes(row, kc, live, BITS, not SHFL)
+            c_hi = chunk_codes(row + W // 2, kc, live, BITS, not SHFL)
+            if SHFL:
+                e_lo = lane_table_lookup(k_lanes, c_lo)
+                e_hi = lane_table_lookup(k_lanes, c_hi)
+            else:
+                e_lo = tl.load(ktab_ptr + c_lo)
+                e_hi = tl.load(ktab_ptr + c_hi)
+            k_lo = e_lo * ks_lo + kz_lo
+            k_hi = e_hi * ks_hi + kz_hi
+            r_lo = k_lo * cos - k_hi * sin
+            r_hi = k_hi * cos + k_lo * sin
+            part_s = tl.sum(qu_lo * r_lo[None, :, :] + qu_hi * r_hi[None, :, :], axis=1)  # [GP, KU]
+            s_slot = tl.sum(tl.reshape(part_s, (GP, HP * KBN, NCH)), axis=2)  # [GP, HP * KBN]
+            # Bias (mask, window, sink slots: the last program attends to the sink exactly) per (head, slot).
+            rel_s = k0 + sn % KBN
+            live_s = (rel_s < hi) & (h_s < H)
+            bias = _slot_bias(mask_ptr, b, m_sb, rel_s, live_s, total, window, MASK_KIND)
+            is_sink = tl.sum((sink_slot[None, :] == rel_s[:, None]).to(tl.int32), axis=1) > 0
             bias = tl.where(is_sink, float("-inf"), bias)
-            s = s + bias[None, None, :]
-            tl.store(score_ptrs[:, :, None] + rel[None, None, :], s, mask=cell3 & live[None, None, :])
-            m_i = tl.maximum(m_i, tl.max(s, axis=2))
+            tl.store(scores_ptr + (b * HQ + hq_s) * packed_len + rel_s[None, :], s_slot + bias[None, :],
+                     mask=(gc < G)[:, None] & live_s[None, :])
+        if HAS_KEY_OUTLIERS:
+            tl.debug_barrier()  # the dense scores are in place before the corrections are added to them
+            # Key outliers (CSR): replacing element (h, d) of a dequantized key adds (value - dequantized) times the
+            # rotated query's weight of that channel at the slot's position to that score. The split's entries are
+            # one contiguous CSR range: taken EB at a time, one per thread (not per slot: a slot has few), each
+            # finds its slot by a binary search of the row pointers, and the corrections land with atomics (entries
+            # of one slot and head share a score).
+            e_beg = tl.load(kbeg_ptr + b * cap + first + lo)
+            e_end = tl.load(kbeg_ptr + b * cap + first + tl.minimum(hi, packed_len - 1), mask=hi < packed_len, other=0)
+            e_end = tl.where(hi < packed_len, e_end, tl.load(knnz_ptr + b).to(tl.int32))
+            EB: tl.constexpr = KU  # one entry per thread
+            ei = tl.arange(0, EB)
+            for i0 in range(e_beg, e_end, EB):
+                ent = i0 + ei
+                ok = ent < e_end
+                # Largest slot r in [lo, hi) whose first entry is <= ent (empty slots share their successor's).
+                base = tl.zeros((EB,), tl.int32) + lo
+                n = hi - lo
+                while n > 1:
+                    half = n // 2
+                    probe = tl.load(kbeg_ptr + b * cap + first + base + half, mask=ok, other=0)
+                    base = tl.where(probe <= ent, base + half, base)
+                    n -= half
+                phys_e = first + base
+                pos_e = tl.load(pos_ptr + b * cap + phys_e, mask=ok, other=0).to(tl.float32)
+                idx = tl.load(kec_ptr + b * ke_sb + ent, mask=ok, other=0).to(tl.int32)
+                val = tl.load(kev_ptr + b * ke_sb + ent, mask=ok, other=0.0).to(tl.float32)
+                he = tl.where(ok, idx // D, 0)
+                de = tl.where(ok, idx % D, 0)
+                je = de % HALF
+                code = code_at(kc_ptr + ((b * H + he) * cap + phys_e) * W, de, ok, BITS)
+                deq = tl.load(ktab_ptr + code, mask=ok, other=0.0) * tl.load(kscale_ptr + he * D + de, mask=ok, other=0.0)
+                deq += tl.load(kzero_ptr + he * D + de, mask=ok, other=0.0)
+                delta = tl.where(ok, val - deq, 0.0)
+                ce, se = sincos(pos_e * tl.load(inv_freq_ptr + je, mask=ok, other=0.0), FAST_TRIG)
+                first_half = de < HALF
+                for gi in tl.static_range(G):
+                    qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, he * G + gi, je, ok, scale * rope_scale, HALF)
+                    weight = tl.where(first_half, ce * qe_lo + se * qe_hi, ce * qe_hi - se * qe_lo)
+                    tl.atomic_add(scores_ptr + (b * HQ + he * G + gi) * packed_len + base, delta * weight, mask=ok)
+        tl.debug_barrier()  # every score of the split is final
+        # The split's max per query head: one read per (head, slot). Loads of scores bypass L1 (.cg): the outlier
+        # corrections were added at L2 by atomics, which do not update lines this SM may hold.
+        for k0 in range(lo, lo + split_len, MBN):
+            rel = k0 + tl.arange(0, MBN)
+            st = tl.load(score_ptrs[:, :, None] + rel[None, None, :], mask=cell3 & (rel < hi)[None, None, :], other=float("-inf"), cache_modifier=".cg")
+            m_i = tl.maximum(m_i, tl.max(st, axis=2))
         # The split's final max is known: publish it (pass 2 reads it back per thread layout, value outliers too).
         tl.store(part_m_ptr + part + hq_rows, m_i, mask=qmask)
         tl.debug_barrier()  # scores, the max and the zeroed partial output are visible to every thread of the program
@@ -216,7 +282,7 @@ def _decode_kernel(
             rel = k0 + un
             live = (rel < hi) & (uh < H)
             phys = first + rel
-            p = tl.exp2(tl.load(score_u + rel[None, :], mask=cell_u & live[None, :], other=float("-inf")) - m_u)  # [GP, VU]
+            p = tl.exp2(tl.load(score_u + rel[None, :], mask=cell_u & live[None, :], other=float("-inf"), cache_modifier=".cg") - m_u)  # [GP, VU]
             vz = tl.load(vzero_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
             vs = tl.load(vscale_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
             lacc += tl.where(first_group, p, 0.0)
@@ -257,7 +323,7 @@ def _decode_kernel(
                     hq_e = he * G + gi
                     m_e = tl.load(part_m_ptr + part + hq_e, mask=ok, other=0.0)
                     m_e = tl.where(m_e == float("-inf"), 0.0, m_e)
-                    s_e = tl.load(scores_ptr + (b * HQ + hq_e) * packed_len + rel[:, None], mask=ok, other=float("-inf"))
+                    s_e = tl.load(scores_ptr + (b * HQ + hq_e) * packed_len + rel[:, None], mask=ok, other=float("-inf"), cache_modifier=".cg")
                     tl.atomic_add(part_acc_ptr + (part + hq_e) * D + de, tl.exp2(s_e - m_e) * delta, mask=ok)
     else:
         # ------------------------------------------------------------------ exact tokens: sink, then window
@@ -349,6 +415,11 @@ def decode_config(heads: int, groups: int, head_dim: int) -> tuple[int, int]:
 
 def value_block(heads: int, head_dim: int, warps: int) -> int:
     """Slots per iteration of the value pass: one (head, slot, 32-channel group) unit per thread."""
+    return max(1, (32 * warps) // (next_pow2(heads) * (head_dim // 32)))
+
+
+def key_block(heads: int, head_dim: int, warps: int) -> int:
+    """Slots per iteration of the key pass: one (head, slot, chunk of 16 RoPE pairs) unit per thread."""
     return max(1, (32 * warps) // (next_pow2(heads) * (head_dim // 32)))
 
 
@@ -450,7 +521,8 @@ def decode_attention(
         softmax_scale * LOG2E, attention_scaling,
         H=h, HP=hp, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
         S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, HAS_KEY_OUTLIERS=cache.has_key_outliers, KE=KEY_ENTRIES_PER_SLOT, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n, FAST_TRIG=fast_trig(),
-        VBN=value_block(h, d, warps), SHFL=shuffle_lookup(), num_warps=warps,
+        VBN=value_block(h, d, warps), SHFL=shuffle_lookup(), KBN=key_block(h, d, warps), MBN=max(1, 1024 // (hp * gp)),
+        num_warps=warps,
     )
     out = torch.empty(b, 1, hq, d, device=dev, dtype=query.dtype)
     _combine_kernel[(hq, b)](part_m, part_l, part_acc, out, parts, out.stride(0), out.stride(2), HQ=hq, D=d, P_PAD=next_pow2(parts))

@@ -112,6 +112,39 @@ def group_codes(word_ptrs, mask, BITS: tl.constexpr, MASKED: tl.constexpr = True
     return codes.to(tl.int32)
 
 
+@triton.jit
+def chunk_codes(word_ptrs, chunk, mask, BITS: tl.constexpr, MASKED: tl.constexpr = True):
+    """Codes ``[16, N]`` (int32, code index first) of 16-code chunk ``chunk`` ``[N]`` of the packed vectors whose
+    words start at ``word_ptrs`` ``[N]``.
+
+    Like :func:`group_codes` (a thread decodes its whole chunk with compile-time shifts), for half a 32-code group:
+    16 codes are one word at 2 bits, two at 4 bits, and 48 bits at 3 bits, where an odd chunk starts at bit 16 of
+    its group's second word: it is realigned once (two funnel-style shifts) so that every code's shift is constant.
+    ``MASKED=False`` leaves the bits above each code in place (see :func:`lane_table_lookup`).
+    """
+    i = tl.arange(0, 16)[:, None]
+    if BITS == 2:
+        w = tl.load(word_ptrs + chunk, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
+        codes = w >> (i * 2).to(tl.uint32)
+    elif BITS == 4:
+        w0 = tl.load(word_ptrs + chunk * 2, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
+        w1 = tl.load(word_ptrs + chunk * 2 + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
+        codes = tl.where(i < 8, w0, w1) >> ((i * 4) & 31).to(tl.uint32)
+    else:
+        odd = (chunk % 2) == 1
+        p = word_ptrs + (chunk // 2) * 3 + (chunk % 2)
+        wa = tl.load(p, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        wb = tl.load(p + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        lo = tl.where(odd, (wa >> 16) | (wb << 16), wa)[None, :]  # bits 0..31 of the chunk
+        hi = tl.where(odd, wb >> 16, wb)[None, :]  # bits 32..47
+        bit = i * 3
+        codes = tl.where(bit < 32, lo >> (bit & 31).to(tl.uint32), hi >> ((bit - 32) & 31).to(tl.uint32))
+        codes = tl.where(bit == 30, codes | (hi << 2), codes)  # code 10 straddles the two words
+    if MASKED:
+        codes = codes & ((1 << BITS) - 1)
+    return codes.to(tl.int32)
+
+
 def shuffle_lookup() -> bool:
     """Codebook lookups through warp shuffles (compiled only: the interpreter has no inline assembly).
     ``KVQUANT_SHUFFLE_LOOKUP=0`` turns them off (table loads instead)."""
