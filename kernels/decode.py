@@ -58,15 +58,6 @@ def _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, hq, j, mask, s
 
 
 @triton.jit
-def _to_units(x, CH: tl.constexpr, HP: tl.constexpr, KBN: tl.constexpr, NCH: tl.constexpr):
-    """A per-(slot, pair) tile ``[KBN, NCH * CH]`` laid out as the key pass's ``[CH, KU]`` unit tensor (unit = (head,
-    slot, chunk); the same values for every head)."""
-    x = tl.permute(tl.reshape(x, (KBN, NCH, CH)), (2, 0, 1))  # [CH, KBN, NCH]
-    x = tl.broadcast_to(x[:, None, :, :], (CH, HP, KBN, NCH))
-    return tl.reshape(x, (CH, HP * KBN * NCH))
-
-
-@triton.jit
 def _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND: tl.constexpr):
     """Additive log2-domain bias of a visible slot: 0, or -inf when masked or outside the sliding window."""
     bias = tl.where(rel > total - 1 - window, 0.0, float("-inf"))
@@ -96,7 +87,7 @@ def _decode_kernel(
     kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kzero_ptr, kscale_ptr, vzero_ptr, vscale_ptr,
     kbeg_ptr, kev_ptr, kec_ptr, knnz_ptr, vov_ptr, voi_ptr, pos_ptr,
     sink_k_ptr, sink_v_ptr, sink_slot_ptr, win_k_ptr, win_v_ptr, mask_ptr,
-    scores_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    scores_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, trig_ptr,
     q_sb, q_sh, c_sb, ke_sb, sk_sb, sk_sh, sk_sn, wk_sb, wk_sh, wk_sn, m_sb,
     cap, first, packed_len, n_window, begin, n_outliers, split_len, n_splits, window,
     scale, rope_scale,
@@ -164,6 +155,18 @@ def _decode_kernel(
         hq_k = (kh * G)[None, None, :] + gc[:, None, None]  # [GP, 1, KU]
         qk_mask = (gc < G)[:, None, None] & kmask[None, None, :]
         qu_lo, qu_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, hq_k, jj[None, :, :], qk_mask, scale * rope_scale, HALF)
+        if G == 1:
+            # MHA: fold scale, zero point and query into six constants per pair, so that a pair's score term
+            # c * (q_lo k_lo + q_hi k_hi) + s * (q_hi k_lo - q_lo k_hi), with k = code value * scale + zero, costs four
+            # FMAs on the code values plus the two of the rotation (instead of dequantize, rotate, then dot).
+            qa = tl.reshape(qu_lo, (CH, KU))
+            qb = tl.reshape(qu_hi, (CH, KU))
+            fa = qa * ks_lo
+            fb = qb * ks_hi
+            fc = qb * ks_lo
+            fd = -qa * ks_hi
+            z1 = qa * kz_lo + qb * kz_hi
+            z2 = qb * kz_lo - qa * kz_hi
         if SHFL:
             k_lanes = lane_table(ktab_ptr, u[None, :], BITS)
         # Slot-level index of the [GP, HP * KBN] scores of an iteration.
@@ -171,17 +174,26 @@ def _decode_kernel(
         h_s = sn // KBN
         hq_s = (h_s * G)[None, :] + gc[:, None]
         cn = tl.arange(0, KBN)
+        trig_base = trig_ptr + (b * (n_splits + 1) + split) * (4 * KBN * HALF)  # [2 buffers][cos, sin][KBN, HALF]
+        trig_off = kn[None, :] * HALF + jj  # [CH, KU]: this unit's slot and pairs (jj: no vectorized layout)
         for k0 in range(lo, lo + split_len, KBN):  # slots past `hi` are masked
             rel = k0 + kn  # [KU]
             live = (rel < hi) & kmask
             phys = first + rel
-            # sin/cos depend on (slot, pair) only: computed once per iteration on a compact [KBN, HALF] tile and
-            # spread to the units (a layout conversion through shared memory), not once per head.
+            # sin/cos depend on (slot, pair) only: computed once per iteration on a compact [KBN, HALF] tile, not
+            # once per head. The tile goes through this program's scratch (L1) to the units: left to the compiler,
+            # the conversion is rematerialized in the unit layout, i.e. recomputed by every head. Two buffers by
+            # iteration parity: one barrier per iteration orders this iteration's writes before its reads and the
+            # previous reads of a buffer before its next writes.
             rel_c = k0 + cn
             pos_c = tl.load(pos_ptr + b * cap + first + rel_c, mask=rel_c < hi, other=0).to(tl.float32)
             cos_c, sin_c = sincos(pos_c[:, None] * inv_freq[None, :], FAST_TRIG)  # [KBN, HALF]
-            cos = _to_units(cos_c, CH, HP, KBN, NCH)
-            sin = _to_units(sin_c, CH, HP, KBN, NCH)
+            buf = trig_base + ((k0 - lo) // KBN % 2) * (2 * KBN * HALF)
+            tl.store(buf + cn[:, None] * HALF + j[None, :], cos_c)
+            tl.store(buf + KBN * HALF + cn[:, None] * HALF + j[None, :], sin_c)
+            tl.debug_barrier()
+            cos = tl.load(buf + trig_off)
+            sin = tl.load(buf + KBN * HALF + trig_off)
             row = kc_ptr + ((b * H + kh) * cap + phys) * W
             c_lo = chunk_codes(row, kc, live, BITS, not SHFL)
             c_hi = chunk_codes(row + W // 2, kc, live, BITS, not SHFL)
@@ -191,11 +203,16 @@ def _decode_kernel(
             else:
                 e_lo = tl.load(ktab_ptr + c_lo)
                 e_hi = tl.load(ktab_ptr + c_hi)
-            k_lo = e_lo * ks_lo + kz_lo
-            k_hi = e_hi * ks_hi + kz_hi
-            r_lo = k_lo * cos - k_hi * sin
-            r_hi = k_hi * cos + k_lo * sin
-            part_s = tl.sum(qu_lo * r_lo[None, :, :] + qu_hi * r_hi[None, :, :], axis=1)  # [GP, KU]
+            if G == 1:
+                x = tl.fma(e_hi, fb, tl.fma(e_lo, fa, z1))  # explicit FMAs: the compiler does not contract a sum of products
+                y = tl.fma(e_hi, fd, tl.fma(e_lo, fc, z2))
+                part_s = tl.reshape(tl.sum(tl.fma(cos, x, sin * y), axis=0), (GP, KU))
+            else:
+                k_lo = e_lo * ks_lo + kz_lo
+                k_hi = e_hi * ks_hi + kz_hi
+                r_lo = k_lo * cos - k_hi * sin
+                r_hi = k_hi * cos + k_lo * sin
+                part_s = tl.sum(qu_lo * r_lo[None, :, :] + qu_hi * r_hi[None, :, :], axis=1)  # [GP, KU]
             s_slot = tl.sum(tl.reshape(part_s, (GP, HP * KBN, NCH)), axis=2)  # [GP, HP * KBN]
             # Bias (mask, window, sink slots: the last program attends to the sink exactly) per (head, slot).
             rel_s = k0 + sn % KBN
@@ -493,6 +510,11 @@ def decode_attention(
     part_m = torch.empty(b, parts, hq, device=dev, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(b, parts, hq, d, device=dev, dtype=torch.float32)
+    hp, gp = next_pow2(h), next_pow2(g)
+    auto_n, auto_warps = decode_config(h, g, d)
+    block_n, warps = block_n or auto_n, num_warps or auto_warps
+    kbn = key_block(h, d, warps)
+    trig = torch.empty(b, parts, 4 * kbn * (d // 2), device=dev, dtype=torch.float32)  # per-program sin/cos scratch
     q = query[:, :, 0]
     qc = query_cos[:, 0].expand(b, d) if query_cos.shape[0] == 1 else query_cos[:, 0]
     qs = query_sin[:, 0].expand(b, d) if query_sin.shape[0] == 1 else query_sin[:, 0]
@@ -505,9 +527,6 @@ def decode_attention(
     if sv.stride() != sk.stride():
         sk, sv = sk.contiguous(), sv.contiguous()
     window = sliding_window if sliding_window else total + 1
-    hp, gp = next_pow2(h), next_pow2(g)
-    auto_n, auto_warps = decode_config(h, g, d)
-    block_n, warps = block_n or auto_n, num_warps or auto_warps
     _decode_kernel[(parts, b)](
         q, qc, qs, inv_freq.float().contiguous(),
         cache.key_codes, cache.value_codes, cache.key_table.float().contiguous(), cache.value_table.float().contiguous(),
@@ -515,13 +534,13 @@ def decode_attention(
         cache.key_outlier_begin, cache.key_entry_values, cache.key_entry_channels, cache.key_nnz,
         cache.value_outlier_values, cache.value_outlier_index,
         cache.positions, sk, sv, cache.sink_slot.contiguous(), wk, wv, mask_arg,
-        scores, part_m, part_l, part_acc,
+        scores, part_m, part_l, part_acc, trig,
         q.stride(0), q.stride(1), qc.stride(0), cache.key_entry_values.stride(0), sk.stride(0), sk.stride(1), sk.stride(2), wk.stride(0), wk.stride(1), wk.stride(2), m_sb,
         cache.key_codes.shape[2], cache.begin - cache.offset, length, wk.shape[2], cache.begin, s, split_len, splits, window,
         softmax_scale * LOG2E, attention_scaling,
         H=h, HP=hp, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
         S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, HAS_KEY_OUTLIERS=cache.has_key_outliers, KE=KEY_ENTRIES_PER_SLOT, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n, FAST_TRIG=fast_trig(),
-        VBN=value_block(h, d, warps), SHFL=shuffle_lookup(), KBN=key_block(h, d, warps), MBN=max(1, 1024 // (hp * gp)),
+        VBN=value_block(h, d, warps), SHFL=shuffle_lookup(), KBN=kbn, MBN=max(1, 1024 // (hp * gp)),
         num_warps=warps,
     )
     out = torch.empty(b, 1, hq, d, device=dev, dtype=query.dtype)
