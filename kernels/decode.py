@@ -265,10 +265,14 @@ def _decode_kernel(
         tl.debug_barrier()  # every score of the split is final
         # The split's max per query head: one read per (head, slot). Loads of scores bypass L1 (.cg): the outlier
         # corrections were added at L2 by atomics, which do not update lines this SM may hold.
+        # Element-wise max in the loop, one reduction after it (Triton 3.6's thread-locality pass fails to compile a
+        # reduction combined with a loop-carried value here).
+        m_blk = tl.full((HP, GP, MBN), float("-inf"), tl.float32)
         for k0 in range(lo, lo + split_len, MBN):
             rel = k0 + tl.arange(0, MBN)
             st = tl.load(score_ptrs[:, :, None] + rel[None, None, :], mask=cell3 & (rel < hi)[None, None, :], other=float("-inf"), cache_modifier=".cg")
-            m_i = tl.maximum(m_i, tl.max(st, axis=2))
+            m_blk = tl.maximum(m_blk, st)
+        m_i = tl.max(m_blk, axis=2)
         # The split's final max is known: publish it (pass 2 reads it back per thread layout, value outliers too).
         tl.store(part_m_ptr + part + hq_rows, m_i, mask=qmask)
         tl.debug_barrier()  # scores, the max and the zeroed partial output are visible to every thread of the program
@@ -513,6 +517,10 @@ def decode_attention(
     hp, gp = next_pow2(h), next_pow2(g)
     auto_n, auto_warps = decode_config(h, g, d)
     block_n, warps = block_n or auto_n, num_warps or auto_warps
+    if s:
+        # Slots per iteration of the value-outlier loop (its only use now): ~1024 entries at a time. Its iterations
+        # are chains of dependent loads (index, code, table, score) ending in atomics: latency-bound, so few and wide.
+        block_n = max(block_n, 1024 // next_pow2(s))
     kbn = key_block(h, d, warps)
     trig = torch.empty(b, parts, 4 * kbn * (d // 2), device=dev, dtype=torch.float32)  # per-program sin/cos scratch
     q = query[:, :, 0]
