@@ -18,13 +18,20 @@ FORMATS = ["nuq4", "nuq4-1%", "nuq3", "nuq3-1%", "nuq2", "nuq2-1%"]
 
 
 def load(folders: list[Path]) -> dict:
-    merged = {"env": {}, "stages": {}}
+    merged = {"env": {}, "stages": {}, "sources": {}}
     for folder in folders:
         data = json.loads((folder / "results.json").read_text())
         merged["env"] = data.get("env", merged["env"])
         for name, rec in data.get("stages", {}).items():
-            if isinstance(rec, dict) and rec.get("status") not in (None, "running"):
-                merged["stages"][name] = rec
+            if not isinstance(rec, dict) or rec.get("status") is None:
+                continue
+            if rec["status"] == "running":
+                if not rec.get("rows"):
+                    continue
+                # The device call's time limit stopped the stage: keep what it measured, say so.
+                rec = dict(rec, status="cut short by the device call's time limit (rows measured so far)")
+            merged["stages"][name] = rec
+            merged["sources"][name] = str(folder)
     return merged
 
 
@@ -202,6 +209,7 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
     ap.add_argument("--figures", type=Path, default=REPO / "docs" / "figures")
+    ap.add_argument("--note", action="append", default=[], help="a line added under the stage sources (e.g. which kernel commit a stage ran)")
     args = ap.parse_args()
     data = load(args.folders)
     env, st = data["env"], data["stages"]
@@ -214,6 +222,10 @@ def main() -> None:
                  f"`python benchmarks/gpu_report.py OUT` here; raw numbers and logs are in `{', '.join(str(f) for f in args.folders)}`. "
                  "Timings are medians of CUDA-event timed calls with the L2 cache flushed in between; end-to-end numbers are "
                  "synchronized wall-clock ms per generated token. Weights are random (fp16): only speed and memory are measured.")
+    lines += ["", "Where each stage's numbers come from:", ""]
+    lines += [f"- {name}: `{src}`" + (f" ({st[name]['status']})" if str(st[name].get("status", "ok")).startswith("cut short") else "")
+              for name, src in data["sources"].items()]
+    lines += [f"- {n}" for n in args.note]
     lines += ["", "## Acceptance checks", ""] + acceptance(st)
     t = st.get("tests")
     if t:
