@@ -73,7 +73,7 @@ def decode_cases():
                 warps = OVERRIDE.get("warps", warps)
                 yield f"decode {name} b{bits} {'1%' if outliers else '0%'}", dict(
                     H=h, HP=hp, G=g, GP=gp, D=d, BITS=bits, W=packed_words(d, bits), S_PAD=64 if outliers else 1,
-                    HAS_OUTLIERS=outliers, HAS_KEY_OUTLIERS=outliers, KE=decode.KEY_ENTRIES_PER_SLOT, N_SINK=1, NS_PAD=1, MASK_KIND=1, BLOCK_N=block_n, FAST_TRIG=True, VBN=decode.value_block(h, d, warps), SHFL=True, KBN=decode.key_block(h, d, warps), MBN=max(1, 1024 // (hp * gp))), warps
+                    HAS_OUTLIERS=outliers, HAS_KEY_OUTLIERS=outliers, N_SINK=1, NS_PAD=1, MASK_KIND=1, BLOCK_N=block_n, FAST_TRIG=True, VBN=decode.value_block(h, d, warps), SHFL=True, KBN=decode.key_block(h, d, warps), MBN=max(1, 1024 // (hp * gp))), warps
 
 
 def main():

@@ -54,7 +54,7 @@ def main() -> None:
     bn, warps = a.block_n or bn, a.warps or warps
     fn = decode._decode_kernel
     const = dict(H=a.heads, HP=next_pow2(a.heads), G=a.groups, GP=next_pow2(a.groups), D=a.head_dim, BITS=a.bits,
-                 W=packed_words(a.head_dim, a.bits), S_PAD=64 if a.outliers else 1, HAS_OUTLIERS=a.outliers, HAS_KEY_OUTLIERS=a.outliers, KE=decode.KEY_ENTRIES_PER_SLOT, N_SINK=1, NS_PAD=1,
+                 W=packed_words(a.head_dim, a.bits), S_PAD=64 if a.outliers else 1, HAS_OUTLIERS=a.outliers, HAS_KEY_OUTLIERS=a.outliers, N_SINK=1, NS_PAD=1,
                  MASK_KIND=0, BLOCK_N=bn, FAST_TRIG=True, VBN=decode.value_block(a.heads, a.head_dim, warps), SHFL=not a.no_shfl, KBN=decode.key_block(a.heads, a.head_dim, warps), MBN=max(1, 1024 // (next_pow2(a.heads) * next_pow2(a.groups))))
     src = ASTSource(fn=fn, signature=sig_of(fn, PTRS, const), constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})

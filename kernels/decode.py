@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import PackedKV, next_pow2, on_input_device
-from .triton_common import LOG2E, chunk_codes, code_at, fast_trig, group_codes, lane_table, lane_table_lookup, shuffle_lookup, sincos, unpack_half
+from .layout import PackedKV, next_pow2, on_input_device, same_strides
+from .triton_common import LOG2E, chunk_codes, code_at, fast_trig, group_codes, lane_table, lane_table_lookup, shuffle_lookup, sincos
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _decode_kernel(
     cap, first, packed_len, n_window, begin, n_outliers, split_len, n_splits, window,
     scale, rope_scale,
     H: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_KEY_OUTLIERS: tl.constexpr, KE: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
+    W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_KEY_OUTLIERS: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
     FAST_TRIG: tl.constexpr, VBN: tl.constexpr, SHFL: tl.constexpr, KBN: tl.constexpr, MBN: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -415,7 +415,6 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_parts, o_sb
     tl.store(out_ptr + b * o_sb + hq * o_sh + d, out.to(out_ptr.dtype.element_ty))
 
 
-KEY_ENTRIES_PER_SLOT = 16  # key-outlier entries of each slot handled at once (the loop runs to the block's largest count)
 
 TUNED: dict[tuple[int, int, int], tuple[int, int]] = {}  # (heads, groups, head_dim) -> (block_n, warps), set by a sweep
 
@@ -528,12 +527,8 @@ def decode_attention(
     qs = query_sin[:, 0].expand(b, d) if query_sin.shape[0] == 1 else query_sin[:, 0]
     if qc.stride(-1) != 1 or qs.stride(-1) != 1 or qs.stride(0) != qc.stride(0):
         qc, qs = qc.contiguous(), qs.contiguous()
-    wk, wv = cache.window_keys, cache.window_values
-    if wv.stride() != wk.stride():
-        wk, wv = wk.contiguous(), wv.contiguous()
-    sk, sv = cache.sink_keys, cache.sink_values
-    if sv.stride() != sk.stride():
-        sk, sv = sk.contiguous(), sv.contiguous()
+    wk, wv = same_strides(cache.window_keys, cache.window_values)
+    sk, sv = same_strides(cache.sink_keys, cache.sink_values)
     window = sliding_window if sliding_window else total + 1
     _decode_kernel[(parts, b)](
         q, qc, qs, inv_freq.float().contiguous(),
@@ -547,7 +542,7 @@ def decode_attention(
         cache.key_codes.shape[2], cache.begin - cache.offset, length, wk.shape[2], cache.begin, s, split_len, splits, window,
         softmax_scale * LOG2E, attention_scaling,
         H=h, HP=hp, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
-        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, HAS_KEY_OUTLIERS=cache.has_key_outliers, KE=KEY_ENTRIES_PER_SLOT, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n, FAST_TRIG=fast_trig(),
+        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, HAS_KEY_OUTLIERS=cache.has_key_outliers, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n, FAST_TRIG=fast_trig(),
         VBN=value_block(h, d, warps), SHFL=shuffle_lookup(), KBN=kbn, MBN=max(1, 1024 // (hp * gp)),
         num_warps=warps,
     )

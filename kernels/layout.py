@@ -50,6 +50,13 @@ def on_input_device(launcher):
 SUPPORTED_BITS = (2, 3, 4)
 
 
+def same_strides(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys, values`` with identical strides (copies only when they differ): the kernels index both with one set."""
+    if keys.stride() != values.stride():
+        return keys.contiguous(), values.contiguous()
+    return keys, values
+
+
 def group_size(bits: int) -> int:
     """Codes per packing group (the smallest run of codes filling whole int32 words)."""
     return 32 if bits == 3 else 32 // bits

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import PackedKV, next_pow2, on_input_device
+from .layout import PackedKV, next_pow2, on_input_device, same_strides
 from .triton_common import LOG2E, fast_trig, sincos, unpack_half
 
 
@@ -212,12 +212,8 @@ def prefill_attention(
     qs = query_sin.expand(b, t, d) if query_sin.shape[0] == 1 else query_sin
     if qc.stride() != qs.stride() or qc.stride(-1) != 1:
         qc, qs = qc.contiguous(), qs.contiguous()
-    wk, wv = cache.window_keys, cache.window_values
-    if wv.stride() != wk.stride():
-        wk, wv = wk.contiguous(), wv.contiguous()
-    sk, sv = cache.sink_keys, cache.sink_values
-    if sv.stride() != sk.stride():
-        sk, sv = sk.contiguous(), sv.contiguous()
+    wk, wv = same_strides(cache.window_keys, cache.window_values)
+    sk, sv = same_strides(cache.sink_keys, cache.sink_values)
     out = torch.empty(b, t, hq, d, device=query.device, dtype=query.dtype)
     window = sliding_window if sliding_window else total + 1
     grid = (triton.cdiv(t, block_t), b * h)

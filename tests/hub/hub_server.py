@@ -195,13 +195,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.stand_in.create_repo(repo_id, private=payload.get("visibility") == "private")
         self._json(200, {"url": f"{self.stand_in.url}/{repo_id}", "name": repo_id})
 
-    def _repo_info(self, repo_id: str, revision: str):
+    def _commit_at(self, repo_id: str, revision: str):
+        """``(repo, sha)``, or None after replying 404 (unknown repo or revision)."""
         repo = self._repo(repo_id)
         if repo is None:
-            return
+            return None
         sha = repo.resolve(revision)
         if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return None
+        return repo, sha
+
+    def _repo_info(self, repo_id: str, revision: str):
+        found = self._commit_at(repo_id, revision)
+        if found is None:
+            return
+        repo, sha = found
         siblings = [{"rfilename": p} for p in sorted(repo.commits[sha].files)]
         self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private, "siblings": siblings})
 
@@ -278,12 +287,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"commitUrl": f"{self.stand_in.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": pr_url})
 
     def _resolve(self, repo_id: str, revision: str, path: str):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._commit_at(repo_id, revision)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        repo, sha = found
         data = repo.commits[sha].files.get(path)
         if data is None:
             return self._error(404, "EntryNotFound", f"{path} does not exist at {revision}")

@@ -87,18 +87,16 @@ INCOMPATIBLE_IMPORT = textwrap.dedent(
 )
 
 
+def run_clean(cwd, script: str, *args: str) -> dict:
+    """Run ``script`` in a fresh interpreter (outside the repository: no conftest) and return its last JSON line."""
+    result = subprocess.run([sys.executable, "-c", script, *args], check=False, capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_incompatible_transformers_warns_at_import_and_keeps_the_cache_usable(tmp_path):
     """Import never fails on an incompatible transformers: the patch-free route named in the error stays usable."""
-    result = subprocess.run(
-        [sys.executable, "-c", INCOMPATIBLE_IMPORT],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_clean(tmp_path, INCOMPATIBLE_IMPORT)
     assert report["registered"] is False
     assert any(
         "cache_implementation='kvquant' is not available" in w and "found 5.16.0" in w for w in report["warnings"]
@@ -187,16 +185,7 @@ def test_saved_model_loads_without_the_package(tmp_path):
     (bad / "generation_config.json").write_text(json.dumps(raw))
 
     # A clean interpreter that never imports transformers_kvquant (run outside the repository, so no conftest).
-    result = subprocess.run(
-        [sys.executable, "-c", CLEAN_LOAD, str(good), str(bad)],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_clean(tmp_path, CLEAN_LOAD, str(good), str(bad))
     assert report["imported"] == []
     assert report["cache_implementation"] is None
     assert report["attn"] == "sdpa"

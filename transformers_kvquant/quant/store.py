@@ -295,7 +295,7 @@ class PackedStore(KVStore):
         per_row = counts.sum(1)
         self._reserve_entries(int((self.key_nnz + per_row).max()) if self.batch else 0)
         if sparse.values.numel():
-            row = torch.repeat_interleave(torch.arange(self.batch, device=self.device), per_row)
+            row = torch.repeat_interleave(torch.arange(self.batch, device=self.device), per_row, output_size=sparse.values.numel())
             row_first = torch.cumsum(per_row, 0) - per_row  # flat index of each row's first new entry
             rank = torch.arange(row.numel(), device=self.device) - row_first[row]
             dest = self.key_nnz[row] + rank
