@@ -155,11 +155,20 @@ def register_attention_functions() -> None:
 _PATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def find_pre_rope_cache(args, kwargs):
+    """The cache among a call's arguments that stores pre-RoPE keys, or None (whatever the argument is called)."""
+    for value in (*kwargs.values(), *args):
+        if getattr(value, "stores_pre_rope_keys", False) is True:
+            return value
+    return None
+
+
 def _pre_hook(rotary):
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        # Found by what it is, not by the argument's name: transformers 5.24 renamed `past_key_values` to `cache`.
         # Caches that store pre-RoPE keys say so (KVQuantCache and the evaluation's simulated cache).
-        if not getattr(cache, "stores_pre_rope_keys", False):
+        cache = find_pre_rope_cache(args, kwargs)
+        if cache is None:
             return None
         impl = module.config._attn_implementation or ""
         if not impl.startswith(PREFIX):

@@ -100,22 +100,34 @@ def _wrap_prepare_cache(original):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs):
         if generation_config.cache_implementation != NAME or generation_config.use_cache is False:
             return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
-        if generation_config.is_assistant:
-            # An assistant (draft) model gets the default cache: its codebooks would be a different model's.
-            assistant_config = copy.copy(generation_config)
-            assistant_config.cache_implementation = None
-            return original(self, assistant_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
-        if model_kwargs.get("past_key_values") is not None:
+        # The original prepares the default cache: it checks the arguments as for any cache implementation, and puts
+        # the cache under whatever name this transformers uses (`past_key_values` before 5.24, `cache` since).
+        # An assistant (draft) model keeps that default cache: its codebooks would be a different model's.
+        from transformers.cache_utils import Cache
+
+        if any(isinstance(value, Cache) for value in model_kwargs.values()):
             raise ValueError(
-                "Passing both `cache_implementation` (used to initialize certain caches) and `past_key_values` (a "
-                "Cache object) is unsupported. Please use only one of the two."
+                "Passing both `cache_implementation` (used to initialize certain caches) and a Cache object "
+                "(`past_key_values` / `cache`) is unsupported. Please use only one of the two."
+            )
+        default_config = copy.copy(generation_config)
+        default_config.cache_implementation = None
+        before = {key: id(value) for key, value in model_kwargs.items()}
+        original(self, default_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
+        if generation_config.is_assistant:
+            return
+        created = [key for key, value in model_kwargs.items() if isinstance(value, Cache) and before.get(key) != id(value)]
+        if len(created) != 1:
+            raise IncompatibleTransformersError(
+                f"transformers {transformers.__version__}: generate prepared {len(created)} caches where "
+                "transformers-kvquant expected one; use generate(past_key_values=KVQuantCache(model, ...)) instead"
             )
         from .cache import KVQuantCache
 
         cache_config = copy.deepcopy(generation_config.cache_config) if generation_config.cache_config else {}
         if not isinstance(cache_config, dict):
             raise TypeError(f"cache_config for cache_implementation='kvquant' must be a dict, got {type(cache_config).__name__}")
-        model_kwargs["past_key_values"] = KVQuantCache(self, **cache_config)
+        model_kwargs[created[0]] = KVQuantCache(self, **cache_config)
 
     _prepare_cache_for_generation._kvquant = True
     _prepare_cache_for_generation.__wrapped__ = original
