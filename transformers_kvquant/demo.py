@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .compat import cache_argument
+
 PROMPT = "Explain in two or three sentences why the sky is blue."
 
 

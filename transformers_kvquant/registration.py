@@ -1,7 +1,7 @@
 """`cache_implementation="kvquant"`: the only monkeypatches in the package, small and version-checked.
 
 transformers 5.x has no public registry of cache implementations, so ``import transformers_kvquant`` makes
-three changes (each checked against the generation API it was written for, 5.17-5.23):
+three changes (each checked against the generation API it relies on, not against a list of versions):
 
 1. adds ``"kvquant"`` to ``generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS`` (validation reads that
    module global at call time);
@@ -25,16 +25,16 @@ import warnings
 import transformers
 from packaging.version import Version
 
+from .compat import IncompatibleTransformersError
+
 logger = logging.getLogger("transformers_kvquant")
 
 NAME = "kvquant"
 SAVED_KEY = "kvquant"
-TESTED_VERSIONS = ("5.17.0", "5.23.0")  # oldest and newest transformers this patch was verified with
+OLDEST_SUPPORTED = "5.17.0"  # the oldest transformers the test matrix runs (the GPU image's)
 _EXPECTED_PARAMS = ["self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length"]
 
-
-class IncompatibleTransformersError(RuntimeError):
-    """The installed transformers changed the internals that `cache_implementation="kvquant"` relies on."""
+__all__ = ["IncompatibleTransformersError", "register", "register_at_import"]
 
 
 def check_transformers() -> None:
@@ -42,7 +42,7 @@ def check_transformers() -> None:
     from transformers.generation.utils import GenerationMixin
 
     version = Version(transformers.__version__)
-    if version < Version(TESTED_VERSIONS[0]) or version.major != 5:
+    if version < Version(OLDEST_SUPPORTED) or version.major != 5:
         raise IncompatibleTransformersError(
             f"transformers-kvquant needs transformers >=5.17,<6, found {transformers.__version__}"
         )
@@ -58,12 +58,8 @@ def check_transformers() -> None:
             f"transformers {transformers.__version__}: " + "; ".join(problems) + ". Use "
             "generate(past_key_values=KVQuantCache(model, ...)) instead of cache_implementation='kvquant'."
         )
-    if version > Version(TESTED_VERSIONS[1]):
-        warnings.warn(
-            f"transformers {transformers.__version__} is newer than the newest version transformers-kvquant was tested "
-            f"with ({TESTED_VERSIONS[1]}); cache_implementation='kvquant' passed its API checks",
-            stacklevel=3,
-        )
+    # Newer versions are not warned about: whether the attention hook still works is probed on a tiny model when
+    # a model is patched (compat.check_hook_contract), which is what matters, whatever the version number says.
 
 
 def register_at_import() -> bool:
@@ -100,9 +96,13 @@ def _wrap_prepare_cache(original):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs):
         if generation_config.cache_implementation != NAME or generation_config.use_cache is False:
             return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
-        # The original prepares the default cache: it checks the arguments as for any cache implementation, and puts
-        # the cache under whatever name this transformers uses (`past_key_values` before 5.24, `cache` since).
-        # An assistant (draft) model keeps that default cache: its codebooks would be a different model's.
+        # The original prepares the default cache: it puts it under whatever name this transformers uses
+        # (`past_key_values` before 5.24, `cache` since), and we replace it. An assistant (draft) model keeps the
+        # default cache (its codebooks would be a different model's), and its generate passes its cache back in.
+        default_config = copy.copy(generation_config)
+        default_config.cache_implementation = None
+        if generation_config.is_assistant:
+            return original(self, default_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
         from transformers.cache_utils import Cache
 
         if any(isinstance(value, Cache) for value in model_kwargs.values()):
@@ -110,12 +110,8 @@ def _wrap_prepare_cache(original):
                 "Passing both `cache_implementation` (used to initialize certain caches) and a Cache object "
                 "(`past_key_values` / `cache`) is unsupported. Please use only one of the two."
             )
-        default_config = copy.copy(generation_config)
-        default_config.cache_implementation = None
         before = {key: id(value) for key, value in model_kwargs.items()}
         original(self, default_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
-        if generation_config.is_assistant:
-            return
         created = [key for key, value in model_kwargs.items() if isinstance(value, Cache) and before.get(key) != id(value)]
         if len(created) != 1:
             raise IncompatibleTransformersError(

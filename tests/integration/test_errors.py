@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from tests.helpers import quick_config, tiny_llama, tiny_mistral
-from transformers_kvquant import KVQuantCache, KVQuantConfigError, UnsupportedModelError, patch_model, unpatch_model
+from transformers_kvquant import (
+    KVQuantCache,
+    KVQuantConfigError,
+    UnsupportedModelError,
+    calibrate,
+    patch_model,
+    unpatch_model,
+)
 
 PROMPT = torch.tensor([[5, 6, 7, 8]])
 SUPPORTED = r"supports LLaMA- and Mistral-family models \(LlamaAttention, MistralAttention\)"
@@ -44,8 +51,14 @@ def test_other_architectures_are_refused(build, attention):
     model = build()
     with pytest.raises(UnsupportedModelError, match=rf"uses {attention}; the KVQuant cache {SUPPORTED}"):
         KVQuantCache(model, bits=16)
+    for cache_config in ({"bits": 16}, {"bits": 3}, {"bits": 3, "outlier_fraction": 0.01}, {}):
+        # Refused for what it is, not for lack of a config it could never have.
+        with pytest.raises(UnsupportedModelError, match=SUPPORTED):
+            model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant", cache_config=cache_config)
     with pytest.raises(UnsupportedModelError, match=SUPPORTED):
-        model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant", cache_config={"bits": 16})
+        KVQuantCache(model, bits=2)
+    with pytest.raises(UnsupportedModelError, match=SUPPORTED):
+        calibrate(model, torch.randint(3, 100, (1, 16)), bits=3, progress=False)
 
 
 def test_partial_rotary_is_refused():

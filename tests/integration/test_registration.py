@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -46,9 +47,11 @@ def test_unsupported_transformers_version_raises(version, monkeypatch):
         registration.register()
 
 
-def test_newer_untested_version_warns_but_registers(monkeypatch):
+def test_newer_version_registers_without_a_version_warning(monkeypatch):
+    """A newer 5.x is judged by the hook probe at patch time (tests/integration/test_compat.py), not by its number."""
     monkeypatch.setattr(transformers, "__version__", "5.99.0")
-    with pytest.warns(UserWarning, match="newer than the newest version"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         registration.register()
     assert "kvquant" in cu.ALL_CACHE_IMPLEMENTATIONS
 

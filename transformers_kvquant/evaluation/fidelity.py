@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..compat import cache_argument
 from .simulation import SimulatedMethod, SimulationCache
 
 
@@ -119,18 +120,18 @@ def evaluate_fidelity(
         ref = DynamicCache(config=model.config)
         caches = {m.name: KVQuantCache(model, **m.cache_config) for m in methods if isinstance(m, CacheMethod)}
         sims = [m for m in methods if isinstance(m, SimulatedMethod)]
-        sim_hidden = {m.name: base(input_ids=ids, past_key_values=SimulationCache(model, m), use_cache=True).last_hidden_state for m in sims}
+        sim_hidden = {m.name: base(input_ids=ids, use_cache=True, **cache_argument(base, SimulationCache(model, m))).last_hidden_state for m in sims}
         for a in range(0, context, chunk):
             piece = ids[:, a : a + chunk]
             last = min(a + chunk, context - 1)  # positions with a next token
             tgt = targets[a:last]
             width = last - a
-            ref_logits = model(input_ids=piece, past_key_values=ref, use_cache=True).logits[0, :width]
+            ref_logits = model(input_ids=piece, use_cache=True, **cache_argument(model, ref)).logits[0, :width]
             ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
             nll_ref = -ref_logp.gather(-1, tgt[:, None]).squeeze(-1)
             acc["fp"].add(d, a, torch.zeros_like(nll_ref), torch.ones_like(nll_ref), nll_ref)
             for name, cache in caches.items():
-                logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits[0, :width]
+                logits = model(input_ids=piece, use_cache=True, **cache_argument(model, cache)).logits[0, :width]
                 acc[name].add(d, a, *_chunk_stats(ref_logp, logits, tgt))
             for m in sims:
                 logits = head(sim_hidden[m.name][0, a:last])

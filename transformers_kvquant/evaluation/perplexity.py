@@ -10,7 +10,14 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .simulation import IntMethod, KiviMethod, KVQuantMethod, SimulatedMethod, SimulationCache
+from ..compat import cache_argument
+from .simulation import (
+    IntMethod,
+    KiviMethod,
+    KVQuantMethod,
+    SimulatedMethod,
+    SimulationCache,
+)
 
 METHODS = ("fp", "kvquant", "int", "kivi")
 ABLATIONS = ("post-rope", "uniform", "no-fisher", "no-sink")
@@ -58,7 +65,7 @@ def evaluate_perplexity(model, windows: torch.Tensor, method: SimulatedMethod | 
         if method is None:
             logits = model(input_ids=ids, use_cache=False).logits
         else:
-            logits = model(input_ids=ids, past_key_values=SimulationCache(model, method), use_cache=True).logits
+            logits = model(input_ids=ids, use_cache=True, **cache_argument(model, SimulationCache(model, method))).logits
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
         total_nll += float(nll)
         total += ids[:, 1:].numel()

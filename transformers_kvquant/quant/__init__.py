@@ -4,7 +4,13 @@ from .codebook import Codebook, qnorm_parameters, uniform_codebook
 from .kmeans import weighted_kmeans_1d
 from .memory import MemoryReport, store_report
 from .packing import pack, packed_words, unpack
-from .quantizer import ChannelKeyQuantizer, QuantizedVectors, TokenQuantizer, fake_quantize, outlier_slots
+from .quantizer import (
+    ChannelKeyQuantizer,
+    QuantizedVectors,
+    TokenQuantizer,
+    fake_quantize,
+    outlier_slots,
+)
 from .store import FullPrecisionStore, PackedStore
 
 __all__ = [
