@@ -9,8 +9,8 @@ VENV_MIN := .venv-min
 PY_MIN := $(VENV_MIN)/bin/python
 STAMP_MIN := $(VENV_MIN)/.installed
 # The oldest end of the matrix runs what touches transformers: integration (registration, exactness, the hook
-# probe) and Hub I/O.
-MIN_TESTS := tests/integration tests/hub
+# probe), Hub I/O and the docs' code.
+MIN_TESTS := tests/integration tests/hub tests/test_docs.py
 
 .PHONY: install demo test results clean
 
