@@ -38,6 +38,12 @@ def cache_argument(model, cache) -> dict:
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
+def returned_cache(output):
+    """The cache a forward or ``generate(return_dict_in_generate=True)`` returned (``.cache`` since 5.24)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 # --------------------------------------------------------------------------------------------- the probe
 _CHECKED: dict = {}
 PROBE_POSITIONS = ([[0, 3, 4]], [[7]])  # a prefill with a gap (as left padding makes), then one decode step

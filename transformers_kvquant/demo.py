@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .compat import cache_argument
+from .compat import cache_argument, returned_cache
 
 PROMPT = "Explain in two or three sentences why the sky is blue."
 
@@ -53,7 +53,7 @@ def _perplexity(model, windows, cache_factory=None) -> float:
     nll, count = 0.0, 0
     for w in windows:
         ids = w[None]
-        kwargs = {"use_cache": False} if cache_factory is None else {"past_key_values": cache_factory(), "use_cache": True}
+        kwargs = {"use_cache": False} if cache_factory is None else {"use_cache": True, **cache_argument(model, cache_factory())}
         logits = model(input_ids=ids, **kwargs).logits
         nll += float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
@@ -89,7 +89,7 @@ def run(model_name: str = "smollm2", bits: int = 3, windows: int = 3, seqlen: in
     )
     answer = tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"Q: {PROMPT}\nA: {answer.strip()}")
-    cache = out.past_key_values
+    cache = returned_cache(out)
     report = cache.memory_report()
     tokens = cache.get_seq_length()
     fp16 = fp16_cache_bytes(model, tokens)
