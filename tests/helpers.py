@@ -6,7 +6,11 @@ from pathlib import Path
 
 import torch
 
-from transformers_kvquant.config import KVQuantConfig, LayerCalibration, ModelFingerprint
+from transformers_kvquant.config import (
+    KVQuantConfig,
+    LayerCalibration,
+    ModelFingerprint,
+)
 from transformers_kvquant.quant.codebook import Codebook, uniform_codebook
 from transformers_kvquant.quant.kmeans import weighted_kmeans_1d
 

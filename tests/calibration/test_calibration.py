@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import C4, STORIES, tiny_llama
+from tests.helpers import C4, STORIES
 from transformers_kvquant.calibration import (
     _percentile,
     calibrate,

@@ -1,12 +1,15 @@
 import json
 
 import pytest
-import torch
 
-from tests.helpers import STORIES, WIKITEXT, quick_config
+from tests.helpers import STORIES, WIKITEXT
 from transformers_kvquant.cli import main as cli
-from transformers_kvquant.evaluation.fidelity import CacheMethod, documents_from_text, evaluate_fidelity
-from transformers_kvquant.evaluation.simulation import IntMethod, KVQuantMethod
+from transformers_kvquant.evaluation.fidelity import (
+    CacheMethod,
+    documents_from_text,
+    evaluate_fidelity,
+)
+from transformers_kvquant.evaluation.simulation import IntMethod
 
 
 def test_fidelity_buckets_kl_and_agreement(stories):

@@ -8,8 +8,17 @@ from tests.helpers import STORIES, WIKITEXT, quick_config, tiny_llama, tiny_mist
 from transformers_kvquant import KVQuantCache
 from transformers_kvquant.cli import main as cli
 from transformers_kvquant.datasets import load_text
-from transformers_kvquant.evaluation.perplexity import evaluate_perplexity, make_method, token_windows
-from transformers_kvquant.evaluation.simulation import IntMethod, KiviMethod, KVQuantMethod, SimulationCache
+from transformers_kvquant.evaluation.perplexity import (
+    evaluate_perplexity,
+    make_method,
+    token_windows,
+)
+from transformers_kvquant.evaluation.simulation import (
+    IntMethod,
+    KiviMethod,
+    KVQuantMethod,
+    SimulationCache,
+)
 
 
 def _teacher_forced(model, ids, cache):

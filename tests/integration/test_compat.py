@@ -11,7 +11,14 @@ import torch
 import transformers
 
 from tests.helpers import tiny_llama, tiny_mistral
-from transformers_kvquant import IncompatibleTransformersError, KVQuantCache, __version__, attention, compat, unpatch_model
+from transformers_kvquant import (
+    IncompatibleTransformersError,
+    KVQuantCache,
+    __version__,
+    attention,
+    compat,
+    unpatch_model,
+)
 
 PROMPT = torch.tensor([[5, 6, 7, 8]])
 

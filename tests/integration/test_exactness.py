@@ -14,7 +14,16 @@ from tests.helpers import tiny_llama, tiny_mistral
 from transformers_kvquant import KVQuantCache
 from transformers_kvquant.cache import KVQuantSlidingWindowLayer
 
-from .common import BEAM, EXACT, SAMPLING, assert_exact, generate, left_padded, random_batch, reference
+from .common import (
+    BEAM,
+    EXACT,
+    SAMPLING,
+    assert_exact,
+    generate,
+    left_padded,
+    random_batch,
+    reference,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTN = ("sdpa", "eager")

@@ -16,7 +16,12 @@ import pytest
 import torch
 import transformers
 import transformers.generation.configuration_utils as cu
-from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, StaticCache
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationConfig,
+    StaticCache,
+)
 from transformers.generation.utils import GenerationMixin
 
 from tests.helpers import STORIES

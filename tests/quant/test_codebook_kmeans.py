@@ -1,6 +1,10 @@
 import torch
 
-from transformers_kvquant.quant.codebook import Codebook, qnorm_parameters, uniform_codebook
+from transformers_kvquant.quant.codebook import (
+    Codebook,
+    qnorm_parameters,
+    uniform_codebook,
+)
 from transformers_kvquant.quant.kmeans import weighted_kmeans_1d
 
 

@@ -3,7 +3,11 @@ import torch
 
 from transformers_kvquant.quant.codebook import uniform_codebook
 from transformers_kvquant.quant.memory import store_report
-from transformers_kvquant.quant.quantizer import ChannelKeyQuantizer, TokenQuantizer, fake_quantize
+from transformers_kvquant.quant.quantizer import (
+    ChannelKeyQuantizer,
+    TokenQuantizer,
+    fake_quantize,
+)
 from transformers_kvquant.quant.store import FullPrecisionStore, PackedStore
 
 
