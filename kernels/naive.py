@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-import torch
-
 from typing import NamedTuple
 
-from .layout import PackedKV, group_size, packed_words
+import torch
+
+from .layout import PackedKV, pack, unpack
 
 
 class KeyOutliers(NamedTuple):
@@ -23,34 +23,6 @@ class KeyOutliers(NamedTuple):
     counts: torch.Tensor
     values: torch.Tensor
     channels: torch.Tensor
-
-
-# ------------------------------------------------------------------------------------------------ bit packing
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[..., n]`` codes -> ``[..., packed_words(n, bits)]`` int32 (little-endian bit stream)."""
-    n = codes.shape[-1]
-    g = group_size(bits)
-    c = torch.nn.functional.pad(codes.long(), (0, (-n) % g))
-    bit = torch.arange(c.shape[-1], device=c.device) * bits
-    words = packed_words(n, bits)
-    out = torch.zeros(*c.shape[:-1], words, dtype=torch.long, device=c.device)
-    word, shift = bit // 32, bit % 32
-    out.index_add_(-1, word, (c << shift) & 0xFFFFFFFF)
-    spill = shift + bits > 32  # the high bits of a straddling code go to the next word
-    if bool(spill.any()):
-        out.index_add_(-1, word[spill] + 1, c[..., spill] >> (32 - shift[spill]))
-    out = out & 0xFFFFFFFF
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
-
-
-def unpack_codes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``[..., W]`` int32 -> ``[..., n]`` int64 codes."""
-    w = words.long() & 0xFFFFFFFF
-    w = torch.nn.functional.pad(w, (0, 1))
-    bit = torch.arange(n, device=w.device) * bits
-    lo = w[..., bit // 32] >> (bit % 32)
-    hi = w[..., bit // 32 + 1] << (32 - bit % 32)
-    return (lo | hi) & ((1 << bits) - 1)
 
 
 # ------------------------------------------------------------------------------------------------ append
@@ -123,8 +95,8 @@ def append_naive(keys, values, key_zero, key_scale, key_bounds, value_bounds, ke
     kcodes = torch.bucketize(kn.contiguous(), key_bounds.float().contiguous())
     vcodes = torch.bucketize(vn.contiguous(), value_bounds.float().contiguous())
     as_heads = lambda x: x.reshape(b, t, h, d).permute(0, 2, 1, 3)
-    out["key_codes"] = pack_codes(as_heads(kcodes), bits)
-    out["value_codes"] = pack_codes(as_heads(vcodes), bits)
+    out["key_codes"] = pack(as_heads(kcodes), bits)
+    out["value_codes"] = pack(as_heads(vcodes), bits)
     return out
 
 
@@ -154,8 +126,8 @@ def dequantize_packed(cache: PackedKV) -> tuple[torch.Tensor, torch.Tensor]:
     a, e = cache.begin - cache.offset, cache.packed_end - cache.offset
     b, h = cache.batch, cache.heads
     d = cache.head_dim
-    kc = unpack_codes(cache.key_codes[:, :, a:e], cache.bits, d)
-    vc = unpack_codes(cache.value_codes[:, :, a:e], cache.bits, d)
+    kc = unpack(cache.key_codes[:, :, a:e], cache.bits, d).long()
+    vc = unpack(cache.value_codes[:, :, a:e], cache.bits, d).long()
     k = cache.key_table.float()[kc] * cache.key_scale.float()[None, :, None] + cache.key_zero.float()[None, :, None]
     v = cache.value_table.float()[vc] * cache.value_scale[:, a:e].float()[:, None, :, None] + cache.value_zero[:, a:e].float()[:, None, :, None]
     n = e - a

@@ -19,10 +19,10 @@ import json
 import pytest
 import torch
 from transformers import DynamicCache
+from transformers_kvquant.kernels.layout import packed_words
 
 from tests.helpers import quick_config, tiny_llama, tiny_mistral
 from transformers_kvquant import KVQuantCache
-from transformers_kvquant.quant.packing import packed_words
 from transformers_kvquant.quant.store import PackedStore
 
 from .common import generate, random_batch

@@ -11,10 +11,10 @@ import weakref
 
 import pytest
 import torch
+from transformers_kvquant.kernels.layout import packed_words
 
 from tests.helpers import quick_config, tiny_mistral
 from transformers_kvquant import KVQuantCache, unpatch_model
-from transformers_kvquant.quant.packing import packed_words
 from transformers_kvquant.quant.store import PackedStore
 
 from .common import BEAM, SAMPLING, generate, left_padded, random_batch

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers_kvquant.kernels.append import append_packed
-from transformers_kvquant.kernels.layout import packed_words
-from transformers_kvquant.kernels.naive import append_naive, pack_codes, unpack_codes
+from transformers_kvquant.kernels.layout import pack, packed_words
+from transformers_kvquant.kernels.naive import append_naive
 
 from tests.kernels.common import DEVICE
 from transformers_kvquant.quant.codebook import Codebook
-from transformers_kvquant.quant.packing import pack
 from transformers_kvquant.quant.quantizer import ChannelKeyQuantizer, TokenQuantizer
 from transformers_kvquant.quant.store import PackedStore
 
@@ -90,14 +89,6 @@ def test_half_precision_inputs(dtype):
     assert same_key_outliers(sparse, ref["key_outliers"])
     for name in NAMES:
         assert torch.equal(bufs[name].cpu(), ref[name]), name
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_pack_codes_matches_core_packing(bits):
-    codes = torch.randint(0, 2**bits, (3, 5, 96))
-    packed = pack_codes(codes, bits)
-    assert torch.equal(packed, pack(codes, bits))
-    assert torch.equal(unpack_codes(packed, bits, 96), codes)
 
 
 def test_store_with_append_kernel_equals_torch_store():

@@ -1,9 +1,12 @@
-"""Quantization core: datatypes, packing, outliers, storage and accounting. Pure PyTorch, no transformers."""
+"""Quantization core: datatypes, outliers, storage and accounting. Pure PyTorch, no transformers.
 
+The bit packing of codes is the kernels' format (:mod:`transformers_kvquant.kernels.layout`); it is re-exported here.
+"""
+
+from ..kernels.layout import pack, packed_words, unpack
 from .codebook import Codebook, qnorm_parameters, uniform_codebook
 from .kmeans import weighted_kmeans_1d
 from .memory import MemoryReport, store_report
-from .packing import pack, packed_words, unpack
 from .quantizer import (
     ChannelKeyQuantizer,
     QuantizedVectors,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import pack, packed_words, unpack
+from ..kernels.layout import pack, packed_words, unpack
 from .quantizer import QuantizedVectors, SparseOutliers
 
 _TOKEN_DIM = {  # dimension of the slot axis in each packed buffer

@@ -2,8 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from transformers_kvquant.quant.packing import group_size, pack, packed_words, unpack
+from transformers_kvquant.kernels.layout import group_size, pack, packed_words, unpack
 
 
 @settings(max_examples=200, deadline=None)
@@ -49,3 +48,12 @@ def test_bad_bits_and_shapes_raise():
         pack(torch.zeros(4, dtype=torch.uint8), 5)
     with pytest.raises(ValueError, match="expected 6 packed words"):
         unpack(torch.zeros(5, dtype=torch.int32), 3, 64)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_no_vectors_pack_and_unpack(bits):
+    """An empty cache (no slots yet) packs and unpacks to empty tensors of the right width."""
+    codes = torch.zeros(2, 1, 0, 64, dtype=torch.uint8)
+    words = pack(codes, bits)
+    assert words.shape == (2, 1, 0, packed_words(64, bits))
+    assert unpack(words, bits, 64).shape == codes.shape
