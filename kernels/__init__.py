@@ -4,9 +4,9 @@
 - :func:`decode_attention` (:mod:`.decode`): one query per row over the packed cache, split over the sequence.
 - :func:`prefill_attention` (:mod:`.prefill`): a chunk of queries over the packed cache (itself included).
 
-The packed format (bit packing and :class:`PackedKV`) is :mod:`.layout`. Nothing here imports
-transformers or the rest of the package. The Triton launchers are imported on first use, so that importing the
-package (the quantization core packs codes with :func:`pack`) neither compiles nor fixes Triton's mode
+The packed format (bit packing and :class:`PackedKV`) is :mod:`.layout`; RoPE, for the whole package, is :mod:`.rope`.
+Nothing here imports transformers or the rest of the package. The Triton launchers are imported on first use, so that
+importing the package (the quantization core packs codes with :func:`pack`) neither compiles nor fixes Triton's mode
 (``TRITON_INTERPRET``) before a kernel is asked for.
 """
 

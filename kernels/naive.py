@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from .layout import PackedKV, pack, unpack
+from .rope import apply_rope, rope_at
 
 
 class KeyOutliers(NamedTuple):
@@ -101,16 +102,6 @@ def append_naive(keys, values, key_zero, key_scale, key_bounds, value_bounds, ke
 
 
 # ------------------------------------------------------------------------------------------------ attention
-def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float) -> torch.Tensor:
-    """HF rotate-half RoPE of ``[B, H, N, D]`` at ``[B, N]`` positions, fp32 (angle = fp32(position * inv_freq))."""
-    angle = positions.float().unsqueeze(-1) * inv_freq.float().to(x.device)  # [B, N, D/2]
-    cos = torch.cat([angle.cos(), angle.cos()], -1).unsqueeze(1) * attention_scaling
-    sin = torch.cat([angle.sin(), angle.sin()], -1).unsqueeze(1) * attention_scaling
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x.float() * cos + rotated.float() * sin
-
-
 def _scatter_outliers(vec: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if index.shape[-1] == 0:
         return vec
@@ -193,10 +184,8 @@ def packed_attention_naive(
     k, v, positions = visible_kv(cache)
     total = k.shape[2]
     groups = hq // cache.heads
-    qf = query.float()
-    rotated = torch.cat([-qf[..., d // 2 :], qf[..., : d // 2]], -1)
-    q = qf * query_cos.float().unsqueeze(1) + rotated * query_sin.float().unsqueeze(1)
-    k = rope(k, positions, inv_freq, attention_scaling).repeat_interleave(groups, 1)
+    q = apply_rope(query.float(), query_cos.float(), query_sin.float())
+    k = rope_at(k, positions, inv_freq, attention_scaling).repeat_interleave(groups, 1)
     v = v.repeat_interleave(groups, 1)
     scores = torch.einsum("bhtd,bhsd->bhts", q, k) * softmax_scale
     q_slot = torch.arange(total - t, total, device=query.device)[:, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .layout import PackedKV, packed_words
+from .rope import rope_cos_sin, rope_inv_freq  # noqa: F401  (rope_inv_freq: the synthetic models' frequencies)
 
 
 def random_packed_kv(
@@ -114,16 +115,10 @@ def to_device(cache: PackedKV, device) -> PackedKV:
     return PackedKV(**fields)
 
 
-def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """LLaMA's RoPE inverse frequencies (fp32), as transformers computes them."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-
-
 def query_rope(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, attention_scaling: float = 1.0):
     """cos/sin ``[B, T, D]`` of query positions ``[B, T]`` the way transformers' rotary module returns them."""
-    angle = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
-    emb = torch.cat([angle, angle], -1)
-    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+    cos, sin = rope_cos_sin(positions, inv_freq, attention_scaling)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def fast_random_packed_kv(batch, heads, head_dim, bits, length, outlier_slots=0, dtype=torch.float16, device="cuda", sink_tokens=1,

@@ -42,19 +42,6 @@ class AttentionContext:
         self.cos, self.sin, self.layer, self.rotary = cos, sin, layer, rotary
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` with ``cos, sin: [B, T, D]`` broadcast over heads: the same operations,
-    in the same order, as transformers' LLaMA/Mistral ``apply_rotary_pos_emb``, so results are bit-identical."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
-
-
 def key_rotation(rotary, like: torch.Tensor, positions: torch.Tensor):
     """cos/sin of the model's rotary embedding at stored positions ``[B, L]``, on ``like``'s device and dtype."""
     cos, sin = rotary(like, positions.to(like.device).long())

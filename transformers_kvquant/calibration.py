@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .config import KVQuantConfig, LayerCalibration, ModelFingerprint
+from .kernels.rope import apply_rope
 from .quant.codebook import Codebook, qnorm_parameters, uniform_codebook
 from .quant.kmeans import SortedSamples, weighted_kmeans_1d
 from .quant.quantizer import TokenQuantizer, outlier_slots
@@ -145,12 +146,6 @@ def _percentile(x: torch.Tensor, q: float) -> torch.Tensor:
     return s[lo] * (1 - frac) + s[hi] * frac
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 def _fit_codebook(normalized: torch.Tensor, weights: torch.Tensor | None, bits: int, kind: str, qnorm: bool, seed: int) -> Codebook:
     if kind == "uniform":
         book = uniform_codebook(bits)
@@ -195,8 +190,9 @@ def fit_config(
             # Rotated keys; the gradient w.r.t. the rotated key is the rotated gradient / scaling**2.
             kv = keys.view(n, length, heads, head_dim).transpose(1, 2)
             gv = kgrad.view(n, length, heads, head_dim).transpose(1, 2)
-            keys = _rope(kv, stats.cos, stats.sin).transpose(1, 2).reshape(n, length, c)
-            kgrad = (_rope(gv, stats.cos, stats.sin) / stats.attention_scaling**2).transpose(1, 2).reshape(n, length, c)
+            cos, sin = stats.cos[None], stats.sin[None]  # positions 0..L-1 of every window
+            keys = apply_rope(kv, cos, sin).transpose(1, 2).reshape(n, length, c)
+            kgrad = (apply_rope(gv, cos, sin) / stats.attention_scaling**2).transpose(1, 2).reshape(n, length, c)
         # Sink tokens are stored exactly at inference: leave them out of ranges and codebooks.
         keys, kgrad = keys[:, sink_tokens:].reshape(-1, c), kgrad[:, sink_tokens:].reshape(-1, c)
         values, vgrad = values[:, sink_tokens:], vgrad[:, sink_tokens:]

@@ -21,7 +21,8 @@ import transformers
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ._version import __version__
-from .attention import apply_rope, install_hooks, key_rotation, unpatch_model
+from .attention import install_hooks, key_rotation, unpatch_model
+from .kernels.rope import apply_rope
 
 
 class IncompatibleTransformersError(RuntimeError):

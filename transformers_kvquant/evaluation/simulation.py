@@ -19,8 +19,9 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..attention import apply_rope, key_rotation
+from ..attention import key_rotation
 from ..config import KVQuantConfig
+from ..kernels.rope import apply_rope
 from ..quant.codebook import uniform_codebook
 from ..quant.memory import store_report
 from ..quant.quantizer import TokenQuantizer, fake_quantize, half_dtype
