@@ -72,7 +72,7 @@ def ppl_rows(model):
 def stage_ppl(model, tokenizer, args, log) -> dict:
     from dataclasses import asdict
 
-    from transformers_kvquant.datasets import load_text, parse_documents
+    from transformers_kvquant.evaluation.datasets import load_text, parse_documents
     from transformers_kvquant.evaluation.perplexity import (
         evaluate_perplexity,
         token_windows,
@@ -100,7 +100,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
 
 
 def stage_fidelity(model, tokenizer, args, log) -> dict:
-    from transformers_kvquant.datasets import load_text, parse_documents
+    from transformers_kvquant.evaluation.datasets import load_text, parse_documents
     from transformers_kvquant.evaluation.fidelity import (
         default_methods,
         documents_from_text,

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     import torch
 
     from transformers_kvquant.calibration import calibration_windows, collect_statistics, fit_config
-    from transformers_kvquant.datasets import default_calibration_path, load_text
+    from transformers_kvquant.evaluation.datasets import default_calibration_path, load_text
     from transformers_kvquant.discovery import update_index
     from transformers_kvquant.evaluation.perplexity import evaluate_perplexity, token_windows
     from transformers_kvquant.evaluation.simulation import KVQuantMethod

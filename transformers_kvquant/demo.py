@@ -41,7 +41,7 @@ def _config(model, tokenizer, bits: int):
         return cfg
     except KVQuantConfigError:
         from .calibration import calibrate
-        from .datasets import default_calibration_path, load_text
+        from .evaluation.datasets import default_calibration_path, load_text
 
         print("no shipped config matches: calibrating quickly (4 windows of 512 tokens)")
         text = load_text(default_calibration_path())
@@ -64,7 +64,7 @@ def run(model_name: str = "smollm2", bits: int = 3, windows: int = 3, seqlen: in
     import transformers_kvquant  # noqa: F401  (registers cache_implementation="kvquant")
 
     from .cache import KVQuantCache
-    from .datasets import load_text
+    from .evaluation.datasets import load_text
     from .evaluation.perplexity import token_windows
     from .models import load_model
 
@@ -110,17 +110,15 @@ def run(model_name: str = "smollm2", bits: int = 3, windows: int = 3, seqlen: in
     return {"answer": answer, "cache_bytes": report.total_bytes, "fp16_bytes": fp16, "ppl_fp": ppl_fp, "ppl_kvquant": ppl_q}
 
 
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="3-bit KVQuant on the embedded default model, end to end")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
-    p.set_defaults(func=lambda args: run(args.model, args.bits) and 0)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options, shared by ``python -m transformers_kvquant.demo`` and ``kvquant demo``."""
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
+    add_arguments(parser)
     args = parser.parse_args(argv)
     run(args.model, args.bits)
     return 0

@@ -13,7 +13,7 @@ from transformers_kvquant.calibration import (
 )
 from transformers_kvquant.cli import main as cli
 from transformers_kvquant.config import KVQuantConfig
-from transformers_kvquant.datasets import default_calibration_path, load_text
+from transformers_kvquant.evaluation.datasets import default_calibration_path, load_text
 
 
 @pytest.fixture(scope="module")

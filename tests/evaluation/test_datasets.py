@@ -3,7 +3,11 @@ import json
 import pytest
 
 from tests.helpers import WIKITEXT
-from transformers_kvquant.datasets import DatasetError, load_text, parse_documents
+from transformers_kvquant.evaluation.datasets import (
+    DatasetError,
+    load_text,
+    parse_documents,
+)
 
 
 def test_wikitext_raw_is_joined_like_the_usual_evaluation_text():

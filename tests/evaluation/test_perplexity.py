@@ -7,7 +7,7 @@ import torch
 from tests.helpers import STORIES, WIKITEXT, quick_config, tiny_llama, tiny_mistral
 from transformers_kvquant import KVQuantCache
 from transformers_kvquant.cli import main as cli
-from transformers_kvquant.datasets import load_text
+from transformers_kvquant.evaluation.datasets import load_text
 from transformers_kvquant.evaluation.perplexity import (
     evaluate_perplexity,
     make_method,

@@ -1,1 +1,2 @@
-"""Evaluation harnesses: perplexity with simulated quantization, and long-context fidelity through the cache."""
+"""Evaluation harnesses: perplexity with simulated quantization, long-context fidelity through the cache, passkey
+retrieval, and the texts they read (:mod:`.datasets`)."""

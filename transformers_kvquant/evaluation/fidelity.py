@@ -10,7 +10,6 @@ top-1 agreement with fp, and perplexity of the quantized model (and of fp, under
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -172,47 +171,3 @@ def default_methods(model, *, bits=(4, 3, 2), include_baselines=True) -> list:
         for m in methods[-4:]:
             m.name += " (simulated)"
     return methods
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("eval-fidelity", help="KL divergence and top-1 agreement vs fp through the real cache")
-    p.add_argument("model", help="model folder, Hub id, or the alias 'smollm2'")
-    p.add_argument("--dataset", required=True, help="WikiText .raw, .jsonl or .txt (documents are cut from it)")
-    p.add_argument("--skip-documents", default=None, help="START:END slice of .jsonl documents to use (e.g. 150:)")
-    p.add_argument("--context", type=int, default=8192)
-    p.add_argument("--chunk", type=int, default=512)
-    p.add_argument("--documents", type=int, default=8)
-    p.add_argument("--bucket", type=int, default=1024)
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], choices=(2, 3, 4))
-    p.add_argument("--no-baselines", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None)
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    from ..attention import check_supported
-    from ..datasets import load_text, parse_documents
-    from ..models import load_model
-
-    if args.context < 2 or args.chunk < 1 or args.documents < 1:
-        raise ValueError("--context must be >= 2, --chunk and --documents >= 1")
-    text = load_text(args.dataset, parse_documents(args.skip_documents))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, device_map=device if device != "cpu" else None)
-    check_supported(model)
-    max_pos = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if max_pos and args.context > max_pos:
-        raise ValueError(f"--context {args.context} is longer than the model's {max_pos} positions; use --context {max_pos} or less")
-    docs = documents_from_text(tokenizer, text, args.context, args.documents)
-    methods = default_methods(model, bits=tuple(args.bits), include_baselines=not args.no_baselines)
-    result = evaluate_fidelity(model, docs, methods, chunk=args.chunk, bucket=args.bucket)
-    for name, m in result["methods"].items():
-        kls = " ".join(f"{b['kl']:.4f}" for b in m["buckets"])
-        top = " ".join(f"{b['top1']:.3f}" for b in m["buckets"])
-        print(f"{name:28s} bits {m['avg_bits']:5.2f}  KL {kls}  top1 {top}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -109,9 +108,9 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
     if variant and not _is_variant(cfg, variant):
         raise ValueError(f"--ablation {ablation} needs a config calibrated with {flag}; {source} is not")
     if ablation == "uniform":
-        from ..calibration import _with_uniform_codebooks
+        from ..calibration import with_uniform_codebooks
 
-        cfg = _with_uniform_codebooks(cfg)
+        cfg = with_uniform_codebooks(cfg)
     label = cfg.name + (f" ({ablation})" if ablation else "")
     sink = 0 if ablation == "no-sink" else sink_tokens
     method = KVQuantMethod(cfg, sink_tokens=sink, recent_window=recent_window, label=label)
@@ -121,57 +120,3 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
 
 def _is_variant(cfg, variant: str) -> bool:
     return (variant == "post-rope" and cfg.key_rope == "post") or (variant == "no-fisher" and cfg.codebook_kind == "nuq-unweighted")
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("eval-ppl", help="teacher-forced perplexity with fp or (simulated) quantized K/V")
-    p.add_argument("model", help="model folder, Hub id, or the alias 'smollm2'")
-    p.add_argument("--method", choices=METHODS, required=True)
-    p.add_argument("--kvquant-config", default=None, help="config folder/file/Hub repo (default: the shipped hub_configs/ one)")
-    p.add_argument("--bits", type=int, default=None)
-    p.add_argument("--outliers", type=float, default=None, help="outlier fraction of the kvquant config (default 0.01)")
-    p.add_argument("--ablation", choices=ABLATIONS, default=None, help="kvquant ablation")
-    p.add_argument("--recent-window", type=int, default=None, help="kvquant: newest tokens kept exact (streaming)")
-    p.add_argument("--dataset", required=True, help="WikiText .raw, .jsonl (text field) or .txt file")
-    p.add_argument("--documents", default=None, help="START:END slice of .jsonl documents (e.g. 150: skips calibration docs)")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=None)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None, help="write the result as JSON here")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    from ..attention import check_supported
-    from ..datasets import load_text, parse_documents
-    from ..models import load_model
-
-    if args.bits is not None and args.bits not in (2, 3, 4):
-        raise ValueError(f"--bits must be 2, 3 or 4, got {args.bits}")
-    text = load_text(args.dataset, parse_documents(args.documents))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=device if device != "cpu" else None)
-    check_supported(model)
-    windows = token_windows(tokenizer, text, args.seqlen, args.windows)
-    method = make_method(
-        args.method,
-        model,
-        bits=args.bits,
-        outlier_fraction=args.outliers,
-        config=args.kvquant_config,
-        ablation=args.ablation,
-        recent_window=args.recent_window,
-    )
-    if getattr(method, "source", None):
-        print(f"kvquant config: {method.source}")
-    result = evaluate_perplexity(model, windows, method)
-    if getattr(method, "source", None):
-        result.config = method.source
-    print(f"{result.method}: perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}), "
-          f"average {result.avg_bits:.3f} bits/element")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(result), f, indent=1)
-    return 0

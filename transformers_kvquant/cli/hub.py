@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 
-from .config import CONFIG_NAME, KVQuantConfig
+from huggingface_hub import get_token
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+from ..config import CONFIG_NAME, KVQuantConfig, ModelFingerprint
+from ..hub import pull_config, push_config
+from ..models import load_model
+from .errors import UserError
 
 
-def register_cli(subparsers) -> None:
+def register(subparsers) -> None:
     p = subparsers.add_parser("push", help="upload a calibrated config folder to a Hub repo (one commit, two files)")
     p.add_argument("folder", metavar="DIR", help="folder holding kvquant_config.json (what `kvquant calibrate -o` wrote)")
     p.add_argument("repo", metavar="REPO", help="Hub repo id (org/name); created if missing; may be the model's own repo")
@@ -43,9 +49,6 @@ def _hub_options(p) -> None:
 
 def _hub_errors(action: str):
     """Turn huggingface_hub's network/permission errors into one-line CLI errors."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
-
-    from .cli import UserError
 
     class _Guard:
         def __enter__(self):
@@ -63,11 +66,6 @@ def _hub_errors(action: str):
 
 
 def _push(args) -> int:
-    from huggingface_hub import get_token
-
-    from .cli import UserError
-    from .hub import push_config
-
     if not args.token and not get_token():
         raise UserError("pushing needs a Hub token with write access: log in with `hf auth login`, set HF_TOKEN or pass --token")
     with _hub_errors(f"pushing to {args.repo}"):
@@ -98,8 +96,6 @@ def _load_args(args) -> dict:
 
 
 def _pull(args) -> int:
-    from .hub import pull_config
-
     with _hub_errors(f"downloading from {args.repo}"):
         config, path = pull_config(args.repo, args.output, **_load_args(args))
     print(f"{config.name} for {_model_name(config)}: {path}")
@@ -112,22 +108,14 @@ def _info(args) -> int:
     description = describe(config)
     problems = None
     if args.model:
-        from .models import load_model
-
         model, _ = load_model(args.model)
-        problems = config.fingerprint.mismatches(_model_fingerprint(model))
+        problems = config.fingerprint.mismatches(ModelFingerprint.from_model(model))
         description["matches_model"] = {"model": args.model, "matches": not problems, "mismatches": problems}
     if args.json:
         print(json.dumps(description, indent=1))
     else:
         print(_format(args.source, description))
     return 1 if problems else 0
-
-
-def _model_fingerprint(model):
-    from .config import ModelFingerprint
-
-    return ModelFingerprint.from_model(model)
 
 
 def _model_name(config: KVQuantConfig) -> str:
