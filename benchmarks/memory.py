@@ -162,7 +162,10 @@ def _tile(x: torch.Tensor, length: int) -> torch.Tensor:
 def capture_kv(model, tokenizer, tokens: int) -> tuple[list, list]:
     """Pre-RoPE keys and values of every layer on ``tokens`` tokens of the C4 slice, as fp16 ``[1, H, T, D]``."""
     from transformers_kvquant import KVQuantCache
-    from transformers_kvquant.evaluation.datasets import default_calibration_path, load_text
+    from transformers_kvquant.evaluation.datasets import (
+        default_calibration_path,
+        load_text,
+    )
 
     text = load_text(default_calibration_path())
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
@@ -185,12 +188,12 @@ def kvquant_configs(model, tokenizer, samples: int, seqlen: int, source: str = "
     ``samples`` windows of ``seqlen`` tokens (fast but small: with few calibration tokens per channel, more real
     keys fall outside the percentile ranges, so the key-outlier share and bytes come out higher).
     """
-    from transformers_kvquant.calibration import (
-        calibration_windows,
-        collect_statistics,
-        fit_config,
+    from transformers_kvquant.calibrate import fit_config
+    from transformers_kvquant.calibration import calibration_windows, collect_statistics
+    from transformers_kvquant.evaluation.datasets import (
+        default_calibration_path,
+        load_text,
     )
-    from transformers_kvquant.evaluation.datasets import default_calibration_path, load_text
 
     text = load_text(default_calibration_path())
     if source == "shipped":

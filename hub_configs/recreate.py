@@ -40,10 +40,17 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from transformers_kvquant.calibration import calibration_windows, collect_statistics, fit_config
-    from transformers_kvquant.evaluation.datasets import default_calibration_path, load_text
+    from transformers_kvquant.calibrate import fit_config
+    from transformers_kvquant.calibration import calibration_windows, collect_statistics
     from transformers_kvquant.discovery import update_index
-    from transformers_kvquant.evaluation.perplexity import evaluate_perplexity, token_windows
+    from transformers_kvquant.evaluation.datasets import (
+        default_calibration_path,
+        load_text,
+    )
+    from transformers_kvquant.evaluation.perplexity import (
+        evaluate_perplexity,
+        token_windows,
+    )
     from transformers_kvquant.evaluation.simulation import KVQuantMethod
     from transformers_kvquant.models import load_model
 

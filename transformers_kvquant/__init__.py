@@ -12,9 +12,11 @@
 """
 
 from ._version import __version__
-from .attention import UnsupportedModelError, patch_model, unpatch_model
+from .attention import patch_model, unpatch_model
 from .cache import KVQuantCache
-from .calibration import calibrate, calibration_windows
+from .calibrate import calibrate
+from .calibration.statistics import calibration_windows
+from .calibration.support import UnsupportedModelError
 from .compat import IncompatibleTransformersError
 from .config import KVQuantConfig, KVQuantConfigError
 from .hub import pull_config, push_config

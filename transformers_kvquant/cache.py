@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import check_supported, key_rotation, patch_model
+from .attention import key_rotation, patch_model
+from .calibration.support import check_supported
 from .kernels.rope import apply_rope
 from .quant.memory import MemoryReport, store_report
 from .settings import CacheSettings, resolve_settings

@@ -40,7 +40,7 @@ def _config(model, tokenizer, bits: int):
         print(f"codebooks: {source} ({cfg.name}, calibrated on {cfg.calibration.get('dataset', '?')})")
         return cfg
     except KVQuantConfigError:
-        from .calibration import calibrate
+        from .calibrate import calibrate
         from .evaluation.datasets import default_calibration_path, load_text
 
         print("no shipped config matches: calibrating quickly (4 windows of 512 tokens)")

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..calibration import (
-    CODEBOOKS,
-    calibrate,
-    calibration_windows,
-    with_uniform_codebooks,
-)
+from ..calibrate import calibrate, with_uniform_codebooks
+from ..calibration import CODEBOOKS, calibration_windows
 from ..evaluation.datasets import default_calibration_path, load_text
 from ..hub import push_config
 from ..models import load_model

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..attention import check_supported
+from ..calibration.support import check_supported
 from ..evaluation.datasets import load_text, parse_documents
 from ..evaluation.fidelity import (
     default_methods,

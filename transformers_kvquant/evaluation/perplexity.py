@@ -108,7 +108,7 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
     if variant and not _is_variant(cfg, variant):
         raise ValueError(f"--ablation {ablation} needs a config calibrated with {flag}; {source} is not")
     if ablation == "uniform":
-        from ..calibration import with_uniform_codebooks
+        from ..calibrate import with_uniform_codebooks
 
         cfg = with_uniform_codebooks(cfg)
     label = cfg.name + (f" ({ablation})" if ablation else "")
