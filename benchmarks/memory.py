@@ -188,8 +188,8 @@ def kvquant_configs(model, tokenizer, samples: int, seqlen: int, source: str = "
     ``samples`` windows of ``seqlen`` tokens (fast but small: with few calibration tokens per channel, more real
     keys fall outside the percentile ranges, so the key-outlier share and bytes come out higher).
     """
-    from transformers_kvquant.calibrate import fit_config
     from transformers_kvquant.calibration import calibration_windows, collect_statistics
+    from transformers_kvquant.config.calibrate import fit_config
     from transformers_kvquant.evaluation.datasets import (
         default_calibration_path,
         load_text,
@@ -197,7 +197,7 @@ def kvquant_configs(model, tokenizer, samples: int, seqlen: int, source: str = "
 
     text = load_text(default_calibration_path())
     if source == "shipped":
-        from transformers_kvquant.discovery import find_config
+        from transformers_kvquant.config.discovery import find_config
 
         configs = {(b, f): find_config(model, bits=b, outlier_fraction=f, local_files_only=True)[0] for b, f in KVQUANT_VARIANTS}
         meta = configs[(3, 0.01)].calibration

@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from transformers_kvquant.calibrate import fit_config
     from transformers_kvquant.calibration import calibration_windows, collect_statistics
-    from transformers_kvquant.discovery import update_index
+    from transformers_kvquant.config.calibrate import fit_config
+    from transformers_kvquant.config.discovery import update_index
     from transformers_kvquant.evaluation.datasets import (
         default_calibration_path,
         load_text,

@@ -14,12 +14,12 @@
 from ._version import __version__
 from .attention import patch_model, unpatch_model
 from .cache import KVQuantCache
-from .calibrate import calibrate
 from .calibration.statistics import calibration_windows
 from .calibration.support import UnsupportedModelError
 from .compat import IncompatibleTransformersError
-from .config import KVQuantConfig, KVQuantConfigError
-from .hub import pull_config, push_config
+from .config.calibrate import calibrate
+from .config.errors import KVQuantConfigError
+from .config.kvquant_config import KVQuantConfig, pull_config, push_config
 from .models import load_model
 from .registration import register_at_import as _register
 

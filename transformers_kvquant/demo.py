@@ -32,15 +32,15 @@ def fp16_cache_bytes(model, tokens: int, batch: int = 1) -> int:
 
 
 def _config(model, tokenizer, bits: int):
-    from .config import KVQuantConfigError
-    from .discovery import find_config
+    from .config.discovery import find_config
+    from .config.errors import KVQuantConfigError
 
     try:
         cfg, source = find_config(model, bits=bits, outlier_fraction=0.01)
         print(f"codebooks: {source} ({cfg.name}, calibrated on {cfg.calibration.get('dataset', '?')})")
         return cfg
     except KVQuantConfigError:
-        from .calibrate import calibrate
+        from .config.calibrate import calibrate
         from .evaluation.datasets import default_calibration_path, load_text
 
         print("no shipped config matches: calibrating quickly (4 windows of 512 tokens)")

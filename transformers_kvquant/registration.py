@@ -134,7 +134,7 @@ def _wrap_save(original):
     def save_pretrained(self, *args, **kwargs):
         if self.cache_implementation != NAME:
             return original(self, *args, **kwargs)
-        from .config import KVQuantConfig
+        from .config.kvquant_config import KVQuantConfig
 
         cache_config = copy.deepcopy(self.cache_config) if self.cache_config else None
         if isinstance(cache_config, dict) and isinstance(cache_config.get("config"), KVQuantConfig):

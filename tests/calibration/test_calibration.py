@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from tests.helpers import C4, STORIES
-from transformers_kvquant.calibrate import calibrate, fit_config
 from transformers_kvquant.calibration import calibration_windows, collect_statistics
 from transformers_kvquant.calibration.fit import _percentile
 from transformers_kvquant.cli import main as cli
 from transformers_kvquant.config import KVQuantConfig
+from transformers_kvquant.config.calibrate import calibrate, fit_config
 from transformers_kvquant.evaluation.datasets import default_calibration_path, load_text
 
 

@@ -11,13 +11,8 @@ import torch
 
 from tests.helpers import REPO, STORIES, tiny_llama
 from tests.hub.common import CALIBRATION_METADATA, tiny_config
-from transformers_kvquant import (
-    KVQuantCache,
-    KVQuantConfig,
-    KVQuantConfigError,
-    discovery,
-)
-from transformers_kvquant.config import CONFIG_NAME
+from transformers_kvquant import KVQuantCache, KVQuantConfig, KVQuantConfigError
+from transformers_kvquant.config import CONFIG_NAME, discovery
 
 LOGGER = "transformers_kvquant"
 

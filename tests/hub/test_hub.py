@@ -17,8 +17,12 @@ from tests.hub.common import lay_out_hub_cache, tiny_config
 from tests.hub.hub_server import HubStandIn
 from transformers_kvquant import KVQuantConfig, KVQuantConfigError
 from transformers_kvquant.cli import main as cli_main
-from transformers_kvquant.config import CONFIG_NAME, TENSORS_NAME
-from transformers_kvquant.hub import ConfigNotFoundError, push_config
+from transformers_kvquant.config import (
+    CONFIG_NAME,
+    TENSORS_NAME,
+    ConfigNotFoundError,
+    push_config,
+)
 
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from transformers_kvquant import KVQuantCache, KVQuantConfig
-from transformers_kvquant.discovery import hub_configs_dir
+from transformers_kvquant.config.discovery import hub_configs_dir
 
 from .common import generate
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..calibrate import calibrate, with_uniform_codebooks
 from ..calibration import CODEBOOKS, calibration_windows
+from ..config.calibrate import calibrate, with_uniform_codebooks
+from ..config.kvquant_config import push_config
 from ..evaluation.datasets import default_calibration_path, load_text
-from ..hub import push_config
 from ..models import load_model
 from .errors import UserError
 

@@ -7,8 +7,9 @@ import json
 from huggingface_hub import get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-from ..config import CONFIG_NAME, KVQuantConfig, ModelFingerprint
-from ..hub import pull_config, push_config
+from ..calibration.fingerprint import ModelFingerprint
+from ..config.format import CONFIG_NAME
+from ..config.kvquant_config import KVQuantConfig, pull_config, push_config
 from ..models import load_model
 from .errors import UserError
 

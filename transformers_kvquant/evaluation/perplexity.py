@@ -92,7 +92,7 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
         raise ValueError(f"--bits must be 2, 3 or 4, got {bits}")
     if ablation is not None and ablation not in ABLATIONS:
         raise ValueError(f"--ablation must be one of {ABLATIONS}, got {ablation!r}")
-    from ..discovery import find_config, load_for_model
+    from ..config.discovery import find_config, load_for_model
 
     variant = ablation if ablation in ("post-rope", "no-fisher") else None
     flag = {"post-rope": "--key-rope post", "no-fisher": "--no-fisher"}.get(variant)
@@ -108,7 +108,7 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
     if variant and not _is_variant(cfg, variant):
         raise ValueError(f"--ablation {ablation} needs a config calibrated with {flag}; {source} is not")
     if ablation == "uniform":
-        from ..calibrate import with_uniform_codebooks
+        from ..config.calibrate import with_uniform_codebooks
 
         cfg = with_uniform_codebooks(cfg)
     label = cfg.name + (f" ({ablation})" if ablation else "")

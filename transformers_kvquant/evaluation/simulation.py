@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..attention import key_rotation
-from ..config import KVQuantConfig
+from ..config.kvquant_config import KVQuantConfig
 from ..kernels.rope import apply_rope
 from ..quant.codebook import uniform_codebook
 from ..quant.memory import store_report

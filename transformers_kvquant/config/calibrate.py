@@ -11,14 +11,14 @@ import time
 
 import torch
 
-from .calibration.fit import LayerCalibration, fit_calibration
-from .calibration.statistics import (
+from ..calibration.fit import LayerCalibration, fit_calibration
+from ..calibration.statistics import (
     CalibrationStatistics,
     calibration_windows,
     collect_statistics,
 )
-from .config import KVQuantConfig
-from .quant.codebook import uniform_codebook
+from ..quant.codebook import uniform_codebook
+from .kvquant_config import KVQuantConfig
 
 
 def fit_config(stats: CalibrationStatistics, **options) -> KVQuantConfig:

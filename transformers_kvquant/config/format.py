@@ -1,10 +1,13 @@
-"""`KVQuantConfig`: calibrated codebooks and key ranges for one model, and its `kvquant_config.json` format.
+"""The ``kvquant_config.json`` format: file names, writing, and validating on load.
 
 The JSON holds everything small (settings, per-layer codebooks and Q-Norm, the model fingerprint, calibration
 metadata); the per-channel key ranges live in ``kvquant_calibration.safetensors`` beside it, named in the JSON
 with its sha256, and the JSON carries the sha256 of its own canonical content, so no change to either file goes
 unnoticed. Loading validates every field and raises :class:`KVQuantConfigError`, which names the file, the field
-and the remedy. docs/format.md describes every field; docs/kvquant_config.schema.json is its JSON Schema. This module does not import transformers: model configs are read by attribute.
+and the remedy. docs/format.md describes every field; docs/kvquant_config.schema.json is its JSON Schema.
+
+This module moves between files and plain values (``KVQuantConfig``'s fields); the config type itself is
+:mod:`.kvquant_config`.
 """
 
 from __future__ import annotations
@@ -15,289 +18,80 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .calibration.fingerprint import ModelFingerprint
-from .calibration.fit import CalibrationResult, LayerCalibration
-from .quant.codebook import Codebook
-from .quant.quantizer import ChannelKeyQuantizer, TokenQuantizer, outlier_slots
+from ..calibration.fingerprint import ModelFingerprint
+from ..calibration.fit import LayerCalibration
+from ..kernels.layout import SUPPORTED_BITS
+from ..quant.codebook import Codebook
+from .errors import RECALIBRATE, KVQuantConfigError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "kvquant_config.json"
 TENSORS_NAME = "kvquant_calibration.safetensors"
-SUPPORTED_BITS = (2, 3, 4)
 
 
-class KVQuantConfigError(ValueError):
-    """A kvquant config is missing, malformed, corrupted or does not belong to the model."""
-
-    def __init__(self, message: str, *, file: str | os.PathLike | None = None, field: str | None = None, remedy: str | None = None):
-        self.message = message
-        self.file = str(file) if file is not None else None
-        self.field = field
-        self.remedy = remedy
-        parts = []
-        if self.file:
-            parts.append(f"{self.file}")
-        if field:
-            parts.append(f"field '{field}'")
-        head = ": ".join(parts)
-        text = f"{head}: {message}" if head else message
-        if remedy:
-            text += f" ({remedy})"
-        super().__init__(text)
+def datatype_name(bits: int, outlier_fraction: float) -> str:
+    """``nuq3-1%``: how configs are named in tables, logs and commit messages."""
+    pct = f"{outlier_fraction * 100:g}%"
+    return f"nuq{bits}" + (f"-{pct}" if outlier_fraction else "")
 
 
-RECALIBRATE = "re-create it with `kvquant calibrate MODEL --bits B --outliers F -o DIR`"
+def write_config_files(folder: str | os.PathLike, data: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the JSON content ``data`` (its sha256 fields are filled in here) and the key-range ``tensors``.
+
+    Refuses (with :class:`KVQuantConfigError`) values that loading would reject, so every written config loads.
+    Each file is written under a temporary name and renamed, so a crash never leaves a half-written config.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    cpath = out / CONFIG_NAME
+    fix = "fix the value before saving (non-finite ranges or codebooks come from non-finite activations)"
+
+    def fail(message, field):
+        return KVQuantConfigError(message, file=cpath, field=field, remedy=fix)
+
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise fail(f"tensor {name} holds NaN or inf", name)
+        if name.endswith("key_scale") and (t <= 0).any():
+            raise fail(f"tensor {name} must be positive", name)
+    data = _normalized_json(data, fail)
+    bad = _find_non_finite(data)
+    if bad is not None:
+        raise fail(f"holds {bad[1]}", bad[0])
+    _check_calibration(data["calibration"], lambda m, f, r: fail(m, f))
+
+    out.mkdir(parents=True, exist_ok=True)
+    tpath = out / TENSORS_NAME
+    # One metadata key only: safetensors writes several in a random order, and the same config must always
+    # give the same bytes (and sha256).
+    _write_atomically(tpath, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    data["tensors"]["sha256"] = _sha256(tpath)
+    data[CHECKSUM_FIELD] = content_sha256(data)
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+    _write_atomically(cpath, lambda p: p.write_text(text, encoding="utf-8"))
+    return cpath
 
 
-@dataclass
-class KVQuantConfig:
-    """Calibrated KVQuant datatypes for one model at one bit width and outlier fraction."""
+def read_config_files(config_path: str | os.PathLike, tensors_locator=None) -> dict:
+    """Parse and validate a ``kvquant_config.json`` and its tensor file; return ``KVQuantConfig``'s fields.
 
-    bits: int
-    outlier_fraction: float
-    layers: list[LayerCalibration]
-    fingerprint: ModelFingerprint
-    sink_tokens: int = 1
-    recent_window: int = 0
-    qnorm: bool = False
-    key_rope: str = "pre"  # "pre" (KVQuant) or "post" (ablation: keys quantized after RoPE)
-    codebook_kind: str = "nuq"  # "nuq" (Fisher-weighted k-means), "nuq-unweighted" or "uniform"
-    calibration: dict = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            raise KVQuantConfigError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}", field="bits")
-        if not 0.0 <= self.outlier_fraction < 0.5:
-            raise KVQuantConfigError(f"outlier_fraction must be in [0, 0.5), got {self.outlier_fraction}", field="outlier_fraction")
-        if self.codebook_kind not in CODEBOOK_KINDS:
-            raise KVQuantConfigError(f"codebook_kind must be one of {CODEBOOK_KINDS}, got {self.codebook_kind!r}", field="codebook_kind")
-        if self.key_rope not in ("pre", "post"):
-            raise KVQuantConfigError(f"key_rope must be 'pre' or 'post', got {self.key_rope!r}", field="key_rope")
-        if self.sink_tokens < 0 or self.recent_window < 0:
-            raise KVQuantConfigError("sink_tokens and recent_window must be >= 0", field="sink_tokens")
-        if len(self.layers) != self.fingerprint.num_layers:
-            raise KVQuantConfigError(
-                f"{len(self.layers)} calibrated layers but the fingerprint says {self.fingerprint.num_layers}", field="layers"
-            )
-        shape = (self.fingerprint.num_key_value_heads, self.fingerprint.head_dim)
-        for i, layer in enumerate(self.layers):
-            for name in ("key_codebook", "value_codebook"):
-                if getattr(layer, name).bits != self.bits:
-                    raise KVQuantConfigError(f"layer {i} {name} has {getattr(layer, name).bits} bits, config says {self.bits}", field=f"layers[{i}].{name}")
-            if tuple(layer.key_zero.shape) != shape or tuple(layer.key_scale.shape) != shape:
-                raise KVQuantConfigError(f"layer {i} key ranges must be {list(shape)}", field=f"layers.{i}.key_zero")
-
-    @classmethod
-    def from_calibration(cls, result: CalibrationResult) -> KVQuantConfig:
-        """The config of a fitted calibration (:func:`~transformers_kvquant.calibration.fit_calibration`)."""
-        return cls(
-            bits=result.bits,
-            outlier_fraction=result.outlier_fraction,
-            layers=list(result.layers),
-            fingerprint=result.fingerprint,
-            sink_tokens=result.sink_tokens,
-            qnorm=result.qnorm,
-            key_rope=result.key_rope,
-            codebook_kind=result.codebook_kind,
-            calibration=dict(result.metadata),
-        )
-
-    # ----------------------------------------------------------------------------------------- quantizers
-    @property
-    def vector_size(self) -> int:
-        return self.fingerprint.num_key_value_heads * self.fingerprint.head_dim
-
-    @property
-    def slots(self) -> int:
-        return outlier_slots(self.outlier_fraction, self.vector_size)
-
-    def key_quantizer(self, layer_idx: int) -> ChannelKeyQuantizer:
-        layer = self.layers[layer_idx]
-        return ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=self.outlier_fraction > 0)
-
-    def value_quantizer(self, layer_idx: int) -> TokenQuantizer:
-        return TokenQuantizer(self.layers[layer_idx].value_codebook, self.slots)
-
-    def check_model(self, model: Any, source: str | None = None) -> None:
-        """Raise :class:`KVQuantConfigError` unless this config was calibrated for this model.
-
-        ``model`` is a loaded model (geometry, Hub id and weights are compared) or a model config (geometry only).
-        """
-        is_model = hasattr(model, "named_parameters")
-        other = ModelFingerprint.from_model(model) if is_model else ModelFingerprint.from_model_config(model)
-        bad = self.fingerprint.mismatched_fields(other)
-        if bad:
-            raise KVQuantConfigError(
-                "calibrated for a different model (" + "; ".join(f"fingerprint.{n}: {t}" for n, t in bad) + ")",
-                file=source,
-                field=f"fingerprint.{bad[0][0]}",
-                remedy="calibrate this model with `kvquant calibrate MODEL ... -o DIR` or pass the config made for it",
-            )
-
-    def with_runtime(self, **overrides) -> KVQuantConfig:
-        """Copy with runtime settings changed (sink_tokens, recent_window); calibrated fields stay fixed."""
-        allowed = {"sink_tokens", "recent_window"}
-        unknown = set(overrides) - allowed
-        if unknown:
-            raise KVQuantConfigError(f"cannot override {sorted(unknown)} at run time (only {sorted(allowed)})")
-        data = dict(self.__dict__)
-        data.update(overrides)
-        return KVQuantConfig(**data)
-
-    @property
-    def name(self) -> str:
-        pct = f"{self.outlier_fraction * 100:g}%"
-        return f"nuq{self.bits}" + (f"-{pct}" if self.outlier_fraction else "")
-
-    # ----------------------------------------------------------------------------------------- files
-    def __eq__(self, other: object) -> bool:
-        """Equal when every field, codebook and key-range tensor is identical."""
-        if not isinstance(other, KVQuantConfig):
-            return NotImplemented
-        if self.to_json_dict("") != other.to_json_dict(""):
-            return False
-        return all(
-            torch.equal(a.key_zero.float().cpu(), b.key_zero.float().cpu())
-            and torch.equal(a.key_scale.float().cpu(), b.key_scale.float().cpu())
-            for a, b in zip(self.layers, other.layers)
-        )
-
-    __hash__ = None  # mutable, holds tensors
-
-    def to_json_dict(self, tensors_sha256: str) -> dict:
-        """The JSON content of ``kvquant_config.json`` without its ``content_sha256`` (see docs/format.md)."""
-        return {
-            "format_version": self.format_version,
-            "bits": self.bits,
-            "outlier_fraction": self.outlier_fraction,
-            "sink_tokens": self.sink_tokens,
-            "recent_window": self.recent_window,
-            "qnorm": self.qnorm,
-            "key_rope": self.key_rope,
-            "codebook_kind": self.codebook_kind,
-            "fingerprint": self.fingerprint.to_dict(),
-            "layers": [
-                {
-                    "key_centroids": layer.key_codebook.centroids.tolist(),
-                    "value_centroids": layer.value_codebook.centroids.tolist(),
-                    "key_qnorm": [layer.key_codebook.qnorm_scale, layer.key_codebook.qnorm_offset],
-                    "value_qnorm": [layer.value_codebook.qnorm_scale, layer.value_codebook.qnorm_offset],
-                }
-                for layer in self.layers
-            ],
-            "calibration": self.calibration,
-            "tensors": {"file": TENSORS_NAME, "sha256": tensors_sha256},
-        }
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Copies of the per-channel key ranges as stored in ``kvquant_calibration.safetensors`` (float32, CPU)."""
-        out = {}
-        for i, layer in enumerate(self.layers):
-            out[f"layers.{i}.key_zero"] = layer.key_zero.detach().to("cpu", torch.float32, copy=True).contiguous()
-            out[f"layers.{i}.key_scale"] = layer.key_scale.detach().to("cpu", torch.float32, copy=True).contiguous()
-        return out
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``kvquant_config.json`` and ``kvquant_calibration.safetensors`` into a directory.
-
-        Refuses (with :class:`KVQuantConfigError`) values that loading would reject, so every written config loads.
-        Each file is written under a temporary name and renamed, so a crash never leaves a half-written config.
-        """
-        from safetensors.torch import save_file
-
-        out = Path(save_directory)
-        cpath = out / CONFIG_NAME
-        fix = "fix the value before saving (non-finite ranges or codebooks come from non-finite activations)"
-
-        def fail(message, field):
-            return KVQuantConfigError(message, file=cpath, field=field, remedy=fix)
-
-        tensors = self.tensors()
-        for name, t in tensors.items():
-            if not torch.isfinite(t).all():
-                raise fail(f"tensor {name} holds NaN or inf", name)
-            if name.endswith("key_scale") and (t <= 0).any():
-                raise fail(f"tensor {name} must be positive", name)
-        data = _normalized_json(self.to_json_dict(""), fail)
-        bad = _find_non_finite(data)
-        if bad is not None:
-            raise fail(f"holds {bad[1]}", bad[0])
-        _check_calibration(data["calibration"], lambda m, f, r: fail(m, f))
-
-        out.mkdir(parents=True, exist_ok=True)
-        tpath = out / TENSORS_NAME
-        # One metadata key only: safetensors writes several in a random order, and the same config must always
-        # give the same bytes (and sha256).
-        _write_atomically(tpath, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        data["tensors"]["sha256"] = _sha256(tpath)
-        data[CHECKSUM_FIELD] = content_sha256(data)
-        text = json.dumps(data, indent=1, allow_nan=False) + "\n"
-        _write_atomically(cpath, lambda p: p.write_text(text, encoding="utf-8"))
-        return cpath
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo: str | os.PathLike,
-        revision: str | None = None,
-        subfolder: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
-    ) -> KVQuantConfig:
-        """Load and validate a config from a folder, a ``kvquant_config.json`` path, or a Hub repo id.
-
-        Hub repos go through huggingface_hub's download cache: this works offline (``HF_HUB_OFFLINE=1``) once the
-        files are cached, and honours ``HF_ENDPOINT``. Raises :class:`KVQuantConfigError` for anything missing,
-        corrupted or malformed.
-        """
-        from .hub import resolve_config_files
-
-        config_path, tensors_locator = resolve_config_files(
-            path_or_repo,
-            revision=revision,
-            subfolder=subfolder,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-        )
-        return load_config_file(config_path, tensors_locator)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        commit_message: str | None = None,
-        create_pr: bool = False,
-        private: bool | None = None,
-        path_in_repo: str | None = None,
-    ):
-        """Upload ``kvquant_config.json`` and its tensor file to a Hub repo in one commit (see :func:`.hub.push_config`).
-
-        Works for a new repo and for adding the two files to an existing model repo: no other file is touched.
-        Returns huggingface_hub's ``CommitInfo`` (a string: the commit URL; ``.pr_url`` when ``create_pr``).
-        """
-        from .hub import push_config
-
-        return push_config(
-            self,
-            repo_id,
-            revision=revision,
-            token=token,
-            commit_message=commit_message,
-            create_pr=create_pr,
-            private=private,
-            path_in_repo=path_in_repo,
-        )
+    ``tensors_locator(name) -> path`` finds the tensor file (default: beside the JSON). Every problem raises
+    :class:`KVQuantConfigError` naming the file, the field and the remedy.
+    """
+    path = Path(config_path)
+    fail = _failer(path)
+    try:
+        return _load(path, tensors_locator, fail)
+    except KVQuantConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, RecursionError, RuntimeError) as e:
+        # The checks in _load are meant to catch every bad input first; this keeps the one-exception-type promise.
+        raise fail(f"invalid content ({type(e).__name__}: {e})", None, RECALIBRATE) from e
 
 
 def _sha256(path: Path) -> str:
@@ -435,23 +229,7 @@ def _field_near(text: str, pos: int) -> str | None:
     return keys[-1] if keys else None
 
 
-def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KVQuantConfig:
-    """Parse and validate a ``kvquant_config.json``; ``tensors_locator(name) -> path`` finds the tensor file.
-
-    Every problem raises :class:`KVQuantConfigError` naming the file, the field and the remedy.
-    """
-    path = Path(config_path)
-    fail = _failer(path)
-    try:
-        return _load(path, tensors_locator, fail)
-    except KVQuantConfigError:
-        raise
-    except (TypeError, ValueError, KeyError, IndexError, OverflowError, RecursionError, RuntimeError) as e:
-        # The checks in _load are meant to catch every bad input first; this keeps the one-exception-type promise.
-        raise fail(f"invalid content ({type(e).__name__}: {e})", None, RECALIBRATE) from e
-
-
-def _load(path: Path, tensors_locator, fail) -> KVQuantConfig:
+def _load(path: Path, tensors_locator, fail) -> dict:
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -572,22 +350,19 @@ def _load(path: Path, tensors_locator, fail) -> KVQuantConfig:
         if (ranges[1] <= 0).any():
             raise fail("key scales must be positive", f"layers.{i}.key_scale", RECALIBRATE)
         layers.append(LayerCalibration(books[0], books[1], ranges[0], ranges[1]))
-    try:
-        return KVQuantConfig(
-            bits=bits,
-            outlier_fraction=frac,
-            layers=layers,
-            fingerprint=fingerprint,
-            sink_tokens=data["sink_tokens"],
-            recent_window=data["recent_window"],
-            qnorm=data["qnorm"],
-            key_rope=data["key_rope"],
-            codebook_kind=data["codebook_kind"],
-            calibration=data["calibration"],
-            format_version=version,
-        )
-    except KVQuantConfigError as e:
-        raise fail(e.message, e.field, RECALIBRATE) from e
+    return {
+        "bits": bits,
+        "outlier_fraction": frac,
+        "layers": layers,
+        "fingerprint": fingerprint,
+        "sink_tokens": data["sink_tokens"],
+        "recent_window": data["recent_window"],
+        "qnorm": data["qnorm"],
+        "key_rope": data["key_rope"],
+        "codebook_kind": data["codebook_kind"],
+        "calibration": data["calibration"],
+        "format_version": version,
+    }
 
 
 def _read_tensor_file(path: Path, meta: dict, tensors_locator, fail) -> dict:

@@ -19,7 +19,11 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .config import CONFIG_NAME, KVQuantConfig, KVQuantConfigError, ModelFingerprint
+from ..calibration.fingerprint import ModelFingerprint
+from .errors import ConfigNotFoundError, KVQuantConfigError
+from .format import CONFIG_NAME
+from .hub import looks_like_repo_id
+from .kvquant_config import KVQuantConfig
 
 logger = logging.getLogger("transformers_kvquant")
 DEFAULT_BITS = 3
@@ -27,7 +31,7 @@ DEFAULT_OUTLIER_FRACTION = 0.01
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 GEOMETRY_FIELDS = ("model_type", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
-_TABLE_BEGIN = "<!-- BEGIN CONFIG TABLE: written by transformers_kvquant.discovery.update_index; do not edit -->"
+_TABLE_BEGIN = "<!-- BEGIN CONFIG TABLE: written by transformers_kvquant.config.discovery.update_index; do not edit -->"
 _TABLE_END = "<!-- END CONFIG TABLE -->"
 
 
@@ -95,8 +99,6 @@ def find_config(model, bits=None, outlier_fraction=None, revision=None, local_fi
 
 def _beside_model(model, revision, local_files_only) -> tuple[KVQuantConfig, str] | None:
     """The config in the model's own folder or Hub repo; None when there is none. A broken one raises."""
-    from .hub import ConfigNotFoundError, looks_like_repo_id
-
     name = str(getattr(model, "name_or_path", "") or "")
     if not name:
         return None
@@ -164,7 +166,7 @@ def _load_shipped(folder: str, sha256: str) -> KVQuantConfig:
             f"sha256 is {actual[:12]}…, hub_configs/index.json expects {sha256[:12]}…",
             file=path,
             field="sha256",
-            remedy="the index is stale: run transformers_kvquant.discovery.rebuild_index() (or reinstall the package)",
+            remedy="the index is stale: run transformers_kvquant.config.discovery.rebuild_index() (or reinstall the package)",
         )
     return KVQuantConfig.from_pretrained(folder)
 
@@ -198,7 +200,7 @@ _ENTRY_FIELDS = {
 
 def _read_index(path: Path) -> dict:
     def fail(message, field=None):
-        return KVQuantConfigError(message, file=path, field=field, remedy="rebuild it with transformers_kvquant.discovery.rebuild_index()")
+        return KVQuantConfigError(message, file=path, field=field, remedy="rebuild it with transformers_kvquant.config.discovery.rebuild_index()")
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -4,28 +4,22 @@ Downloads go through huggingface_hub's cache (``hf_hub_download``), so they work
 once cached and honour ``HF_ENDPOINT`` (self-hosted hubs). Uploads add exactly the two files in one commit with
 ``HfApi.create_commit``: pushing into an existing model repo touches nothing else (never ModelHubMixin, whose
 ``save_pretrained`` deletes ``config.json``). See docs/hub.md.
+
+This module moves files: :func:`resolve_config_files` finds (or downloads) them, :func:`upload_config_files` validates
+and uploads a folder. It never builds a ``KVQuantConfig``; the functions that take or return one
+(``KVQuantConfig.from_pretrained`` / ``push_to_hub``, ``push_config``, ``pull_config``) are in :mod:`.kvquant_config`,
+which imports this module, never the other way round.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .config import (
-    CONFIG_NAME,
-    TENSORS_NAME,
-    KVQuantConfig,
-    KVQuantConfigError,
-    load_config_file,
-)
+from .errors import ConfigNotFoundError, KVQuantConfigError
+from .format import CONFIG_NAME, TENSORS_NAME, datatype_name, read_config_files
 
 CALIBRATE_AND_PUSH = "calibrate the model with `kvquant calibrate MODEL -o DIR --push-to-hub REPO`"
-
-
-class ConfigNotFoundError(KVQuantConfigError):
-    """There is no ``kvquant_config.json`` at the place named (as opposed to one that is there but broken)."""
 
 
 def resolve_config_files(
@@ -148,34 +142,8 @@ def _snapshot_commit(path: Path) -> str | None:
     return None
 
 
-def pull_config(
-    repo_id: str,
-    output_dir: str | os.PathLike | None = None,
-    *,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
-) -> tuple[KVQuantConfig, Path]:
-    """Download (into the Hub cache), validate, and optionally copy the two files into ``output_dir``.
-
-    Returns the config and the path of the ``kvquant_config.json`` it was read from (the copy when copied).
-    """
-    cfg_path, locate = resolve_config_files(repo_id, revision, subfolder, cache_dir, token, local_files_only)
-    config = load_config_file(cfg_path, locate)  # never hand out files that do not load
-    if output_dir is None:
-        return config, Path(cfg_path)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Copy the tensor file first: a crash in between leaves no config naming a missing tensor file.
-    shutil.copyfile(locate(TENSORS_NAME), out / TENSORS_NAME)
-    shutil.copyfile(cfg_path, out / CONFIG_NAME)
-    return config, out / CONFIG_NAME
-
-
-def push_config(
-    folder_or_config: str | os.PathLike | KVQuantConfig,
+def upload_config_files(
+    folder: str | os.PathLike,
     repo_id: str,
     *,
     revision: str | None = None,
@@ -185,13 +153,9 @@ def push_config(
     private: bool | None = None,
     path_in_repo: str | None = None,
 ):
-    """Upload ``kvquant_config.json`` and ``kvquant_calibration.safetensors`` to ``repo_id`` in one commit.
+    """Upload the two files of a config folder to ``repo_id`` in one commit, after validating them.
 
-    ``folder_or_config`` is a :class:`KVQuantConfig` or a folder (or config file) written by ``save_pretrained``;
-    the files are validated before anything is sent. The repo is created if needed (``private`` applies only
-    then); other files in it are never touched. ``revision`` names a branch (created from the default branch if
-    missing); ``create_pr=True`` opens a pull request against the default branch instead; ``path_in_repo`` puts
-    the files in a sub-folder. Returns huggingface_hub's ``CommitInfo``, a ``str`` holding the commit URL.
+    Options as :func:`~transformers_kvquant.push_config`. Returns huggingface_hub's ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -202,24 +166,19 @@ def push_config(
         prefix = path_in_repo.strip("/") + "/"
         if prefix.startswith("../") or "/../" in prefix:
             raise ValueError(f"path_in_repo must stay inside the repo, got {path_in_repo!r}")
-    with tempfile.TemporaryDirectory(prefix="kvquant-push-") as tmp:
-        if isinstance(folder_or_config, KVQuantConfig):
-            folder = Path(tmp)
-            folder_or_config.save_pretrained(folder)
-        else:
-            given = Path(folder_or_config)
-            folder = given.parent if given.is_file() else given
-            if not (folder / CONFIG_NAME).is_file():
-                raise ConfigNotFoundError(f"no {CONFIG_NAME} in this folder", file=folder, remedy="pass the folder `kvquant calibrate -o DIR` wrote")
-        config = load_config_file(folder / CONFIG_NAME)  # never upload a damaged or mismatched pair
-        model = config.fingerprint.model_id or config.fingerprint.architecture
-        message = commit_message or f"Add KVQuant {config.name} config for {model} (kvquant_config.json)"
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        operations = [
-            CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=str(folder / name))
-            for name in (TENSORS_NAME, CONFIG_NAME)
-        ]
-        return api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise ConfigNotFoundError(f"no {CONFIG_NAME} in this folder", file=folder, remedy="pass the folder `kvquant calibrate -o DIR` wrote")
+    fields = read_config_files(folder / CONFIG_NAME)  # never upload a damaged or mismatched pair
+    model = fields["fingerprint"].model_id or fields["fingerprint"].architecture
+    datatype = datatype_name(fields["bits"], fields["outlier_fraction"])
+    message = commit_message or f"Add KVQuant {datatype} config for {model} (kvquant_config.json)"
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and not revision.startswith("refs/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = [
+        CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=str(folder / name))
+        for name in (TENSORS_NAME, CONFIG_NAME)
+    ]
+    return api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
