@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers_kvquant.kernels.layout import SUPPORTED_BITS
 
 from tests.helpers import REPO, quick_config, tiny_llama
 from tests.hub.common import (
@@ -25,6 +26,7 @@ from transformers_kvquant.config import (
     LayerCalibration,
     content_sha256,
 )
+from transformers_kvquant.config.format import CODEBOOK_KINDS, SCHEMA_NAME, schema
 from transformers_kvquant.quant.quantizer import fake_quantize
 
 SCHEMA = json.loads((REPO / "docs" / "kvquant_config.schema.json").read_text())
@@ -116,6 +118,16 @@ def configs_written_by_this_package(stories_config, tmp_path):
     folders.append(tiny.save_pretrained(tmp_path / "tiny"))
     folders += sorted((REPO / "hub_configs").glob(f"*/*/{CONFIG_NAME}"))  # the shipped ones, when present
     return folders
+
+
+def test_the_package_validates_with_the_published_schema():
+    """One schema: the copy the loader reads is docs/kvquant_config.schema.json, byte for byte, and its enums are
+    the package's."""
+    shipped = REPO / "transformers_kvquant" / "config" / SCHEMA_NAME
+    assert shipped.read_bytes() == (REPO / "docs" / SCHEMA_NAME).read_bytes(), "copy docs/kvquant_config.schema.json over the package's (or back)"
+    assert schema() == SCHEMA
+    assert tuple(SCHEMA["properties"]["bits"]["enum"]) == SUPPORTED_BITS
+    assert tuple(SCHEMA["properties"]["codebook_kind"]["enum"]) == CODEBOOK_KINDS
 
 
 def test_every_written_config_validates_against_the_schema(stories_config, tmp_path):

@@ -19,13 +19,13 @@ import torch
 
 from ..calibration.fingerprint import ModelFingerprint
 from ..calibration.fit import CalibrationResult, LayerCalibration
+from ..kernels.layout import SUPPORTED_BITS
 from ..quant.quantizer import ChannelKeyQuantizer, TokenQuantizer, outlier_slots
 from .errors import RECALIBRATE, KVQuantConfigError
 from .format import (
     CODEBOOK_KINDS,
     CONFIG_NAME,
     FORMAT_VERSION,
-    SUPPORTED_BITS,
     TENSORS_NAME,
     datatype_name,
     read_config_files,
