@@ -205,7 +205,7 @@ def model_devices(model) -> tuple[list, list]:
 def install_device_guard() -> None:
     """Benchmark-side workaround (not the shipped library): run ``KVQuantLayer.update`` / ``attend`` with the
     current CUDA device set to the device of the tensors they get, so Triton launches on that device."""
-    from transformers_kvquant.cache import KVQuantLayer
+    from transformers_kvquant.integration.cache import KVQuantLayer
 
     def guarded(fn, arg):
         @functools.wraps(fn)
@@ -227,7 +227,7 @@ class LaunchDeviceSpy:
     (Triton launches on the current device, whatever device the tensors are on)."""
 
     def __init__(self):
-        import transformers_kvquant.kernel_dispatch as kd
+        import transformers_kvquant.integration.kernel_dispatch as kd
 
         self.kd, self.original, self.seen = kd, kd.fused_attention, Counter()
 

@@ -12,16 +12,17 @@
 """
 
 from ._version import __version__
-from .attention import patch_model, unpatch_model
-from .cache import KVQuantCache
 from .calibration.statistics import calibration_windows
 from .calibration.support import UnsupportedModelError
-from .compat import IncompatibleTransformersError
 from .config.calibrate import calibrate
 from .config.errors import KVQuantConfigError
 from .config.kvquant_config import KVQuantConfig, pull_config, push_config
+from .integration.attention import unpatch_model
+from .integration.cache import KVQuantCache
+from .integration.compat import IncompatibleTransformersError
+from .integration.patch import patch_model
+from .integration.registration import register_at_import as _register
 from .models import load_model
-from .registration import register_at_import as _register
 
 _register()
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .compat import cache_argument, returned_cache
+from .integration.compat import cache_argument, returned_cache
 
 PROMPT = "Explain in two or three sentences why the sky is blue."
 
@@ -61,13 +61,13 @@ def _perplexity(model, windows, cache_factory=None) -> float:
 
 
 def run(model_name: str = "smollm2", bits: int = 3, windows: int = 3, seqlen: int = 1024, max_new_tokens: int = 64) -> dict:
-    import transformers_kvquant  # noqa: F401  (registers cache_implementation="kvquant")
-
-    from .cache import KVQuantCache
     from .evaluation.datasets import load_text
     from .evaluation.perplexity import token_windows
+    from .integration.cache import KVQuantCache
+    from .integration.registration import register
     from .models import load_model
 
+    register()  # cache_implementation="kvquant" (idempotent; importing the package did it already)
     start = time.time()
     _say(f"1/4 loading {model_name}")
     model, tokenizer = load_model(model_name)

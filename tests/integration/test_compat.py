@@ -15,10 +15,9 @@ from transformers_kvquant import (
     IncompatibleTransformersError,
     KVQuantCache,
     __version__,
-    attention,
-    compat,
     unpatch_model,
 )
+from transformers_kvquant.integration import attention, compat
 
 PROMPT = torch.tensor([[5, 6, 7, 8]])
 

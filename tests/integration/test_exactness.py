@@ -12,7 +12,7 @@ import torch
 
 from tests.helpers import tiny_llama, tiny_mistral
 from transformers_kvquant import KVQuantCache
-from transformers_kvquant.cache import KVQuantSlidingWindowLayer
+from transformers_kvquant.integration.cache import KVQuantSlidingWindowLayer
 
 from .common import (
     BEAM,

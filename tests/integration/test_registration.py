@@ -25,9 +25,10 @@ from transformers import (
 from transformers.generation.utils import GenerationMixin
 
 from tests.helpers import STORIES
-from transformers_kvquant import KVQuantCache, registration
-from transformers_kvquant.attention import is_patched
-from transformers_kvquant.registration import IncompatibleTransformersError
+from transformers_kvquant import KVQuantCache
+from transformers_kvquant.integration import registration
+from transformers_kvquant.integration.attention import is_patched
+from transformers_kvquant.integration.registration import IncompatibleTransformersError
 
 from .common import EXACT, generate, left_padded
 

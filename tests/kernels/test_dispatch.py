@@ -8,7 +8,10 @@ import torch
 from tests.helpers import quick_config, tiny_llama, tiny_mistral
 from tests.kernels.common import DEVICE
 from transformers_kvquant import KVQuantCache
-from transformers_kvquant.kernel_dispatch import KernelUnavailableError, kernels_enabled
+from transformers_kvquant.integration.kernel_dispatch import (
+    KernelUnavailableError,
+    kernels_enabled,
+)
 
 
 def generate(model, cfg, backend, inputs, new_tokens=3, **cache_config):

@@ -217,32 +217,15 @@ class KVQuantConfig:
         )
         return load_config_file(config_path, tensors_locator)
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        commit_message: str | None = None,
-        create_pr: bool = False,
-        private: bool | None = None,
-        path_in_repo: str | None = None,
-    ):
-        """Upload ``kvquant_config.json`` and its tensor file to a Hub repo in one commit (see :func:`push_config`).
+    def push_to_hub(self, repo_id: str, **options):
+        """Upload ``kvquant_config.json`` and its tensor file to a Hub repo in one commit.
 
-        Works for a new repo and for adding the two files to an existing model repo: no other file is touched.
-        Returns huggingface_hub's ``CommitInfo`` (a string: the commit URL; ``.pr_url`` when ``create_pr``).
+        ``options`` are :func:`push_config`'s (``revision``, ``token``, ``commit_message``, ``create_pr``, ``private``,
+        ``path_in_repo``). Works for a new repo and for adding the two files to an existing model repo: no other
+        file is touched. Returns huggingface_hub's ``CommitInfo`` (a string: the commit URL; ``.pr_url`` when
+        ``create_pr``).
         """
-        return push_config(
-            self,
-            repo_id,
-            revision=revision,
-            token=token,
-            commit_message=commit_message,
-            create_pr=create_pr,
-            private=private,
-            path_in_repo=path_in_repo,
-        )
+        return push_config(self, repo_id, **options)
 
 
 def load_config_file(config_path: str | os.PathLike, tensors_locator=None) -> KVQuantConfig:

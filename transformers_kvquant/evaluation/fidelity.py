@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..compat import cache_argument
+from ..integration.cache import KVQuantCache
+from ..integration.compat import cache_argument
 from .simulation import SimulatedMethod, SimulationCache
 
 
@@ -101,8 +102,6 @@ def evaluate_fidelity(
     simulated forward over the document).
     """
     from transformers import DynamicCache
-
-    from ..cache import KVQuantCache
 
     device = model.get_input_embeddings().weight.device
     base, head = model.get_decoder(), model.get_output_embeddings()

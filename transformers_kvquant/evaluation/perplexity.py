@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..compat import cache_argument
+from ..integration.compat import cache_argument
 from .simulation import (
     IntMethod,
     KiviMethod,

@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from ..attention import key_rotation
 from ..config.kvquant_config import KVQuantConfig
+from ..integration.patch import patch_model
+from ..integration.prerope import PreRopeCache, PreRopeLayer
 from ..kernels.rope import apply_rope
 from ..quant.codebook import uniform_codebook
 from ..quant.memory import store_report
@@ -149,33 +150,26 @@ class KiviMethod(SimulatedMethod):
         return bits / (2 * tokens * c)
 
 
-class SimulatedLayer(CacheLayerMixin):
+class SimulatedLayer(PreRopeLayer, CacheLayerMixin):
     """One layer of a :class:`SimulationCache`: fake-quantizes what the forward pass hands it."""
 
     is_compileable = False
     is_sliding = False
     _layer_type = None
+    missing_hook_error = "SimulationCache needs the KVQuant attention hook: call transformers_kvquant.patch_model(model)"
 
     def __init__(self, method: SimulatedMethod, layer_idx: int):
         super().__init__()
         self.method, self.layer_idx = method, layer_idx
         self.length = 0
-        self._staged = None
 
     def lazy_initialization(self, key_states, value_states):
         self.is_initialized = True
 
-    def stage(self, position_ids, query_length):
-        if position_ids is None:
-            position_ids = torch.arange(self.length, self.length + query_length).unsqueeze(0)
-        self._staged = position_ids
-
     def update(self, key_states, value_states, *args, **kwargs):
         if self.length:
             raise RuntimeError("a SimulationCache covers one forward pass (teacher forcing); create a new one per window")
-        if self._staged is None:
-            raise RuntimeError("SimulationCache needs the KVQuant attention hook: call transformers_kvquant.patch_model(model)")
-        self.positions, self._staged = self._staged, None
+        self.positions = self.take_staged_positions(key_states.shape[-2])
         self.length = key_states.shape[-2]
         self.is_initialized = True
         m = self.method
@@ -190,14 +184,19 @@ class SimulatedLayer(CacheLayerMixin):
         sink = (self.positions < self.method.sink_tokens).to(exact.device)  # [B or 1, T]
         return torch.where(sink[:, None, :, None], exact, quantized)
 
+    def returned_positions(self) -> torch.Tensor:
+        return self.positions
+
     def attend(self, module, query, key, value, attention_mask, ctx, inner, **kwargs):
+        """The shared rotation (:class:`PreRopeLayer`), then post-RoPE fake quantization, exact sink tokens and, with
+        a recent window, streaming attention."""
         m = self.method
-        q = apply_rope(query, ctx.cos.to(query.device), ctx.sin.to(query.device))
-        cos_k, sin_k = key_rotation(ctx.rotary, key, self.positions)
-        k = self._keep_sink(m.keys_post_rope(self.layer_idx, apply_rope(key, cos_k, sin_k)), apply_rope(self.exact_keys, cos_k, sin_k))
+        q = self.rotate_query(query, ctx)
+        cos_k, sin_k = self.key_rotation(key, ctx)
+        exact_k = apply_rope(self.exact_keys, cos_k, sin_k)
+        k = self._keep_sink(m.keys_post_rope(self.layer_idx, apply_rope(key, cos_k, sin_k)), exact_k)
         if not m.window:
             return inner(module, q, k, value, attention_mask, **kwargs)
-        exact_k = apply_rope(self.exact_keys, cos_k, sin_k)
         return _streaming_attention(module, q, k, value, exact_k, self.exact_values, self.positions, m, attention_mask)
 
     def get_seq_length(self) -> int:
@@ -239,14 +238,10 @@ def _streaming_attention(module, q, k_q, v_q, k_x, v_x, positions, method, atten
     return out.to(q.dtype).transpose(1, 2).contiguous(), None
 
 
-class SimulationCache(Cache):
+class SimulationCache(PreRopeCache):
     """Cache for one teacher-forced forward pass with simulated KV quantization (see module docstring)."""
 
-    stores_pre_rope_keys = True
-
     def __init__(self, model, method: SimulatedMethod):
-        from ..attention import patch_model
-
         patch_model(model)
         layers = model.config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[SimulatedLayer(method, i) for i in range(layers)])

@@ -18,11 +18,11 @@ import inspect
 
 import torch
 import transformers
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ._version import __version__
-from .attention import install_hooks, key_rotation, unpatch_model
-from .kernels.rope import apply_rope
+from .._version import __version__
+from .attention import install_hooks, unpatch_model
+from .prerope import PreRopeCache, PreRopeLayer
 
 
 class IncompatibleTransformersError(RuntimeError):
@@ -120,7 +120,7 @@ def _probe(model_class, config, inner: str) -> str:
     return ""
 
 
-class _RecordingLayer(DynamicLayer):
+class _RecordingLayer(PreRopeLayer, DynamicLayer):
     """An exact layer that stores pre-RoPE keys with their positions and attends like KVQuantLayer at bits=16."""
 
     _layer_type = None  # never register in transformers' global layer mappings
@@ -129,28 +129,26 @@ class _RecordingLayer(DynamicLayer):
         super().__init__()
         self.staged = self.attended = 0
         self.positions = None
-        self._pending = None
 
     def stage(self, position_ids, query_length):
         self.staged += 1
-        self._pending = position_ids
+        super().stage(position_ids, query_length)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        seen = 0 if self.positions is None else self.positions.shape[-1]
-        pos = self._pending if self._pending is not None else torch.arange(seen, seen + key_states.shape[-2])[None]
-        self._pending = None
+        if self._staged is None:  # the hook did not run: record the default positions, so the probe can say so
+            super().stage(None, key_states.shape[-2])
+        pos = self.take_staged_positions(key_states.shape[-2])
         self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=-1)
         return super().update(key_states, value_states)
 
+    def returned_positions(self):
+        return self.positions
+
     def attend(self, module, query, key, value, attention_mask, ctx, inner, **kwargs):
         self.attended += 1
-        q = apply_rope(query, ctx.cos, ctx.sin)
-        cos_k, sin_k = key_rotation(ctx.rotary, key, self.positions)
-        return inner(module, q, apply_rope(key, cos_k, sin_k), value, attention_mask, **kwargs)
+        return super().attend(module, query, key, value, attention_mask, ctx, inner, **kwargs)
 
 
-class _RecordingCache(Cache):
-    stores_pre_rope_keys = True
-
+class _RecordingCache(PreRopeCache):
     def __init__(self):
         super().__init__(layers=[_RecordingLayer()])

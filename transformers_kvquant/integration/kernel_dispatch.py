@@ -12,6 +12,9 @@ import os
 
 import torch
 
+from ..kernels.layout import PackedKV, supported_head_dim
+from ..quant.store import PackedStore
+
 
 class KernelUnavailableError(RuntimeError):
     """backend='triton' was asked for but the kernels cannot run here."""
@@ -30,9 +33,6 @@ def kernels_enabled(settings, store) -> bool:
     backend = getattr(settings, "backend", "auto")
     if backend == "reference":
         return False
-    from .kernels.layout import supported_head_dim
-    from .quant.store import PackedStore
-
     packed = isinstance(store, PackedStore)
     device = getattr(store, "device", torch.device("cpu"))
     if backend == "triton":
@@ -57,8 +57,6 @@ def kernels_enabled(settings, store) -> bool:
 
 def packed_view(store, begin: int):
     """The slots ``[begin, length)`` of a ``PackedStore`` as the kernels' ``PackedKV`` (no copies)."""
-    from .kernels.layout import PackedKV
-
     begin = max(begin, store.start)
     tensors = store.buffers.tensors
     window_first = store.length - store.window_keys.shape[2]
@@ -98,8 +96,9 @@ def fused_attention(layer, module, query, attention_mask, ctx, **kwargs):
 
     Returns ``(attn_output [B, q, Hq, D] contiguous in query.dtype, None)`` like transformers' attention functions.
     """
-    from .kernels.decode import decode_attention
-    from .kernels.prefill import prefill_attention
+    # The Triton launchers are imported on first use (see transformers_kvquant.kernels).
+    from ..kernels.decode import decode_attention
+    from ..kernels.prefill import prefill_attention
 
     store = layer.store
     cache = packed_view(store, layer._returned_begin)

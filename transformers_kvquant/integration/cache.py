@@ -10,21 +10,27 @@ cache.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from .attention import key_rotation, patch_model
-from .calibration.support import check_supported
-from .kernels.rope import apply_rope
-from .quant.memory import MemoryReport, store_report
+from ..calibration.support import check_supported
+from ..quant.memory import MemoryReport, store_report
+from . import kernel_dispatch
+from .patch import patch_model
+from .prerope import PreRopeCache, PreRopeLayer
 from .settings import CacheSettings, resolve_settings
 
 
-class KVQuantLayer(CacheLayerMixin):
+class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
     """Full-attention layer: every token is kept (quantized)."""
 
     is_compileable = False  # dynamic storage: never let generate auto-compile it
     is_sliding = False
     _layer_type = None  # never register in transformers' global layer mappings
+    missing_hook_error = (
+        "KVQuantCache.update was called without the KVQuant attention hook: the keys would be post-RoPE. "
+        "Create the cache with KVQuantCache(model, ...) (it patches the model) or call "
+        "transformers_kvquant.patch_model(model) first."
+    )
 
     def __init__(self, settings: CacheSettings, layer_idx: int):
         super().__init__()
@@ -44,28 +50,8 @@ class KVQuantLayer(CacheLayerMixin):
             self.store.reserve(self.settings.max_length)
         self.is_initialized = True
 
-    def stage(self, position_ids: torch.Tensor | None, query_length: int) -> None:
-        """Called by the attention pre-hook: the RoPE positions of the tokens about to be stored."""
-        if position_ids is None:
-            seen = self.get_seq_length()
-            position_ids = torch.arange(seen, seen + query_length).unsqueeze(0)
-        self._staged = position_ids
-
-    def _take_positions(self, n: int) -> torch.Tensor:
-        positions = self._staged
-        self._staged = None
-        if positions is None:
-            raise RuntimeError(
-                "KVQuantCache.update was called without the KVQuant attention hook: the keys would be post-RoPE. "
-                "Create the cache with KVQuantCache(model, ...) (it patches the model) or call "
-                "transformers_kvquant.patch_model(model) first."
-            )
-        if positions.shape[-1] != n:
-            raise RuntimeError(f"staged {positions.shape[-1]} positions for {n} new tokens")
-        return positions
-
     def update(self, key_states, value_states, *args, **kwargs):
-        positions = self._take_positions(key_states.shape[-2])
+        positions = self.take_staged_positions(key_states.shape[-2])
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[0] != self.store.batch:
@@ -92,12 +78,11 @@ class KVQuantLayer(CacheLayerMixin):
     def uses_kernels(self) -> bool:
         """Whether attention runs in the Triton kernels over the packed store (decided once per layer)."""
         if self._kernels is None:
-            from .kernel_dispatch import kernels_enabled
-
-            self._kernels = kernels_enabled(self.settings, self.store)
+            self._kernels = kernel_dispatch.kernels_enabled(self.settings, self.store)
         return self._kernels
 
     def returned_positions(self) -> torch.Tensor:
+        """RoPE positions of the keys the last update returned (their slots ``[returned begin, length)``)."""
         return self.store.positions(self._returned_begin)
 
     @property
@@ -156,13 +141,8 @@ class KVQuantLayer(CacheLayerMixin):
         """Rotate queries and the returned pre-RoPE keys, then the model's own attention (reference path), or
         attend over the packed store with the Triton kernels."""
         if self.uses_kernels:
-            from .kernel_dispatch import fused_attention
-
-            return fused_attention(self, module, query, attention_mask, ctx, **kwargs)
-        q = apply_rope(query, ctx.cos.to(query.device), ctx.sin.to(query.device))
-        cos_k, sin_k = key_rotation(ctx.rotary, key, self.returned_positions())
-        k = apply_rope(key, cos_k, sin_k)
-        return inner(module, q, k, value, attention_mask, **kwargs)
+            return kernel_dispatch.fused_attention(self, module, query, attention_mask, ctx, **kwargs)
+        return super().attend(module, query, key, value, attention_mask, ctx, inner, **kwargs)
 
     @property
     def batch_size(self) -> int:
@@ -222,7 +202,7 @@ class KVQuantSlidingWindowLayer(KVQuantLayer):
             super().crop(tokens_to_remove)
 
 
-class KVQuantCache(Cache):
+class KVQuantCache(PreRopeCache):
     """A KV cache that stores pre-RoPE keys and values with KVQuant (2/3/4 bits), or exactly with ``bits=16``.
 
     Args:
@@ -233,8 +213,6 @@ class KVQuantCache(Cache):
             (``"auto"``, ``"reference"`` or ``"triton"``), ``max_length`` (preallocate this many tokens), and
             ``revision`` / ``local_files_only`` for Hub lookups. See docs/usage.md.
     """
-
-    stores_pre_rope_keys = True  # the attention hook feeds this cache un-rotated keys
 
     def __init__(self, model, config=None, **cache_config):
         check_supported(model)  # before looking for a config: an unsupported model has none to find

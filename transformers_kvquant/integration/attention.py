@@ -1,15 +1,17 @@
 """Pre-RoPE keys for LLaMA/Mistral attention through public extension points (no modeling code is copied).
 
-How a layer's forward runs once a model is patched and gets a :class:`~transformers_kvquant.cache.KVQuantCache`:
+How a layer's forward runs once a model is patched (:func:`~.patch.patch_model`) and gets a cache that stores
+pre-RoPE keys (a :class:`~.prerope.PreRopeCache`, e.g. :class:`~.cache.KVQuantCache`):
 
 1. A forward pre-hook on the attention module swaps ``position_embeddings`` for ``(1, 0)``, so the model's own
    ``apply_rotary_pos_emb`` is the identity (``x*1 + rotate_half(x)*0 == x`` exactly) and the cache receives
-   *pre-RoPE* keys. It stages the row-wise ``position_ids`` on the cache layer and passes the real ``(cos, sin)``
-   and the layer through a kwarg.
+   *pre-RoPE* keys. It stages the row-wise ``position_ids`` on the cache layer (``layer.stage``) and passes the
+   real ``(cos, sin)`` and the layer through a kwarg.
 2. The attention implementation is ``kvquant_sdpa`` / ``kvquant_eager`` (registered in both ``AttentionInterface``
-   and ``AttentionMaskInterface``, the latter with the inner implementation's mask function). It rotates the
-   queries with the real ``(cos, sin)`` and the returned keys with the positions stored for them, then calls the
-   inner implementation; on CUDA it may instead attend directly over the packed cache with the Triton kernels.
+   and ``AttentionMaskInterface``, the latter with the inner implementation's mask function). It hands the call to
+   the layer (``layer.attend``, :class:`~.prerope.PreRopeLayer`), which rotates the queries with the real
+   ``(cos, sin)`` and the returned keys with the positions stored for them, then calls the inner implementation;
+   on CUDA a KVQuant layer may instead attend directly over the packed cache with the Triton kernels.
 
 With any other cache (or none) the hook and the attention function do nothing: the model behaves as stock.
 """
@@ -21,10 +23,9 @@ import weakref
 
 import torch
 
-from .calibration.support import (
+from ..calibration.support import (
     SUPPORTED_ATTENTION_CLASSES,
     UnsupportedModelError,
-    check_supported,
     find_rotary,
 )
 
@@ -40,12 +41,6 @@ class AttentionContext:
 
     def __init__(self, cos, sin, layer, rotary):
         self.cos, self.sin, self.layer, self.rotary = cos, sin, layer, rotary
-
-
-def key_rotation(rotary, like: torch.Tensor, positions: torch.Tensor):
-    """cos/sin of the model's rotary embedding at stored positions ``[B, L]``, on ``like``'s device and dtype."""
-    cos, sin = rotary(like, positions.to(like.device).long())
-    return cos.to(like.device), sin.to(like.device)
 
 
 # --------------------------------------------------------------------------------------------- registration
@@ -125,27 +120,11 @@ def _pre_hook(rotary):
     return hook
 
 
-def patch_model(model) -> None:
-    """Install the KVQuant attention hooks on a LLaMA/Mistral model (idempotent).
-
-    Checks first that the architecture is supported and that this transformers still hands the hook what it needs
-    (:func:`~transformers_kvquant.compat.check_hook_contract`). Other caches (the default ``DynamicCache``,
-    ``StaticCache``, ...) are unaffected: with them the hook returns at once and ``kvquant_<inner>`` delegates to
-    ``<inner>`` unchanged.
-    """
+def install_hooks(model) -> None:
+    """The hooks and the attention implementation, without the checks of
+    :func:`~transformers_kvquant.integration.patch.patch_model` (idempotent)."""
     if model in _PATCHED:
         _ensure_attn_implementation(model)
-        return
-    check_supported(model)
-    from .compat import check_hook_contract
-
-    check_hook_contract(model)
-    install_hooks(model)
-
-
-def install_hooks(model) -> None:
-    """The hooks and the attention implementation, without the checks of :func:`patch_model`."""
-    if model in _PATCHED:
         return
     register_attention_functions()
     hook = _pre_hook(find_rotary(model))
@@ -179,4 +158,5 @@ def unpatch_model(model) -> None:
 
 
 def is_patched(model) -> bool:
+    """Whether the KVQuant hooks are installed on ``model``."""
     return model in _PATCHED

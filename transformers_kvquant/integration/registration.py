@@ -25,6 +25,8 @@ import warnings
 import transformers
 from packaging.version import Version
 
+from ..config.kvquant_config import KVQuantConfig
+from .cache import KVQuantCache
 from .compat import IncompatibleTransformersError
 
 logger = logging.getLogger("transformers_kvquant")
@@ -118,8 +120,6 @@ def _wrap_prepare_cache(original):
                 f"transformers {transformers.__version__}: generate prepared {len(created)} caches where "
                 "transformers-kvquant expected one; use generate(past_key_values=KVQuantCache(model, ...)) instead"
             )
-        from .cache import KVQuantCache
-
         cache_config = copy.deepcopy(generation_config.cache_config) if generation_config.cache_config else {}
         if not isinstance(cache_config, dict):
             raise TypeError(f"cache_config for cache_implementation='kvquant' must be a dict, got {type(cache_config).__name__}")
@@ -134,8 +134,6 @@ def _wrap_save(original):
     def save_pretrained(self, *args, **kwargs):
         if self.cache_implementation != NAME:
             return original(self, *args, **kwargs)
-        from .config.kvquant_config import KVQuantConfig
-
         cache_config = copy.deepcopy(self.cache_config) if self.cache_config else None
         if isinstance(cache_config, dict) and isinstance(cache_config.get("config"), KVQuantConfig):
             logger.warning("cache_config['config'] is a KVQuantConfig object: saved without it (save a path instead)")

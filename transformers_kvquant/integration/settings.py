@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config.errors import KVQuantConfigError
-from .config.kvquant_config import KVQuantConfig
-from .quant.store import FullPrecisionStore, PackedStore
+from ..config.discovery import find_config, load_for_model
+from ..config.errors import KVQuantConfigError
+from ..config.kvquant_config import KVQuantConfig
+from ..quant.store import FullPrecisionStore, PackedStore
 
 logger = logging.getLogger("transformers_kvquant")
 
@@ -104,8 +105,6 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
     if getattr(model, "dtype", None) is not None:
         check_dtype(model.dtype)  # fail before generate starts, not at the first cache update
     hub = {k: opts.pop(k) for k in ("revision", "local_files_only") if k in opts}
-    from .config.discovery import find_config, load_for_model
-
     if config is not None:
         cfg, source = load_for_model(model, config, **hub)
         if bits is not None and bits != cfg.bits:
