@@ -7,8 +7,8 @@
 - :mod:`.fit`: :func:`fit_calibration`, per-layer key ranges and codebooks (:class:`LayerCalibration`), returned as a
   :class:`CalibrationResult`.
 
-Nothing here reads or writes config files: ``transformers_kvquant.calibrate`` (:mod:`transformers_kvquant.config.calibrate`) runs this layer and returns a
-``KVQuantConfig``.
+Nothing here reads or writes config files: ``transformers_kvquant.calibrate`` (in
+:mod:`transformers_kvquant.config.calibrate`) runs this layer and returns a ``KVQuantConfig``.
 """
 
 from .fingerprint import ModelFingerprint, weights_signature

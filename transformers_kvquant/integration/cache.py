@@ -1,6 +1,6 @@
 """`KVQuantCache`: a `transformers.Cache` holding packed 2/3/4-bit pre-RoPE keys and values.
 
-One layer object per decoder layer; each owns a store (:mod:`.quant.store`) created on the first update, on the
+One layer object per decoder layer; each owns a store (:mod:`transformers_kvquant.quant.store`) created on the first update, on the
 device of that layer's tensors, so Accelerate ``device_map`` splits put every layer's cache beside its layer.
 Layers report lengths and mask sizes exactly like transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer``,
 so masks, position ids and generation utilities (beam reorder, crop, batch select) behave as with the default
