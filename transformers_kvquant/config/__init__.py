@@ -6,13 +6,13 @@
   atomic writes, validation);
 - :mod:`.hub`: resolving, downloading and uploading the two files (no ``KVQuantConfig`` in it);
 - :mod:`.discovery`: which config serves a model (explicit, beside the model, or shipped in ``hub_configs/``);
-- :mod:`.calibrate`: :func:`calibrate` / :func:`fit_config`, the calibration layer's results as a config;
+- :mod:`.calibrate`: ``calibrate`` / ``fit_config``, the calibration layer's results as a config (the package
+  root exports ``calibrate``; this package keeps the name for the module);
 - :mod:`.errors`: :class:`KVQuantConfigError` (names the file, the field and the remedy).
 """
 
 from ..calibration.fingerprint import ModelFingerprint
 from ..calibration.fit import LayerCalibration
-from .calibrate import calibrate, fit_config, with_uniform_codebooks
 from .errors import ConfigNotFoundError, KVQuantConfigError
 from .format import CONFIG_NAME, FORMAT_VERSION, TENSORS_NAME, content_sha256
 from .kvquant_config import KVQuantConfig, load_config_file, pull_config, push_config
@@ -26,11 +26,8 @@ __all__ = [
     "KVQuantConfigError",
     "LayerCalibration",
     "ModelFingerprint",
-    "calibrate",
     "content_sha256",
-    "fit_config",
     "load_config_file",
     "pull_config",
     "push_config",
-    "with_uniform_codebooks",
 ]
