@@ -1,137 +1,195 @@
-"""Append: quantize and pack new tokens straight into the cache buffers.
+"""Append: quantize new tokens and pack them into the cache, one launch for keys and values of every head.
 
-The per-token choices that need a sort or a variable-size output (key outliers: every element outside its channel's
-calibrated range, as CSR entries; value outliers and the value range left after removing them: ``torch.topk``)
-are made in PyTorch (:func:`~.naive.select_outliers`); the element-wise work (normalize, nearest centroid, bit
-packing, storing into the buffers at the right slots) is one Triton kernel for keys and values together, so no
-fp32 copy of the chunk's codes is ever materialized. Codes equal the PyTorch quantizer's bit for bit: the
-normalization uses IEEE division (``div_rn``) and a code is the number of decision thresholds strictly below the
-normalized value (``torch.bucketize``'s rule).
+One program per (token, row) quantizes all KV heads of the token (the value range spans every head): keys with the
+calibrated per-channel ranges, values with the token's range after each head drops its outliers; codes are found
+by counting decision boundaries (what ``torch.bucketize`` does), the bounded outliers by repeated arg-max, and the
+codes are packed into the reader layout in registers. The slot is the device length plus the token's index, so no
+host value is needed; slots past the capacity are never written. The positions, the exact window and sink copies
+and the length are written by :func:`~.naive.write_exact`. The PyTorch reference is :func:`~.naive.append_reference`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .layout import next_pow2, on_input_device, packed_words
-from .naive import KeyOutliers, select_outliers
-
-# The store's CUDA append path is enabled by this flag: the kernel writes its layout (row-wise CSR key outliers,
-# returned for the store to append to its rows exactly like its PyTorch path).
-CSR_KEY_OUTLIERS = True
+from .layout import PackedCache, nibble_channels, on_input_device
+from .naive import write_exact
 
 
 @triton.jit
-def _codes(x, bounds_ptr, NB: tl.constexpr):
-    code = tl.zeros(x.shape, tl.int32)
-    for i in tl.static_range(NB):
-        code += (x > tl.load(bounds_ptr + i)).to(tl.int32)
-    return code
-
-
-@triton.jit
-def _store_packed(codes, out_rows, row_mask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """Pack ``[BT, D]`` codes into the int32 words at ``out_rows`` (``[BT]`` pointers to word 0)."""
-    c = codes.to(tl.uint32)
-    if BITS == 3:
-        NG: tl.constexpr = D // 32
-        c = tl.reshape(c, (BT, NG, 32))
-        bit = tl.arange(0, 32) * 3
-        word = (bit >> 5)[None, None, :]
-        shift = (bit & 31)[None, None, :].to(tl.uint32)
-        spill = shift > 29
-        up = c << shift
-        down = tl.where(spill, c >> ((32 - shift) & 31), 0)
-        w0 = tl.sum(tl.where(word == 0, up, 0), axis=2)
-        w1 = tl.sum(tl.where(word == 1, up, 0) + tl.where(word == 0, down, 0), axis=2)
-        w2 = tl.sum(tl.where(word == 2, up, 0) + tl.where(word == 1, down, 0), axis=2)
-        ptr = out_rows[:, None] + tl.arange(0, NG)[None, :] * 3
-        m = row_mask[:, None]
-        tl.store(ptr, w0.to(tl.int32, bitcast=True), mask=m)
-        tl.store(ptr + 1, w1.to(tl.int32, bitcast=True), mask=m)
-        tl.store(ptr + 2, w2.to(tl.int32, bitcast=True), mask=m)
+def _pack_words(code, HP: tl.constexpr, NS: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``[HP, D]`` in nibble order (position ``8w + n`` = nibble ``n`` of selector ``w``) -> int32 words
+    ``[HP, NW]`` (``NW`` = 4 per 3-bit group, the 4th unused; bits that do not overlap, so sums are ORs)."""
+    nib = tl.arange(0, 8)
+    if BITS == 4:
+        c = tl.reshape(code, (HP, NS, 8))
+        return tl.sum(c << (4 * nib)[None, None, :], 2)
+    elif BITS == 2:
+        c = tl.reshape(code, (HP, NS // 2, 2, 8))
+        j = tl.arange(0, 2)
+        return tl.sum(tl.sum(c << (4 * nib[None, None, None, :] + 2 * j[None, None, :, None]), 3), 2)
     else:
-        CPW: tl.constexpr = 32 // BITS
-        NW: tl.constexpr = D // CPW
-        c = tl.reshape(c, (BT, NW, CPW))
-        shift = (tl.arange(0, CPW) * BITS)[None, None, :].to(tl.uint32)
-        words = tl.sum(c << shift, axis=2)  # disjoint bit fields: the sum is a bitwise or
-        ptr = out_rows[:, None] + tl.arange(0, NW)[None, :]
-        tl.store(ptr, words.to(tl.int32, bitcast=True), mask=row_mask[:, None])
+        c = tl.reshape(code, (HP, NS // 4, 4, 8))
+        k = tl.arange(0, 4)[None, None, :, None]
+        sp = tl.sum(tl.where(k == 3, c, 0), 2)  # [HP, NS/4, 8] the spare selector
+        parts = (c & 7) | (((sp[:, :, None, :] >> k) & 1) << 3)
+        return tl.reshape(tl.sum(parts << (4 * nib)[None, None, None, :], 3), (HP, NS))
+
+
+@triton.jit
+def _store_words(ptr, words, hh, hmask, slot, ok, H, cap, b, W: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr):
+    """Store ``[HP, NW]`` words at ``ptr[b, h, w, slot]``; 3 bits: entry ``4g + k`` is word ``3g + k`` (k < 3)."""
+    q = tl.arange(0, NW)
+    if BITS == 3:
+        w = (q // 4) * 3 + q % 4
+        real = (q % 4) < 3
+    else:
+        w = q
+        real = q < NW
+    addr = ptr + ((b * H + hh[:, None]) * W + w[None, :]).to(tl.int64) * cap + slot
+    tl.store(addr, words, mask=(hmask & ok)[:, None] & real[None, :])
+
+
+@triton.jit
+def _pick(x, pos, col):
+    """``x[h, pos[h]]`` for every head ``h``."""
+    return tl.sum(tl.where(col[None, :] == pos[:, None], x, 0.0), 1)
 
 
 @triton.jit
 def _append_kernel(
-    k_ptr, v_ptr, kzero_ptr, kscale_ptr, kbounds_ptr, vbounds_ptr, vzero_ptr, vscale_ptr, kc_ptr, vc_ptr,
-    k_sb, k_sh, k_st, v_sb, v_sh, v_st, vz_sb, vz_st, T, cap, at,
-    H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+    k_ptr, v_ptr, k_sb, k_sh, k_st, v_sb, v_sh, v_st,
+    kchan_ptr, kz_ptr, ks_ptr, kb_ptr, ktab_ptr, vb_ptr, vtab_ptr,
+    kc_ptr, vc_ptr, vz_ptr, vs_ptr, kov_ptr, koi_ptr, vov_ptr, voi_ptr, len_ptr,
+    H, cap,
+    HP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
 ):
-    tb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    t = tb * BT + tl.arange(0, BT)
-    tmask = t < T
-    d = tl.arange(0, D)
-    m2 = tmask[:, None]
+    i = tl.program_id(0)
+    b = tl.program_id(1)
+    slot = tl.sum(tl.load(len_ptr + tl.arange(0, 1)), 0) + i
+    hh = tl.arange(0, HP)
+    ok = (slot + 0 * hh) < cap  # per head (slots past the capacity are never written)
+    one = tl.arange(0, 1)
     NB: tl.constexpr = (1 << BITS) - 1
-    x = tl.load(k_ptr + b * k_sb + h * k_sh + t[:, None] * k_st + d[None, :], mask=m2, other=0.0).to(tl.float32)
-    kz = tl.load(kzero_ptr + h * D + d)[None, :]
-    ks = tl.load(kscale_ptr + h * D + d)[None, :]
-    kcodes = _codes(tl.math.div_rn(x - kz, ks), kbounds_ptr, NB)
-    rows = ((b * H + h) * cap + at + t) * W
-    _store_packed(kcodes, kc_ptr + rows, tmask, BT, D, BITS)
-    v = tl.load(v_ptr + b * v_sb + h * v_sh + t[:, None] * v_st + d[None, :], mask=m2, other=0.0).to(tl.float32)
-    vz = tl.load(vzero_ptr + b * vz_sb + t * vz_st, mask=tmask, other=0.0).to(tl.float32)[:, None]
-    vs = tl.load(vscale_ptr + b * vz_sb + t * vz_st, mask=tmask, other=1.0).to(tl.float32)[:, None]
-    vcodes = _codes(tl.math.div_rn(v - vz, vs), vbounds_ptr, NB)
-    _store_packed(vcodes, vc_ptr + rows, tmask, BT, D, BITS)
+    NS: tl.constexpr = D // 8
+    W: tl.constexpr = D * BITS // 32
+    NW: tl.constexpr = NS if BITS == 3 else (NS // 2 if BITS == 2 else NS)
+    hmask = hh < H
+    pk = tl.arange(0, D)  # nibble-order position
+
+    # ---------------------------------------------------------------- keys
+    chk = tl.load(kchan_ptr + pk)  # the channel at each nibble position
+    x = tl.load(k_ptr + b * k_sb + hh[:, None] * k_sh + i * k_st + chk[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(kz_ptr + hh[:, None] * D + chk[None, :], mask=hmask[:, None], other=0.0)
+    s = tl.load(ks_ptr + hh[:, None] * D + chk[None, :], mask=hmask[:, None], other=1.0)
+    xn = tl.math.div_rn(x - z, s)
+    code = tl.zeros((HP, D), tl.int32)
+    for j in tl.static_range(NB):
+        code += (xn > tl.load(kb_ptr + j)).to(tl.int32)
+    cent = tl.load(ktab_ptr + code)
+    _store_words(kc_ptr, _pack_words(code, HP, NS, BITS), hh, hmask, slot, ok, H, cap, b, W, NW, BITS)
+    err = tl.abs(xn - cent)
+    approx = cent * s + z
+    for e in tl.static_range(SK):
+        m = tl.max(err, 1)
+        pos = tl.min(tl.where(err == m[:, None], pk[None, :], D), 1)
+        res = _pick(x, pos, pk) - _pick(approx, pos, pk)
+        ch = tl.sum(tl.where(pk[None, :] == pos[:, None], chk[None, :], 0), 1)
+        o = ((b * H + hh) * SK + e).to(tl.int64) * cap + slot
+        tl.store(kov_ptr + o, res.to(kov_ptr.dtype.element_ty), mask=hmask & ok)
+        tl.store(koi_ptr + o, ch.to(tl.uint8), mask=hmask & ok)
+        err = tl.where(pk[None, :] == pos[:, None], -1.0, err)
+
+    # ---------------------------------------------------------------- values (channels in order)
+    x = tl.load(v_ptr + b * v_sb + hh[:, None] * v_sh + i * v_st + pk[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+    SV1: tl.constexpr = SV + 1
+    SVP: tl.constexpr = 2 if SV1 <= 2 else (4 if SV1 <= 4 else (8 if SV1 <= 8 else 16))
+    col = tl.arange(0, SVP)
+    top_v = tl.zeros((HP, SVP), tl.float32)
+    top_i = tl.zeros((HP, SVP), tl.int32)
+    bot_v = tl.zeros((HP, SVP), tl.float32)
+    bot_i = tl.zeros((HP, SVP), tl.int32)
+    hi_work = x
+    lo_work = x
+    for j in tl.static_range(SV1):
+        m = tl.max(hi_work, 1)
+        p = tl.min(tl.where(hi_work == m[:, None], pk[None, :], D), 1)
+        top_v = tl.where(col[None, :] == j, m[:, None], top_v)
+        top_i = tl.where(col[None, :] == j, p[:, None], top_i)
+        hi_work = tl.where(pk[None, :] == p[:, None], float("-inf"), hi_work)
+        m = tl.min(lo_work, 1)
+        p = tl.min(tl.where(lo_work == m[:, None], pk[None, :], D), 1)
+        bot_v = tl.where(col[None, :] == j, m[:, None], bot_v)
+        bot_i = tl.where(col[None, :] == j, p[:, None], bot_i)
+        lo_work = tl.where(pk[None, :] == p[:, None], float("inf"), lo_work)
+    # j low and SV - j high ones dropped; the first smallest remaining range wins (torch's argmin)
+    best = tl.full((HP,), float("inf"), tl.float32)
+    low = tl.zeros((HP,), tl.int32)
+    for j in tl.static_range(SV1):
+        r = _pick(top_v, tl.full((HP,), SV - j, tl.int32), col) - _pick(bot_v, tl.full((HP,), j, tl.int32), col)
+        better = r < best
+        best = tl.where(better, r, best)
+        low = tl.where(better, j, low)
+    high = SV - low
+    vmax = tl.max(tl.where(hmask, _pick(top_v, high, col), float("-inf")), 0)
+    vmin = tl.min(tl.where(hmask, _pick(bot_v, low, col), float("inf")), 0)
+    zero = ((vmax + vmin) / 2).to(vz_ptr.dtype.element_ty)
+    scale = ((vmax - vmin) / 2).to(vs_ptr.dtype.element_ty)
+    scale = tl.where(scale > 0, scale, 1.0).to(vs_ptr.dtype.element_ty)
+    tl.store(vz_ptr + b * cap + slot + one, zero + tl.zeros((1,), zero.dtype), mask=(slot + one) < cap)
+    tl.store(vs_ptr + b * cap + slot + one, scale + tl.zeros((1,), scale.dtype), mask=(slot + one) < cap)
+    z32 = zero.to(tl.float32)
+    s32 = scale.to(tl.float32)
+    xn = tl.math.div_rn(x - z32, s32)
+    code = tl.zeros((HP, D), tl.int32)
+    for j in tl.static_range(NB):
+        code += (xn > tl.load(vb_ptr + j)).to(tl.int32)
+    _store_words(vc_ptr, _pack_words(code, HP, NS, BITS), hh, hmask, slot, ok, H, cap, b, W, NW, BITS)
+    approx = tl.load(vtab_ptr + code) * s32 + z32
+    for e in tl.static_range(SV):
+        from_top = e < high
+        ti = tl.sum(tl.where(col[None, :] == e, top_i, 0), 1)
+        bi = tl.sum(tl.where(col[None, :] == (e - high)[:, None], bot_i, 0), 1)
+        pos = tl.where(from_top, ti, bi)
+        res = _pick(x, pos, pk) - _pick(approx, pos, pk)
+        o = ((b * H + hh) * SV + e).to(tl.int64) * cap + slot
+        tl.store(vov_ptr + o, res.to(vov_ptr.dtype.element_ty), mask=hmask & ok)
+        tl.store(voi_ptr + o, pos.to(tl.uint8), mask=hmask & ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _channels(head_dim: int, device: str) -> torch.Tensor:
+    return torch.tensor(nibble_channels(head_dim, True), dtype=torch.int32, device=device)
 
 
 @on_input_device
-def append_packed(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    key_zero: torch.Tensor,
-    key_scale: torch.Tensor,
-    key_bounds: torch.Tensor,
-    value_bounds: torch.Tensor,
-    key_outliers: bool,
-    value_slots: int,
-    bits: int,
-    buffers: dict[str, torch.Tensor],
-    at: int,
-    block_t: int | None = None,
-) -> KeyOutliers | None:
-    """Quantize ``[B, H, T, D]`` keys (pre-RoPE) and values into ``buffers`` at physical slot ``at``.
-
-    ``buffers``: the store's tensors by name (``key_codes``/``value_codes`` ``[B, H, cap, W]`` contiguous int32;
-    ``value_zero``/``value_scale`` ``[B, cap]``; ``value_outlier_values``/``value_outlier_index`` ``[B, cap, S]``).
-    Writes exactly what :func:`~.naive.append_naive` returns and returns its key outliers (CSR over the new tokens,
-    None without key outliers): the caller appends them to its rows' entry buffers and writes the slots' begins.
-    """
-    b, h, t, d = keys.shape
-    if t == 0:
-        return None
-    kc, vc = buffers["key_codes"], buffers["value_codes"]
-    if not (kc.is_contiguous() and vc.is_contiguous()) or kc.shape[3] != packed_words(d, bits):
-        raise ValueError("code buffers must be contiguous [B, H, cap, packed_words(D, bits)]")
-    key_zero = key_zero.float().contiguous()
-    key_scale = key_scale.float().contiguous()
-    chosen = select_outliers(keys, values, key_zero, key_scale, key_outliers, value_slots)
-    del chosen["key_vectors"], chosen["value_vectors"]
-    sparse = chosen.pop("key_outliers")
-    for name, value in chosen.items():
-        buffers[name].narrow(1, at, t).copy_(value)
-    vz = buffers["value_zero"].narrow(1, at, t)
-    vs = buffers["value_scale"].narrow(1, at, t)
-    bt = block_t or max(1, min(next_pow2(t), 4096 // d))
-    _append_kernel[(triton.cdiv(t, bt), b * h)](
-        keys, values, key_zero, key_scale, key_bounds.float().contiguous(), value_bounds.float().contiguous(), vz, vs, kc, vc,
-        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        vz.stride(0), vz.stride(1), t, kc.shape[2], at,
-        H=h, D=d, BITS=bits, W=kc.shape[3], BT=bt,
+def append_codes(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Quantize and pack ``keys``/``values`` ``[B, H, T, D]`` into slots ``length .. length + T`` (codes, ranges,
+    outliers; nothing else)."""
+    b, h, n, d = keys.shape
+    if n == 0:
+        return
+    sk = cache.key_outlier_index.shape[2]
+    sv = cache.value_outlier_index.shape[2]
+    kov, koi = (cache.key_outlier_values, cache.key_outlier_index) if sk else (cache.value_zero, cache.key_codes)
+    vov, voi = (cache.value_outlier_values, cache.value_outlier_index) if sv else (cache.value_zero, cache.key_codes)
+    _append_kernel[(n, b)](
+        keys, values, *keys.stride()[:3], *values.stride()[:3],
+        _channels(d, str(keys.device)), cache.key_zero, cache.key_scale, cache.key_bounds, cache.key_table,
+        cache.value_bounds, cache.value_table,
+        cache.key_codes, cache.value_codes, cache.value_zero, cache.value_scale, kov, koi, vov, voi, cache.length,
+        h, cache.capacity,
+        HP=max(2, triton.next_power_of_2(h)), D=d, BITS=cache.bits, SK=sk, SV=sv, num_warps=4 if h * d <= 2048 else 8,
     )
-    return sparse
+
+
+def append_packed(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    """The whole append of new tokens (the Triton path of :func:`~.naive.append_reference`)."""
+    if keys.shape[2] == 0:
+        return
+    append_codes(cache, keys, values)
+    write_exact(cache, keys, values, positions)

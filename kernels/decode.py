@@ -1,551 +1,412 @@
-"""Decode attention (one query per row) directly on the packed cache, split over the sequence.
+"""Decode attention over the packed cache: one query per row, memory-bound.
 
-Grid ``(splits + 1, B)``. A *packed* program owns a range of packed slots for **all** KV heads of its row, so
-the per-slot work that does not depend on the head is done once: the RoPE sin/cos of the slot's position, and the
-token's sparse outliers (stored per token over all heads), which each program reads exactly once. It makes two
-passes over its slots:
+Three launches, fixed shapes whatever the length (the length is read on the device, so a CUDA graph replays them):
 
-1. keys: unpack codes, codebook lookup, per-channel scale/zero, rotate by the stored position, ``q . k`` for every
-   query head of the KV head (GQA: a KV head is dequantized once for its query heads); scores go to a scratch
-   buffer; key outliers are then added to them as sparse corrections (one CSR entry per thread, atomics), and the
-   split's max is read back from the scores;
-2. values: ``p = exp(score - max)`` with the split's final max, dense ``p . v``, and value outliers added to the
-   split's partial output with atomics (they land on data-dependent channels).
+1. ``_decode_packed_kernel``, a grid of (split, row x KV head): the packed slots of each split, in two passes. Pass 1
+   decodes each block of keys (byte-permute codebook lookup, per-channel scale and zero in fp16), rotates them by a
+   fixed table of in-block offsets while the query is rotated once per block to the block's base position, and
+   scores the G query heads of the KV head in one tensor-core dot; key outliers enter as score corrections. Pass 2
+   takes ``p = exp2(s - max)`` with the split's final max, folds the per-token value scale into ``p`` and the zero
+   point into a running sum, and accumulates ``V^T p`` in one dot; value outliers as a one-hot product.
+2. ``_decode_exact_kernel``: the recent-window ring and the sink tokens, exact.
+3. ``_combine_kernel``: merges the partial softmaxes.
 
-The last program (index ``splits``) attends to the exact tokens: the sink (in place of its packed slot) and the
-recent window. :func:`_combine_kernel` merges the partial (max, sum, output) of all programs. All math is fp32.
+The PyTorch reference is :func:`~.naive.decode_reference`.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .layout import PackedKV, next_pow2, on_input_device, same_strides
-from .triton_common import LOG2E, chunk_codes, code_at, fast_trig, group_codes, lane_table, lane_table_lookup, shuffle_lookup, sincos
+from .layout import KernelConstants, PackedCache, on_input_device
+from .triton_common import (
+    interpreting,
+    lane_tables,
+    load_words,
+    lookup,
+    pad16,
+    pad_rows16,
+    selectors,
+    sincos,
+    tile,
+)
 
 
 @triton.jit
-def _rotated_query(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, h_rows, g_cols, HALF: tl.constexpr, G: tl.constexpr, qmask, scale):
-    """The query rotated at its own position (HF rotate-half), pre-multiplied by ``scale``: two [HP, GP, HALF]."""
-    j = tl.arange(0, HALF)[None, None, :]
-    hq = (h_rows[:, None] * G + g_cols[None, :])[:, :, None]
-    base = q_ptr + b * q_sb + hq * q_sh
-    m = qmask[:, :, None]
-    q_lo = tl.load(base + j, mask=m, other=0.0).to(tl.float32)
-    q_hi = tl.load(base + HALF + j, mask=m, other=0.0).to(tl.float32)
-    c_lo = tl.load(qc_ptr + b * c_sb + j).to(tl.float32)
-    c_hi = tl.load(qc_ptr + b * c_sb + HALF + j).to(tl.float32)
-    s_lo = tl.load(qs_ptr + b * c_sb + j).to(tl.float32)
-    s_hi = tl.load(qs_ptr + b * c_sb + HALF + j).to(tl.float32)
-    return (q_lo * c_lo - q_hi * s_lo) * scale, (q_hi * c_hi + q_lo * s_hi) * scale
-
-
-@triton.jit
-def _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, hq, j, mask, scale, HALF: tl.constexpr):
-    """Both RoPE halves of the scaled rotated query at (query head ``hq``, pair ``j``), element-wise."""
-    base = q_ptr + b * q_sb + hq * q_sh
-    q_lo = tl.load(base + j, mask=mask, other=0.0).to(tl.float32)
-    q_hi = tl.load(base + HALF + j, mask=mask, other=0.0).to(tl.float32)
-    c_lo = tl.load(qc_ptr + b * c_sb + j, mask=mask, other=0.0).to(tl.float32)
-    c_hi = tl.load(qc_ptr + b * c_sb + HALF + j, mask=mask, other=0.0).to(tl.float32)
-    s_lo = tl.load(qs_ptr + b * c_sb + j, mask=mask, other=0.0).to(tl.float32)
-    s_hi = tl.load(qs_ptr + b * c_sb + HALF + j, mask=mask, other=0.0).to(tl.float32)
-    return (q_lo * c_lo - q_hi * s_lo) * scale, (q_hi * c_hi + q_lo * s_hi) * scale
-
-
-@triton.jit
-def _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND: tl.constexpr):
-    """Additive log2-domain bias of a visible slot: 0, or -inf when masked or outside the sliding window."""
-    bias = tl.where(rel > total - 1 - window, 0.0, float("-inf"))
-    if MASK_KIND == 1:
-        keep = tl.load(mask_ptr + b * m_sb + rel)
-        bias = tl.where(keep != 0, bias, float("-inf"))
-    elif MASK_KIND == 2:
-        bias = bias + tl.maximum(tl.load(mask_ptr + b * m_sb + rel).to(tl.float32), -1e30) * 1.4426950408889634
-    return bias
-
-
-@triton.jit
-def _slot_bias(mask_ptr, b, m_sb, rel, live, total, window, MASK_KIND: tl.constexpr):
-    """``_slot_allowed`` for a block of slots; slots past the range get -inf."""
-    bias = tl.where(live & (rel > total - 1 - window), 0.0, float("-inf"))
-    if MASK_KIND == 1:
-        keep = tl.load(mask_ptr + b * m_sb + rel, mask=live, other=0)
-        bias = tl.where(keep != 0, bias, float("-inf"))
-    elif MASK_KIND == 2:
-        bias = bias + tl.maximum(tl.load(mask_ptr + b * m_sb + rel, mask=live, other=0.0).to(tl.float32), -1e30) * 1.4426950408889634
-    return bias
-
-
-@triton.jit
-def _decode_kernel(
-    q_ptr, qc_ptr, qs_ptr, inv_freq_ptr,
-    kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kzero_ptr, kscale_ptr, vzero_ptr, vscale_ptr,
-    kbeg_ptr, kev_ptr, kec_ptr, knnz_ptr, vov_ptr, voi_ptr, pos_ptr,
-    sink_k_ptr, sink_v_ptr, sink_slot_ptr, win_k_ptr, win_v_ptr, mask_ptr,
-    scores_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, trig_ptr,
-    q_sb, q_sh, c_sb, ke_sb, sk_sb, sk_sh, sk_sn, wk_sb, wk_sh, wk_sn, m_sb,
-    cap, first, packed_len, n_window, begin, n_outliers, split_len, n_splits, window,
-    scale, rope_scale,
-    H: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    W: tl.constexpr, S_PAD: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_KEY_OUTLIERS: tl.constexpr, N_SINK: tl.constexpr, NS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
-    FAST_TRIG: tl.constexpr, VBN: tl.constexpr, SHFL: tl.constexpr, KBN: tl.constexpr, MBN: tl.constexpr,
+def _decode_packed_kernel(
+    qrot_ptr, pchan_ptr, vchan_ptr, theta_ptr, offc_ptr, offs_ptr,
+    kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kt16_ptr, vt16_ptr, kz_ptr, ks_ptr, vz_ptr, vs_ptr,
+    kov_ptr, koi_ptr, vov_ptr, voi_ptr, pos_ptr, len_ptr, mask_ptr, sink_ptr,
+    part_m_ptr, part_l_ptr, part_o_ptr, uscr_ptr,
+    H, cap, m_sb, max_split_blocks, n_splits, n_window, window,
+    G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, N_SINK: tl.constexpr,
+    BN: tl.constexpr, MASK_KIND: tl.constexpr, USE_ASM: tl.constexpr, FAST: tl.constexpr, SLOW_PATH: tl.constexpr = True,
 ):
     split = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
     HALF: tl.constexpr = D // 2
-    HQ: tl.constexpr = H * G
-    total = packed_len + n_window
-    hr = tl.arange(0, HP)
-    gc = tl.arange(0, GP)
-    hmask = hr < H
-    qmask = hmask[:, None] & (gc < G)[None, :]
-    j = tl.arange(0, HALF)
-    inv_freq = tl.load(inv_freq_ptr + j)
-    q_lo, q_hi = _rotated_query(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, hr, gc, HALF, G, qmask, scale * rope_scale)
-    hq_rows = hr[:, None] * G + gc[None, :]  # [HP, GP] query head of each (kv head, group) cell
-    m_i = tl.full((HP, GP), float("-inf"), tl.float32)
-    l_i = tl.zeros((HP, GP), tl.float32)
-    acc_lo = tl.zeros((HP, GP, HALF), tl.float32)
-    acc_hi = tl.zeros((HP, GP, HALF), tl.float32)
-    part = (b * (n_splits + 1) + split) * HQ
-    ns = tl.arange(0, NS_PAD)
-    sink_slot = tl.load(sink_slot_ptr + b * N_SINK + ns, mask=ns < N_SINK, other=-1) - begin  # relative slots
-    if split < n_splits:
-        # ------------------------------------------------------------------ packed slots [lo, hi)
-        lo = split * split_len
-        hi = tl.minimum(lo + split_len, packed_len)
-        e = tl.arange(0, S_PAD)
-        nb = tl.arange(0, BLOCK_N)  # slots per iteration of the value-outlier loop
-        # Zero this program's partial output now: value outliers are added to it with atomics in pass 2.
-        acc_ptrs = part_acc_ptr + (part + hq_rows)[:, :, None] * D + j[None, None, :]
-        tl.store(acc_ptrs, acc_lo, mask=qmask[:, :, None])
-        tl.store(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
-        score_ptrs = scores_ptr + (b * HQ + hq_rows) * packed_len  # [HP, GP]
-        cell3 = qmask[:, :, None]
-        # ---------------------------------------------------------------- pass 1: keys
-        # One thread per (KV head, slot, chunk of CH RoPE pairs: channels j and HALF + j for CH consecutive j):
-        # both halves' codes are decoded in registers, dequantized with the per-channel range, rotated by the slot's
-        # position and dotted with every query head of the group; the chunks of a slot meet in one shuffle reduction.
-        # CH = 16 (not a whole 32-code group) keeps the thread's loop constants (scale, zero, query per pair) in
-        # registers without spills.
-        CH: tl.constexpr = 16
-        NCH: tl.constexpr = HALF // CH
-        KU: tl.constexpr = HP * KBN * NCH
-        u = tl.arange(0, KU)
-        kc = u % NCH
-        kn = (u // NCH) % KBN
-        kh = u // (NCH * KBN)
-        kmask = kh < H
-        # Pair index of each element, [CH, KU]. Multiplied by a runtime 1: addresses that the compiler knows to be
-        # contiguous along the chunk would make it vectorize these loads across lanes and lay the whole loop out
-        # with a unit's chunk spread over 4 threads (cross-lane sums, shuffles); unknown strides keep a unit's chunk
-        # in one thread, as the codes are.
-        one = (n_splits + 1) // (n_splits + 1)
-        jj = (kc[None, :] * CH + tl.arange(0, CH)[:, None]) * one
-        m2 = kmask[None, :]
-        ks_lo = tl.load(kscale_ptr + kh[None, :] * D + jj, mask=m2, other=0.0)
-        ks_hi = tl.load(kscale_ptr + kh[None, :] * D + HALF + jj, mask=m2, other=0.0)
-        kz_lo = tl.load(kzero_ptr + kh[None, :] * D + jj, mask=m2, other=0.0)
-        kz_hi = tl.load(kzero_ptr + kh[None, :] * D + HALF + jj, mask=m2, other=0.0)
-        hq_k = (kh * G)[None, None, :] + gc[:, None, None]  # [GP, 1, KU]
-        qk_mask = (gc < G)[:, None, None] & kmask[None, None, :]
-        qu_lo, qu_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, hq_k, jj[None, :, :], qk_mask, scale * rope_scale, HALF)
-        if G == 1:
-            # MHA: fold scale, zero point and query into six constants per pair, so that a pair's score term
-            # c * (q_lo k_lo + q_hi k_hi) + s * (q_hi k_lo - q_lo k_hi), with k = code value * scale + zero, costs four
-            # FMAs on the code values plus the two of the rotation (instead of dequantize, rotate, then dot).
-            qa = tl.reshape(qu_lo, (CH, KU))
-            qb = tl.reshape(qu_hi, (CH, KU))
-            fa = qa * ks_lo
-            fb = qb * ks_hi
-            fc = qb * ks_lo
-            fd = -qa * ks_hi
-            z1 = qa * kz_lo + qb * kz_hi
-            z2 = qb * kz_lo - qa * kz_hi
-        if SHFL:
-            k_lanes = lane_table(ktab_ptr, u[None, :], BITS)
-        # Slot-level index of the [GP, HP * KBN] scores of an iteration.
-        sn = tl.arange(0, HP * KBN)
-        h_s = sn // KBN
-        hq_s = (h_s * G)[None, :] + gc[:, None]
-        cn = tl.arange(0, KBN)
-        trig_base = trig_ptr + (b * (n_splits + 1) + split) * (4 * KBN * HALF)  # [2 buffers][cos, sin][KBN, HALF]
-        trig_off = kn[None, :] * HALF + jj  # [CH, KU]: this unit's slot and pairs (jj: no vectorized layout)
-        for k0 in range(lo, lo + split_len, KBN):  # slots past `hi` are masked
-            rel = k0 + kn  # [KU]
-            live = (rel < hi) & kmask
-            phys = first + rel
-            # sin/cos depend on (slot, pair) only: computed once per iteration on a compact [KBN, HALF] tile, not
-            # once per head. The tile goes through this program's scratch (L1) to the units: left to the compiler,
-            # the conversion is rematerialized in the unit layout, i.e. recomputed by every head. Two buffers by
-            # iteration parity: one barrier per iteration orders this iteration's writes before its reads and the
-            # previous reads of a buffer before its next writes.
-            rel_c = k0 + cn
-            pos_c = tl.load(pos_ptr + b * cap + first + rel_c, mask=rel_c < hi, other=0).to(tl.float32)
-            cos_c, sin_c = sincos(pos_c[:, None] * inv_freq[None, :], FAST_TRIG)  # [KBN, HALF]
-            buf = trig_base + ((k0 - lo) // KBN % 2) * (2 * KBN * HALF)
-            tl.store(buf + cn[:, None] * HALF + j[None, :], cos_c)
-            tl.store(buf + KBN * HALF + cn[:, None] * HALF + j[None, :], sin_c)
-            tl.debug_barrier()
-            cos = tl.load(buf + trig_off)
-            sin = tl.load(buf + KBN * HALF + trig_off)
-            row = kc_ptr + ((b * H + kh) * cap + phys) * W
-            c_lo = chunk_codes(row, kc, live, BITS, not SHFL)
-            c_hi = chunk_codes(row + W // 2, kc, live, BITS, not SHFL)
-            if SHFL:
-                e_lo = lane_table_lookup(k_lanes, c_lo)
-                e_hi = lane_table_lookup(k_lanes, c_hi)
-            else:
-                e_lo = tl.load(ktab_ptr + c_lo)
-                e_hi = tl.load(ktab_ptr + c_hi)
-            if G == 1:
-                x = tl.fma(e_hi, fb, tl.fma(e_lo, fa, z1))  # explicit FMAs: the compiler does not contract a sum of products
-                y = tl.fma(e_hi, fd, tl.fma(e_lo, fc, z2))
-                part_s = tl.reshape(tl.sum(tl.fma(cos, x, sin * y), axis=0), (GP, KU))
-            else:
-                k_lo = e_lo * ks_lo + kz_lo
-                k_hi = e_hi * ks_hi + kz_hi
-                r_lo = k_lo * cos - k_hi * sin
-                r_hi = k_hi * cos + k_lo * sin
-                part_s = tl.sum(qu_lo * r_lo[None, :, :] + qu_hi * r_hi[None, :, :], axis=1)  # [GP, KU]
-            s_slot = tl.sum(tl.reshape(part_s, (GP, HP * KBN, NCH)), axis=2)  # [GP, HP * KBN]
-            # Bias (mask, window, sink slots: the last program attends to the sink exactly) per (head, slot).
-            rel_s = k0 + sn % KBN
-            live_s = (rel_s < hi) & (h_s < H)
-            bias = _slot_bias(mask_ptr, b, m_sb, rel_s, live_s, total, window, MASK_KIND)
-            is_sink = tl.sum((sink_slot[None, :] == rel_s[:, None]).to(tl.int32), axis=1) > 0
-            bias = tl.where(is_sink, float("-inf"), bias)
-            tl.store(scores_ptr + (b * HQ + hq_s) * packed_len + rel_s[None, :], s_slot + bias[None, :],
-                     mask=(gc < G)[:, None] & live_s[None, :])
-        if HAS_KEY_OUTLIERS:
-            tl.debug_barrier()  # the dense scores are in place before the corrections are added to them
-            # Key outliers (CSR): replacing element (h, d) of a dequantized key adds (value - dequantized) times the
-            # rotated query's weight of that channel at the slot's position to that score. The split's entries are
-            # one contiguous CSR range: taken EB at a time, one per thread (not per slot: a slot has few), each
-            # finds its slot by a binary search of the row pointers, and the corrections land with atomics (entries
-            # of one slot and head share a score).
-            e_beg = tl.load(kbeg_ptr + b * cap + first + lo)
-            e_end = tl.load(kbeg_ptr + b * cap + first + tl.minimum(hi, packed_len - 1), mask=hi < packed_len, other=0)
-            e_end = tl.where(hi < packed_len, e_end, tl.load(knnz_ptr + b).to(tl.int32))
-            EB: tl.constexpr = KU  # one entry per thread
-            ei = tl.arange(0, EB)
-            for i0 in range(e_beg, e_end, EB):
-                ent = i0 + ei
-                ok = ent < e_end
-                # Largest slot r in [lo, hi) whose first entry is <= ent (empty slots share their successor's).
-                base = tl.zeros((EB,), tl.int32) + lo
-                n = hi - lo
-                while n > 1:
-                    half = n // 2
-                    probe = tl.load(kbeg_ptr + b * cap + first + base + half, mask=ok, other=0)
-                    base = tl.where(probe <= ent, base + half, base)
-                    n -= half
-                phys_e = first + base
-                pos_e = tl.load(pos_ptr + b * cap + phys_e, mask=ok, other=0).to(tl.float32)
-                idx = tl.load(kec_ptr + b * ke_sb + ent, mask=ok, other=0).to(tl.int32)
-                val = tl.load(kev_ptr + b * ke_sb + ent, mask=ok, other=0.0).to(tl.float32)
-                he = tl.where(ok, idx // D, 0)
-                de = tl.where(ok, idx % D, 0)
-                je = de % HALF
-                code = code_at(kc_ptr + ((b * H + he) * cap + phys_e) * W, de, ok, BITS)
-                deq = tl.load(ktab_ptr + code, mask=ok, other=0.0) * tl.load(kscale_ptr + he * D + de, mask=ok, other=0.0)
-                deq += tl.load(kzero_ptr + he * D + de, mask=ok, other=0.0)
-                delta = tl.where(ok, val - deq, 0.0)
-                ce, se = sincos(pos_e * tl.load(inv_freq_ptr + je, mask=ok, other=0.0), FAST_TRIG)
-                first_half = de < HALF
-                for gi in tl.static_range(G):
-                    qe_lo, qe_hi = _rotated_query_at(q_ptr, qc_ptr, qs_ptr, b, q_sb, q_sh, c_sb, he * G + gi, je, ok, scale * rope_scale, HALF)
-                    weight = tl.where(first_half, ce * qe_lo + se * qe_hi, ce * qe_hi - se * qe_lo)
-                    tl.atomic_add(scores_ptr + (b * HQ + he * G + gi) * packed_len + base, delta * weight, mask=ok)
-        tl.debug_barrier()  # every score of the split is final
-        # The split's max per query head: one read per (head, slot). Loads of scores bypass L1 (.cg): the outlier
-        # corrections were added at L2 by atomics, which do not update lines this SM may hold.
-        # Element-wise max in the loop, one reduction after it (Triton 3.6's thread-locality pass fails to compile a
-        # reduction combined with a loop-carried value here).
-        m_blk = tl.full((HP, GP, MBN), float("-inf"), tl.float32)
-        for k0 in range(lo, lo + split_len, MBN):
-            rel = k0 + tl.arange(0, MBN)
-            st = tl.load(score_ptrs[:, :, None] + rel[None, None, :], mask=cell3 & (rel < hi)[None, None, :], other=float("-inf"), cache_modifier=".cg")
-            m_blk = tl.maximum(m_blk, st)
-        m_i = tl.max(m_blk, axis=2)
-        # The split's final max is known: publish it (pass 2 reads it back per thread layout, value outliers too).
-        tl.store(part_m_ptr + part + hq_rows, m_i, mask=qmask)
-        tl.debug_barrier()  # scores, the max and the zeroed partial output are visible to every thread of the program
-        # ---------------------------------------------------------------- pass 2: values
-        # One thread per (KV head, slot, group of 32 channels): the group's BITS words are decoded in registers and
-        # weighted by p * value_scale (the per-token scale folded into the weight; the zero point adds p * zero once
-        # per slot), accumulated per thread over the loop and reduced over slots once at the end: no shuffles.
-        NGRP: tl.constexpr = D // 32
-        VU: tl.constexpr = HP * VBN * NGRP
-        u = tl.arange(0, VU)
-        ug = u % NGRP
-        un = (u // NGRP) % VBN
-        uh = u // (NGRP * VBN)
-        # Unit tensors put the units last ([GP, VU], [GP, 32, VU]): Triton's default layouts then spread the units
-        # over the lanes and keep a unit's 32 channels (and its query heads) in one thread.
-        hq_u = gc[:, None] + uh[None, :] * G  # [GP, VU]
-        cell_u = (gc < G)[:, None] & (uh < H)[None, :]
-        first_group = (ug == 0)[None, :]
-        m_u = tl.load(part_m_ptr + part + hq_u, mask=cell_u, other=0.0)
-        m_u = tl.where(m_u == float("-inf"), 0.0, m_u)
-        score_u = scores_ptr + (b * HQ + hq_u) * packed_len  # [GP, VU]
-        if SHFL:
-            v_lanes = lane_table(vtab_ptr, u[None, :], BITS)  # [1, VU]: this lane's codebook entry
-        vacc = tl.zeros((GP, 32, VU), tl.float32)
-        zacc = tl.zeros((GP, VU), tl.float32)
-        lacc = tl.zeros((GP, VU), tl.float32)
-        for k0 in range(lo, lo + split_len, VBN):  # slots past `hi` are masked
-            rel = k0 + un
-            live = (rel < hi) & (uh < H)
-            phys = first + rel
-            p = tl.exp2(tl.load(score_u + rel[None, :], mask=cell_u & live[None, :], other=float("-inf"), cache_modifier=".cg") - m_u)  # [GP, VU]
-            vz = tl.load(vzero_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
-            vs = tl.load(vscale_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
-            lacc += tl.where(first_group, p, 0.0)
-            zacc += tl.where(first_group, p * vz[None, :], 0.0)
-            if SHFL:
-                codes = group_codes(vc_ptr + ((b * H + uh) * cap + phys) * W + ug * BITS, live, BITS, False)  # [32, VU]
-                vals = lane_table_lookup(v_lanes, codes)
-            else:
-                vals = tl.load(vtab_ptr + group_codes(vc_ptr + ((b * H + uh) * cap + phys) * W + ug * BITS, live, BITS))
-            vacc += (p * vs[None, :])[:, None, :] * vals[None, :, :]
-        # Reduce over the slots of each (head, group); lay the groups out along the head dimension.
-        dense = tl.sum(tl.reshape(vacc, (GP, 32, HP, VBN, NGRP)), axis=3)  # [GP, 32, HP, NGRP]
-        dense = tl.reshape(tl.permute(dense, (2, 0, 3, 1)), (HP, GP, D))
-        zsum = tl.trans(tl.sum(tl.reshape(zacc, (GP, HP, VBN * NGRP)), axis=2))  # [HP, GP]
-        l_i = tl.trans(tl.sum(tl.reshape(lacc, (GP, HP, VBN * NGRP)), axis=2))
-        dense = dense + zsum[:, :, None]
-        dd = tl.arange(0, D)
-        tl.atomic_add(part_acc_ptr + (part + hq_rows)[:, :, None] * D + dd[None, None, :], dense, mask=qmask[:, :, None])
-        if HAS_OUTLIERS:
-            # Value outliers: (value - dequantized) * p, with p = 2^(score - final max) of that token and query head,
-            # added to the partial output at their channel (data-dependent: atomics).
-            for k0 in range(lo, lo + split_len, BLOCK_N):
-                rel = k0 + nb
-                live = rel < hi
-                phys = first + rel
-                vz = tl.load(vzero_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
-                vs = tl.load(vscale_ptr + b * cap + phys, mask=live, other=0.0).to(tl.float32)
-                tok = (b * cap + phys)[:, None] * n_outliers + e[None, :]
-                emask = live[:, None] & (e < n_outliers)[None, :]
-                idx = tl.load(voi_ptr + tok, mask=emask, other=-1).to(tl.int32)
-                val = tl.load(vov_ptr + tok, mask=emask, other=0.0).to(tl.float32)
-                ok = idx >= 0
-                he = tl.where(ok, idx // D, 0)
-                de = tl.where(ok, idx % D, 0)
-                code = code_at(vc_ptr + ((b * H + he) * cap + phys[:, None]) * W, de, ok, BITS)
-                delta = tl.where(ok, val - (tl.load(vtab_ptr + code, mask=ok, other=0.0) * vs[:, None] + vz[:, None]), 0.0)
-                for gi in tl.static_range(G):
-                    hq_e = he * G + gi
-                    m_e = tl.load(part_m_ptr + part + hq_e, mask=ok, other=0.0)
-                    m_e = tl.where(m_e == float("-inf"), 0.0, m_e)
-                    s_e = tl.load(scores_ptr + (b * HQ + hq_e) * packed_len + rel[:, None], mask=ok, other=float("-inf"), cache_modifier=".cg")
-                    tl.atomic_add(part_acc_ptr + (part + hq_e) * D + de, tl.exp2(s_e - m_e) * delta, mask=ok)
-    else:
-        # ------------------------------------------------------------------ exact tokens: sink, then window
-        for i in range(N_SINK):
-            rel = tl.sum(tl.where(ns == i, sink_slot, 0))
-            use = (rel >= 0) & (rel < packed_len)
-            relc = tl.where(use, rel, 0)
-            pos = tl.load(pos_ptr + b * cap + first + relc).to(tl.float32)
-            base_k = sink_k_ptr + b * sk_sb + hr[:, None] * sk_sh + i * sk_sn + j[None, :]
-            base_v = sink_v_ptr + b * sk_sb + hr[:, None] * sk_sh + i * sk_sn + j[None, :]
-            bias = _slot_allowed(mask_ptr, b, m_sb, relc, total, window, MASK_KIND)
-            bias = tl.where(use, bias, float("-inf"))
-            m_i, l_i, acc_lo, acc_hi = _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi,
-                                                     m_i, l_i, acc_lo, acc_hi, HALF, FAST_TRIG)
-        for w in range(n_window):
-            rel = packed_len + w
-            pos = tl.load(pos_ptr + b * cap + first + rel).to(tl.float32)
-            base_k = win_k_ptr + b * wk_sb + hr[:, None] * wk_sh + w * wk_sn + j[None, :]
-            base_v = win_v_ptr + b * wk_sb + hr[:, None] * wk_sh + w * wk_sn + j[None, :]
-            bias = _slot_allowed(mask_ptr, b, m_sb, rel, total, window, MASK_KIND)
-            m_i, l_i, acc_lo, acc_hi = _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi,
-                                                     m_i, l_i, acc_lo, acc_hi, HALF, FAST_TRIG)
-        acc_ptrs = part_acc_ptr + (part + hq_rows)[:, :, None] * D + j[None, None, :]
-        tl.store(acc_ptrs, acc_lo, mask=qmask[:, :, None])
-        tl.store(acc_ptrs + HALF, acc_hi, mask=qmask[:, :, None])
-    tl.store(part_m_ptr + part + hq_rows, m_i, mask=qmask)
-    tl.store(part_l_ptr + part + hq_rows, l_i, mask=qmask)
+    NS: tl.constexpr = D // 8
+    W: tl.constexpr = D * BITS // 32
+    HQ = H * G
+    length = tl.sum(tl.load(len_ptr + tl.arange(0, 1)), 0)
+    packed_end = tl.maximum(length - n_window, 0)
+    # the splits share the written blocks (the length is a device value: the grid covers the capacity)
+    split_blocks = tl.cdiv(tl.cdiv(packed_end, BN), n_splits - 1)
+    lo = split * (split_blocks * BN)
+    hi = tl.minimum(lo + split_blocks * BN, packed_end)
+    part = (bh * n_splits + split) * GR
+    gr = tl.arange(0, GR)
+    n = tl.arange(0, BN)
+    dd = tl.arange(0, D)
+    greal = gr < G
+    # ---- per program constants
+    pchan = tl.load(pchan_ptr + dd)  # channel of each tile position
+    pj = pchan % HALF
+    py = pchan >= HALF
+    ptheta = tl.load(theta_ptr + pj)
+    qbase = qrot_ptr + (b * HQ + h * G) * D
+    q_lo = tl.load(qbase + gr[:, None] * D + pj[None, :], mask=greal[:, None], other=0.0)  # [GR, D] position order
+    q_hi = tl.load(qbase + gr[:, None] * D + HALF + pj[None, :], mask=greal[:, None], other=0.0)
+    # RoPE pairs of selector w: a = pairs 4w + z, b = pairs 4w + 2 + z
+    ws = tl.arange(0, NS)[None, :, None]
+    zz = tl.arange(0, 2)[None, None, :]
+    ja = ws * 4 + zz
+    jb = ja + 2
+    kzb = kz_ptr + h * D
+    ksb = ks_ptr + h * D
+    s_lo_a = tl.load(ksb + ja).to(tl.float16); s_hi_a = tl.load(ksb + HALF + ja).to(tl.float16)
+    s_lo_b = tl.load(ksb + jb).to(tl.float16); s_hi_b = tl.load(ksb + HALF + jb).to(tl.float16)
+    z_lo_a = tl.load(kzb + ja).to(tl.float16); z_hi_a = tl.load(kzb + HALF + ja).to(tl.float16)
+    z_lo_b = tl.load(kzb + jb).to(tl.float16); z_hi_b = tl.load(kzb + HALF + jb).to(tl.float16)
+    nn = n[:, None, None]
+    oca = tl.load(offc_ptr + nn * HALF + ja); osa = tl.load(offs_ptr + nn * HALF + ja)  # fp16 [BN, NS, 2]
+    ocb = tl.load(offc_ptr + nn * HALF + jb); osb = tl.load(offs_ptr + nn * HALF + jb)
+    theta_a = tl.load(theta_ptr + ja); theta_b = tl.load(theta_ptr + jb)
+    like = tl.zeros((BN, NS, 2), tl.int32)
+    kt = lane_tables(ktab_ptr, like, BITS, USE_ASM)
+    vt = lane_tables(vtab_ptr, like, BITS, USE_ASM)
+    ns = tl.arange(0, 4 if N_SINK <= 4 else N_SINK)
+    sinks = tl.load(sink_ptr + b * N_SINK + ns, mask=ns < N_SINK, other=-1)
+    kc_row = kc_ptr + bh.to(tl.int64) * W * cap
+    vc_row = vc_ptr + bh.to(tl.int64) * W * cap
+    NA: tl.constexpr = D // 16
+    MAV: tl.constexpr = 16 if GR * NA < 16 else GR * NA
+    sbase = uscr_ptr + (bh * n_splits + split).to(tl.int64) * (max_split_blocks * BN) * GR  # per-program score scratch
+    # ---------------------------------------------------------------- pass 1: keys -> raw scores (scratch)
+    # Two passes instead of an online softmax: the key pass keeps a per-lane running max (no cross-warp reduction per
+    # block), the value pass uses the final max (no rescaling), and each pass holds only its own working set.
+    m_lane = tl.full((BN, GR), float("-inf"), tl.float32)
+    last = cap - BN  # the next block's prefetch never reads past the buffers
+    kw_next = load_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
+    for t0 in range(lo, hi, BN):
+        # software prefetch: this iteration's words were loaded during the previous one
+        kw = kw_next
+        kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
+        t = t0 + n
+        live = t < hi
+        pos = tl.load(pos_ptr + b * cap + t, mask=live, other=0)
+        allowed = live & (t >= length - window)
+        for i in tl.static_range(N_SINK):
+            allowed = allowed & (t != tl.sum(tl.where(ns == i, sinks, 0)))
+        if MASK_KIND == 1:
+            allowed = allowed & (tl.load(mask_ptr + b * m_sb + t, mask=live, other=0) != 0)
+        bias = tl.where(allowed, 0.0, float("-inf"))
+        if MASK_KIND == 2:
+            bias = bias + tl.maximum(tl.load(mask_ptr + b * m_sb + t, mask=live, other=0.0).to(tl.float32), -1e30) * 1.4426950408889634
+        # the block's RoPE base: consecutive positions (the normal case) rotate the query once per block and the
+        # keys by fixed in-block offsets; otherwise every slot's own angle
+        t_ref = tl.max(tl.where(allowed, t, -1))
+        base = tl.sum(tl.where(t == t_ref, pos, 0)) - (t_ref - t0)
+        ca = oca
+        sa = osa
+        cb = ocb
+        sb = osb
+        angle0 = base.to(tl.float32)
+        if SLOW_PATH:
+            consecutive = tl.sum(tl.where(allowed & (pos != base + n), 1, 0)) == 0
+            if not consecutive:
+                pf = pos.to(tl.float32)[:, None, None]
+                ca32, sa32 = sincos(pf * theta_a, FAST)
+                cb32, sb32 = sincos(pf * theta_b, FAST)
+                ca = ca32.to(tl.float16)
+                sa = sa32.to(tl.float16)
+                cb = cb32.to(tl.float16)
+                sb = sb32.to(tl.float16)
+                angle0 = angle0 * 0.0
+        cq, sq = sincos(angle0 * ptheta, FAST)
+        u = tl.where(py[None, :], q_hi * cq[None, :] - q_lo * sq[None, :], q_lo * cq[None, :] + q_hi * sq[None, :])  # [GR, D]
+        uT = pad16(tl.trans(u), GR, D).to(tl.float16)  # [D, 16]
+        ksel = selectors(kw, BITS, BN, NS)
+        lo_a, hi_a, lo_b, hi_b = lookup(ksel, kt, kt16_ptr, BITS, USE_ASM)
+        k_lo_a = lo_a * s_lo_a + z_lo_a
+        k_hi_a = hi_a * s_hi_a + z_hi_a
+        k_lo_b = lo_b * s_lo_b + z_lo_b
+        k_hi_b = hi_b * s_hi_b + z_hi_b
+        r_lo_a = k_lo_a * ca - k_hi_a * sa
+        r_hi_a = k_hi_a * ca + k_lo_a * sa
+        r_lo_b = k_lo_b * cb - k_hi_b * sb
+        r_hi_b = k_hi_b * cb + k_lo_b * sb
+        kr = tile(r_lo_a, r_hi_a, r_lo_b, r_hi_b, BN, D)
+        sacc = tl.zeros((BN, 16), tl.float32)
+        if S > 0:
+            # key outliers as score corrections: a residual r at channel j of the pre-RoPE key adds r times the
+            # query's component there rotated to the slot's position (one sin/cos per item, none per element); fed to
+            # the dot as its accumulator
+            ee = tl.arange(0, SP)[None, :]
+            em = live[:, None] & (ee < S)
+            idx = tl.load(koi_ptr + (bh * S + ee) * cap + t[:, None], mask=em, other=0).to(tl.int32)  # [BN, SP]
+            res = tl.load(kov_ptr + (bh * S + ee) * cap + t[:, None], mask=em, other=0.0).to(tl.float32)
+            j = idx % HALF
+            hh = idx >= HALF
+            c1, s1 = sincos(pos.to(tl.float32)[:, None] * tl.load(theta_ptr + j), FAST)
+            g3 = gr[None, None, :]
+            ql = tl.load(qbase + g3 * D + j[:, :, None], mask=greal[None, None, :], other=0.0)  # [BN, S, GR]
+            qh = tl.load(qbase + g3 * D + HALF + j[:, :, None], mask=greal[None, None, :], other=0.0)
+            c3 = c1[:, :, None]
+            s3 = s1[:, :, None]
+            sacc = pad16(tl.sum(res[:, :, None] * tl.where(hh[:, :, None], qh * c3 - ql * s3, ql * c3 + qh * s3), 1), GR, BN)
+        sT = tl.dot(kr, uT, sacc)  # [BN, 16]
+        sR = tl.sum(tl.reshape(sT, (BN, GR, 16 // GR)), 2) + bias[:, None]
+        tl.store(sbase + (t - lo)[:, None] * GR + gr[None, :], sR)
+        m_lane = tl.maximum(m_lane, sR)
+    m_i = tl.max(m_lane, 0)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    tl.debug_barrier()
+    # ---------------------------------------------------------------- pass 2: values with the final max
+    l_acc = tl.zeros((BN, GR), tl.float32)
+    z_acc = tl.zeros((BN, GR), tl.float32)
+    acc = tl.zeros((D, 16), tl.float32)
+    acc_v = tl.zeros((MAV, 16), tl.float32)
+    rows = tl.arange(0, MAV)
+    vw_next = load_words(vc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
+    for t0 in range(lo, hi, BN):
+        vw = vw_next
+        vw_next = load_words(vc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
+        t = t0 + n
+        live = t < hi
+        pR = tl.exp2(tl.load(sbase + (t - lo)[:, None] * GR + gr[None, :]) - m_safe[None, :])  # [BN, GR]
+        l_acc += pR
+        vsc = tl.load(vs_ptr + b * cap + t, mask=live, other=0.0).to(tl.float32)
+        vzr = tl.load(vz_ptr + b * cap + t, mask=live, other=0.0).to(tl.float32)
+        z_acc += pR * vzr[:, None]
+        pv = pad16((pR * vsc[:, None]).to(tl.float16), GR, BN)  # [BN, 16]
+        vsel = selectors(vw, BITS, BN, NS)
+        v0, v1, v2, v3 = lookup(vsel, vt, vt16_ptr, BITS, USE_ASM)
+        v = tile(v0, v1, v2, v3, BN, D)
+        acc = tl.dot(tl.trans(v), pv, acc)
+        if S > 0:
+            # value outliers: out[g, 16a + c] += sum over items (t, e) of p[t, g] r[t, e] [a(t,e) == a][c(t,e) == c],
+            # a tensor-core product of two small one-hot factors instead of a scatter
+            ee = tl.arange(0, SP)[None, :]
+            em = live[:, None] & (ee < S)
+            vidx = tl.load(voi_ptr + (bh * S + ee) * cap + t[:, None], mask=em, other=0).to(tl.int32)  # [BN, SP]
+            vres = tl.load(vov_ptr + (bh * S + ee) * cap + t[:, None], mask=em, other=0.0).to(tl.float32)
+            va = vidx // 16
+            vcc = vidx % 16
+            wT = tl.permute(pR[:, None, :] * vres[:, :, None], (2, 0, 1))  # [GR, BN, S]
+            lhs = tl.where(va[None, None, :, :] == tl.arange(0, NA)[None, :, None, None], wT[:, None, :, :], 0.0)
+            lhs = pad_rows16(tl.reshape(lhs, (GR * NA, BN * SP)).to(tl.float16), GR * NA, BN * SP)
+            rhs = tl.reshape(tl.where(vcc[:, :, None] == tl.arange(0, 16)[None, None, :], 1.0, 0.0), (BN * SP, 16)).to(tl.float16)
+            acc_v = tl.dot(lhs, rhs, acc_v)
+    l_i = tl.sum(l_acc, 0)
+    zs = tl.sum(z_acc, 0)
+    tl.store(part_m_ptr + part + gr, m_i)
+    tl.store(part_l_ptr + part + gr, l_i)
+    # acc: [D positions, 16 columns]; column g*(16//GR) is query head g
+    cols = tl.arange(0, 16)
+    col_g = cols // (16 // GR)
+    col_real = (cols % (16 // GR) == 0) & (col_g < G)
+    z16 = tl.sum(tl.where(tl.arange(0, GR)[None, :] == col_g[:, None], zs[None, :], 0.0), 1)
+    vchan = tl.load(vchan_ptr + dd)
+    out_ptrs = part_o_ptr + (part + col_g[None, :]) * D + vchan[:, None]
+    tl.store(out_ptrs, acc + z16[None, :], mask=col_real[None, :])
+    if S > 0:
+        tl.debug_barrier()
+        real = rows % (MAV // (GR * NA)) == 0
+        rr = rows // (MAV // (GR * NA))
+        rg = rr // NA
+        ra = rr % NA
+        vptrs = part_o_ptr + (part + rg[:, None]) * D + ra[:, None] * 16 + tl.arange(0, 16)[None, :]
+        vm = (real & (rg < G))[:, None]
+        tl.store(vptrs, tl.load(vptrs, mask=vm, other=0.0) + acc_v, mask=vm)
 
 
 @triton.jit
-def _exact_update(base_k, base_v, pos, bias, inv_freq, hmask, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, HALF: tl.constexpr, FAST_TRIG: tl.constexpr):
-    """Online-softmax step with one exact (model dtype) token for all heads."""
-    cos, sin = sincos(pos * inv_freq, FAST_TRIG)
-    k_lo = tl.load(base_k, mask=hmask[:, None], other=0.0).to(tl.float32)
-    k_hi = tl.load(base_k + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
-    r_lo = (k_lo * cos[None, :] - k_hi * sin[None, :])[:, None, :]
-    r_hi = (k_hi * cos[None, :] + k_lo * sin[None, :])[:, None, :]
-    s = tl.sum(q_lo * r_lo + q_hi * r_hi, axis=2) + bias
-    m_new = tl.maximum(m_i, s)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe)
-    v_lo = tl.load(base_v, mask=hmask[:, None], other=0.0).to(tl.float32)
-    v_hi = tl.load(base_v + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
-    acc_lo = acc_lo * alpha[:, :, None] + p[:, :, None] * v_lo[:, None, :]
-    acc_hi = acc_hi * alpha[:, :, None] + p[:, :, None] * v_hi[:, None, :]
-    return m_new, l_i * alpha + p, acc_lo, acc_hi
+def _decode_exact_kernel(
+    qrot_ptr, theta_ptr, wk_ptr, wv_ptr, sk_ptr, sv_ptr, sink_ptr, pos_ptr, len_ptr, mask_ptr,
+    part_m_ptr, part_l_ptr, part_o_ptr,
+    H, cap, m_sb, n_window, window, WR, n_splits,
+    G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, N_SINK: tl.constexpr, NSP: tl.constexpr, BW: tl.constexpr,
+    MASK_KIND: tl.constexpr, FAST: tl.constexpr,
+):
+    """The exact tokens of one (row, KV head): the recent window (ring buffer [B, H, WR, D], slot t at t % WR) and the
+    sink tokens (sink_k/v [B, H, N, D] at their slots). Writes partial number ``n_splits`` of the row/head."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    HALF: tl.constexpr = D // 2
+    HQ = H * G
+    length = tl.sum(tl.load(len_ptr + tl.arange(0, 1)), 0)
+    win_lo = tl.maximum(length - n_window, 0)
+    gr = tl.arange(0, GR)
+    greal = gr < G
+    dd = tl.arange(0, D)
+    jj = dd % HALF
+    upper = dd >= HALF
+    theta = tl.load(theta_ptr + jj)
+    qbase = qrot_ptr + (b * HQ + h * G) * D
+    q = tl.load(qbase + gr[:, None] * D + dd[None, :], mask=greal[:, None], other=0.0)  # [GR, D]
+    m_i = tl.full((GR,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GR,), tl.float32)
+    acc = tl.zeros((GR, D), tl.float32)
+    # sink tokens that are not in the window
+    si = tl.arange(0, NSP)
+    sslot = tl.load(sink_ptr + b * N_SINK + si, mask=si < N_SINK, other=-1)
+    svalid = (sslot >= 0) & (sslot < win_lo) & (sslot >= length - window)
+    if MASK_KIND == 1:
+        svalid = svalid & (tl.load(mask_ptr + b * m_sb + sslot, mask=svalid, other=0) != 0)
+    sbias = tl.where(svalid, 0.0, float("-inf"))
+    if MASK_KIND == 2:
+        sbias = sbias + tl.maximum(tl.load(mask_ptr + b * m_sb + sslot, mask=svalid, other=0.0).to(tl.float32), -1e30) * 1.4426950408889634
+    spos = tl.load(pos_ptr + b * cap + sslot, mask=svalid, other=0).to(tl.float32)
+    skey = tl.load(sk_ptr + ((bh * N_SINK + si[:, None]) * D + dd[None, :]), mask=(si < N_SINK)[:, None], other=0.0).to(tl.float32)
+    sval = tl.load(sv_ptr + ((bh * N_SINK + si[:, None]) * D + dd[None, :]), mask=(si < N_SINK)[:, None], other=0.0).to(tl.float32)
+    cs, ss = sincos(spos[:, None] * theta[None, :], FAST)
+    spartner = tl.load(sk_ptr + ((bh * N_SINK + si[:, None]) * D + (dd[None, :] + HALF) % D), mask=(si < N_SINK)[:, None], other=0.0).to(tl.float32)
+    skrot = skey * cs + tl.where(upper[None, :], spartner, -spartner) * ss
+    ssc = tl.sum(q[:, None, :] * skrot[None, :, :], 2) + sbias[None, :]  # [GR, NSP]
+    m_i = tl.max(ssc, 1)
+    m_s = tl.where(m_i == float("-inf"), 0.0, m_i)
+    sp = tl.exp2(ssc - m_s[:, None])
+    l_i = tl.sum(sp, 1)
+    acc = tl.sum(sp[:, :, None] * sval[None, :, :], 1)
+    for w0 in range(win_lo, length, BW):
+        t = w0 + tl.arange(0, BW)
+        live = t < length
+        allowed = live & (t >= length - window)
+        if MASK_KIND == 1:
+            allowed = allowed & (tl.load(mask_ptr + b * m_sb + t, mask=live, other=0) != 0)
+        bias = tl.where(allowed, 0.0, float("-inf"))
+        if MASK_KIND == 2:
+            bias = bias + tl.maximum(tl.load(mask_ptr + b * m_sb + t, mask=live, other=0.0).to(tl.float32), -1e30) * 1.4426950408889634
+        ring = t % WR
+        kp = wk_ptr + ((bh * WR + ring[:, None]) * D)
+        key = tl.load(kp + dd[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        partner = tl.load(kp + (dd[None, :] + HALF) % D, mask=live[:, None], other=0.0).to(tl.float32)
+        val = tl.load(wv_ptr + ((bh * WR + ring[:, None]) * D) + dd[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        pw = tl.load(pos_ptr + b * cap + t, mask=live, other=0).to(tl.float32)
+        c, s = sincos(pw[:, None] * theta[None, :], FAST)
+        krot = key * c + tl.where(upper[None, :], partner, -partner) * s
+        sc = tl.sum(q[:, None, :] * krot[None, :, :], 2) + bias[None, :]
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * val[None, :, :], 1)
+        m_i = m_new
+    part = (bh * (n_splits + 1) + n_splits) * GR
+    tl.store(part_m_ptr + part + gr, m_i)
+    tl.store(part_l_ptr + part + gr, l_i)
+    tl.store(part_o_ptr + (part + gr[:, None]) * D + dd[None, :], acc, mask=greal[:, None])
 
 
 @triton.jit
-def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_parts, o_sb, o_sh,
-                    HQ: tl.constexpr, D: tl.constexpr, P_PAD: tl.constexpr):
-    """Merge the partial results of all programs of a row: out = sum_k 2^(m_k - M) acc_k / sum_k 2^(m_k - M) l_k."""
-    hq = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    k = tl.arange(0, P_PAD)
-    kmask = k < n_parts
-    rows = (b * n_parts + k) * HQ + hq
-    m = tl.load(part_m_ptr + rows, mask=kmask, other=float("-inf"))
-    l = tl.load(part_l_ptr + rows, mask=kmask, other=0.0)
-    big = tl.max(m, axis=0)
-    big = tl.where(big == float("-inf"), 0.0, big)
-    w = tl.where(kmask, tl.exp2(m - big), 0.0)
-    denom = tl.sum(w * l, axis=0)
-    d = tl.arange(0, D)
-    acc = tl.load(part_acc_ptr + rows[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + b * o_sb + hq * o_sh + d, out.to(out_ptr.dtype.element_ty))
+def _combine_kernel(part_m_ptr, part_l_ptr, part_o_ptr, out_ptr, n_parts, H, o_sb, o_sh,
+                    G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, NP: tl.constexpr):
+    bh = tl.program_id(0)
+    g = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    p = tl.arange(0, NP)
+    valid = p < n_parts
+    base = (bh * n_parts + p) * GR + g
+    m = tl.load(part_m_ptr + base, mask=valid, other=float("-inf"))
+    l = tl.load(part_l_ptr + base, mask=valid, other=0.0)
+    mx = tl.max(m, 0)
+    wgt = tl.where(m == float("-inf"), 0.0, tl.exp2(m - mx))
+    dd = tl.arange(0, D)
+    o = tl.load(part_o_ptr + base[:, None] * D + dd[None, :], mask=(valid & (m > float("-inf")))[:, None], other=0.0)
+    out = tl.sum(o * wgt[:, None], 0) / tl.sum(l * wgt, 0)
+    tl.store(out_ptr + b * o_sb + (h * G + g) * o_sh + dd, out.to(out_ptr.dtype.element_ty))
 
 
 
-TUNED: dict[tuple[int, int, int], tuple[int, int]] = {}  # (heads, groups, head_dim) -> (block_n, warps), set by a sweep
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def decode_config(heads: int, groups: int, head_dim: int) -> tuple[int, int]:
-    """(slots per iteration, warps) of the decode kernel: a configuration measured by ``benchmarks/gpu_suite.py``
-    when one was recorded in ``TUNED``, else a guess bounded by register use (``benchmarks/compile_check.py``
-    reports registers and spills for sm_90 without a GPU)."""
-    if (heads, groups, head_dim) in TUNED:
-        return TUNED[(heads, groups, head_dim)]
-    cells = next_pow2(heads) * next_pow2(groups) * head_dim // 2
-    tile = next_pow2(heads) * head_dim // 2
-    block_n = max(1, min(16, 2048 // tile, 4096 // cells))
-    block_n = 1 << (block_n.bit_length() - 1)
-    warps = 8 if next_pow2(heads) * head_dim >= 2048 else 4
-    return block_n, warps
-
-
-def value_block(heads: int, head_dim: int, warps: int) -> int:
-    """Slots per iteration of the value pass: one (head, slot, 32-channel group) unit per thread."""
-    return max(1, (32 * warps) // (next_pow2(heads) * (head_dim // 32)))
-
-
-def key_block(heads: int, head_dim: int, warps: int) -> int:
-    """Slots per iteration of the key pass: one (head, slot, chunk of 16 RoPE pairs) unit per thread."""
-    return max(1, (32 * warps) // (next_pow2(heads) * (head_dim // 32)))
-
-
-PROGRAMS_PER_SM = 2  # decode programs per SM over all rows; benchmarks/gpu_suite.py may set a measured value
-
-
-def default_splits(batch: int, packed_len: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU ``PROGRAMS_PER_SM`` times, none shorter than 64 slots."""
-    if packed_len == 0:
-        return 0
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = max(1, (PROGRAMS_PER_SM * sms) // max(batch, 1))
-    else:
-        want = 2
-    return max(1, min(want, math.ceil(packed_len / 64)))
+def default_splits(cache: PackedCache, block_n: int) -> int:
+    """Splits of the sequence per (row, KV head): enough programs for ~4 per SM, at most one block each."""
+    dev = cache.key_codes.device
+    sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 4
+    programs = cache.batch * cache.heads
+    return max(1, min(cache.capacity // block_n, -(-4 * sms // programs)))
 
 
 @on_input_device
-def decode_attention(
-    query: torch.Tensor,
-    query_cos: torch.Tensor,
-    query_sin: torch.Tensor,
-    cache: PackedKV,
-    inv_freq: torch.Tensor,
-    attention_scaling: float,
-    softmax_scale: float,
-    mask: torch.Tensor | None = None,
-    sliding_window: int = 0,
-    num_splits: int | None = None,
-    num_warps: int | None = None,
-    block_n: int | None = None,
-) -> torch.Tensor:
-    """Attention of one query per row over the packed cache (see :func:`~.naive.packed_attention_naive`).
+def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, *, mask: torch.Tensor | None = None,
+                     sliding_window: int = 0, n_splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """Attention of one query per row over ``cache``.
 
-    ``query``: ``[B, Hq, 1, D]`` un-rotated; ``query_cos/sin``: ``[B or 1, 1, D]``; ``mask``: None, or bool /
-    additive ``[B, 1, 1, total]`` (or ``[B, total]``) over the visible slots. Returns ``[B, 1, Hq, D]`` in the
-    query's dtype.
+    ``q_rot``: fp32 ``[B, Hq, D]``, RoPE'd at the query position and scaled by ``softmax_scale * log2(e)`` (and the
+    rotary's attention scaling). ``mask``: ``[B, >= length]`` bool (True: attend) or additive float, by slot, or None.
+    ``sliding_window``: attend to the newest that many slots only (0: all). Returns fp32 ``[B, Hq, D]``.
     """
-    cache.check()
-    b, hq, t, d = query.shape
-    if t != 1:
-        raise ValueError(f"decode_attention takes one query per row, got {t}")
-    h = cache.heads
-    if hq % h:
-        raise ValueError(f"{hq} query heads are not a multiple of {h} KV heads")
+    b, hq, d = q_rot.shape
+    h, cap, bn = cache.heads, cache.capacity, consts.block_n
     g = hq // h
-    dev = query.device
-    length = cache.packed_len
-    splits = default_splits(b, length, dev) if num_splits is None else max(1, min(num_splits, length)) if length else 0
-    split_len = math.ceil(length / splits) if splits else 1
-    splits = math.ceil(length / split_len) if splits else 0
-    total = cache.total
-    mask_kind, mask_arg, m_sb = 0, query, 0
-    if mask is not None:
-        mask2 = mask if mask.dim() == 2 else mask[:, 0, -1, :]
-        if mask2.shape[-1] != total:
-            raise ValueError(f"mask covers {mask2.shape[-1]} slots, the cache shows {total}")
-        if mask2.dtype == torch.bool:
-            mask_kind, mask_arg = 1, mask2.view(torch.uint8)
-        else:
-            mask_kind, mask_arg = 2, mask2
-        m_sb = mask_arg.stride(0)
-        if mask_arg.stride(-1) != 1:
-            mask_arg = mask_arg.contiguous()
-            m_sb = mask_arg.stride(0)
-    s = cache.outlier_slots
-    n_sink = cache.sink_slot.shape[1]
-    parts = splits + 1
-    scores = torch.empty(b, hq, max(length, 1), device=dev, dtype=torch.float32)
-    part_m = torch.empty(b, parts, hq, device=dev, dtype=torch.float32)
+    gr = max(2, triton.next_power_of_2(g))  # GR=1 (MHA) hit a Triton 3.6 shared-memory fault with head_dim 128
+    if cap % bn:
+        raise ValueError(f"capacity {cap} is not a whole number of {bn}-slot blocks")
+    splits = n_splits or default_splits(cache, bn)
+    max_split_blocks = triton.cdiv(cap // bn, splits)
+    dev = q_rot.device
+    parts = b * h * (splits + 1) * gr
+    part_m = torch.empty(parts, device=dev, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(b, parts, hq, d, device=dev, dtype=torch.float32)
-    hp, gp = next_pow2(h), next_pow2(g)
-    auto_n, auto_warps = decode_config(h, g, d)
-    block_n, warps = block_n or auto_n, num_warps or auto_warps
-    if s:
-        # Slots per iteration of the value-outlier loop (its only use now): ~1024 entries at a time. Its iterations
-        # are chains of dependent loads (index, code, table, score) ending in atomics: latency-bound, so few and wide.
-        block_n = max(block_n, 1024 // next_pow2(s))
-    kbn = key_block(h, d, warps)
-    trig = torch.empty(b, parts, 4 * kbn * (d // 2), device=dev, dtype=torch.float32)  # per-program sin/cos scratch
-    q = query[:, :, 0]
-    qc = query_cos[:, 0].expand(b, d) if query_cos.shape[0] == 1 else query_cos[:, 0]
-    qs = query_sin[:, 0].expand(b, d) if query_sin.shape[0] == 1 else query_sin[:, 0]
-    if qc.stride(-1) != 1 or qs.stride(-1) != 1 or qs.stride(0) != qc.stride(0):
-        qc, qs = qc.contiguous(), qs.contiguous()
-    wk, wv = same_strides(cache.window_keys, cache.window_values)
-    sk, sv = same_strides(cache.sink_keys, cache.sink_values)
-    window = sliding_window if sliding_window else total + 1
-    _decode_kernel[(parts, b)](
-        q, qc, qs, inv_freq.float().contiguous(),
-        cache.key_codes, cache.value_codes, cache.key_table.float().contiguous(), cache.value_table.float().contiguous(),
-        cache.key_zero.float().contiguous(), cache.key_scale.float().contiguous(), cache.value_zero, cache.value_scale,
-        cache.key_outlier_begin, cache.key_entry_values, cache.key_entry_channels, cache.key_nnz,
-        cache.value_outlier_values, cache.value_outlier_index,
-        cache.positions, sk, sv, cache.sink_slot.contiguous(), wk, wv, mask_arg,
-        scores, part_m, part_l, part_acc, trig,
-        q.stride(0), q.stride(1), qc.stride(0), cache.key_entry_values.stride(0), sk.stride(0), sk.stride(1), sk.stride(2), wk.stride(0), wk.stride(1), wk.stride(2), m_sb,
-        cache.key_codes.shape[2], cache.begin - cache.offset, length, wk.shape[2], cache.begin, s, split_len, splits, window,
-        softmax_scale * LOG2E, attention_scaling,
-        H=h, HP=hp, G=g, GP=gp, D=d, BITS=cache.bits, W=cache.key_codes.shape[3],
-        S_PAD=next_pow2(s), HAS_OUTLIERS=s > 0, HAS_KEY_OUTLIERS=cache.has_key_outliers, N_SINK=n_sink, NS_PAD=next_pow2(max(n_sink, 1)), MASK_KIND=mask_kind, BLOCK_N=block_n, FAST_TRIG=fast_trig(),
-        VBN=value_block(h, d, warps), SHFL=shuffle_lookup(), KBN=kbn, MBN=max(1, 1024 // (hp * gp)),
-        num_warps=warps,
+    part_o = torch.zeros(parts * d, device=dev, dtype=torch.float32)
+    scratch = torch.empty(b * h * (splits + 1) * max_split_blocks * bn * gr, device=dev, dtype=torch.float32)
+    mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+    m = q_rot if mask is None else (mask.view(torch.uint8) if mask.dtype == torch.bool else mask)
+    m_sb = m.stride(0) if mask is not None else 0
+    n_sink = cache.sink_slot.shape[1]
+    window = sliding_window if sliding_window else 1 << 30
+    use_asm = not interpreting()
+    s = cache.key_outlier_index.shape[2]
+    if cache.value_outlier_index.shape[2] != s:
+        raise ValueError("the decode kernel takes as many value outliers as key outliers per (token, head)")
+    # empty tensors (no sink, no outliers) are never read: any valid pointer stands in for them
+    sink_slot = cache.sink_slot if n_sink else cache.positions
+    sink_k, sink_v = (cache.sink_keys, cache.sink_values) if n_sink else (cache.window_keys, cache.window_values)
+    kov, koi, vov, voi = ((cache.key_outlier_values, cache.key_outlier_index, cache.value_outlier_values, cache.value_outlier_index)
+                          if s else (cache.value_zero, cache.key_codes, cache.value_zero, cache.key_codes))
+    _decode_packed_kernel[(splits, b * h)](
+        q_rot, consts.key_tile_channels, consts.value_tile_channels, consts.inv_freq, consts.offset_cos, consts.offset_sin,
+        cache.key_codes, cache.value_codes, consts.key_lanes, consts.value_lanes, consts.key_table16, consts.value_table16,
+        cache.key_zero, cache.key_scale, cache.value_zero, cache.value_scale,
+        kov, koi, vov, voi, cache.positions, cache.length, m, sink_slot,
+        part_m, part_l, part_o, scratch,
+        h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
+        G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
+        num_warps=num_warps, num_stages=1,
     )
-    out = torch.empty(b, 1, hq, d, device=dev, dtype=query.dtype)
-    _combine_kernel[(hq, b)](part_m, part_l, part_acc, out, parts, out.stride(0), out.stride(2), HQ=hq, D=d, P_PAD=next_pow2(parts))
+    _decode_exact_kernel[(b * h,)](
+        q_rot, consts.inv_freq, cache.window_keys, cache.window_values, sink_k, sink_v,
+        sink_slot, cache.positions, cache.length, m, part_m, part_l, part_o,
+        h, cap, m_sb, cache.recent_window, window, cache.window_keys.shape[2], splits,
+        G=g, GR=gr, D=d, N_SINK=n_sink, NSP=max(2, triton.next_power_of_2(max(n_sink, 1))), BW=16, MASK_KIND=mask_kind,
+        FAST=use_asm, num_warps=4,
+    )
+    out = torch.empty(b, hq, d, device=dev, dtype=torch.float32)
+    _combine_kernel[(b * h, g)](part_m, part_l, part_o, out, splits + 1, h, out.stride(0), out.stride(1),
+                                G=g, GR=gr, D=d, NP=triton.next_power_of_2(splits + 1))
     return out

@@ -1,39 +1,44 @@
-"""The packed format, owned here: the bit packing of codes and one layer's packed KV cache (:class:`PackedKV`).
+"""The packed format, owned here: how codes, ranges and outliers of one layer's KV cache are laid out in memory.
 
-Everything that stores or reads codes (the quantization core's store, the kernels and their references) packs and
-unpacks them with :func:`pack` / :func:`unpack` and sizes buffers with :func:`packed_words`.
+Everything that writes or reads the cache (the quantization core's stores, the Triton kernels and their references)
+takes the layout from this module. The codes and codebooks are what calibration produced; only their placement is
+chosen for the reader (the decode kernel), so ``kvquant_config.json`` does not depend on it.
 
-Bit packing: the codes of one vector form a little-endian bit stream; code ``i`` occupies bits ``[b*i, b*i + b)``.
-For 2 and 4 bits a word holds 16 or 8 whole codes. For 3 bits, 32 codes fill exactly 3 words and codes 10 and 21
-straddle a word boundary (the KVQuant layout). Vectors are zero-padded to a whole group (:func:`group_size`
-codes), so any length packs and unpacks exactly.
+**The reader layout** (default; ``B`` rows, ``H`` KV heads, head dim ``D``, ``cap`` slots, ``S = ceil(f * D)``
+outliers per (token, head)):
 
-Cache layout (all tensors on one device; ``B`` rows, ``H`` KV heads, head dim ``D``, ``S`` value-outlier slots per token):
+- ``key_codes`` / ``value_codes``: int32 ``[B, H, W, cap]`` with ``W = D * bits / 32``, *slot-major*: word ``w`` of
+  every slot is contiguous, so a block of slots loads in wide vectors. A vector's codes sit in *nibbles*: each
+  32-bit *selector* holds 8 codes, one per 4-bit nibble, so one byte-permute instruction looks up four centroids.
+  4-bit: a word is a selector. 2-bit: a word holds two selectors (its bits 0-1 and 2-3 of every nibble). 3-bit: three
+  words hold four selectors of a 32-code group, three in their nibbles' low 3 bits and a fourth assembled from the
+  nibbles' top bits (word a gives bit 0, b bit 1, c bit 2) — exactly 3 bits a code.
+  Which channel a nibble holds is :func:`nibble_channels`: for keys a selector holds RoPE pairs ``(j, j + D/2)`` of
+  four consecutive ``j`` (so both halves of a pair decode in the same thread); for values channels in order.
+- keys are pre-RoPE: ``key = key_table[code] * key_scale[h, d] + key_zero[h, d]`` (fp32 ``[H, D]`` calibrated
+  ranges); values ``value = value_table[code] * value_scale[b, t] + value_zero[b, t]`` (16-bit ``[B, cap]``
+  per-token ranges over all heads).
+- outliers, bounded: ``S`` per (token, head) for keys and for values, ``*_outlier_values`` (16-bit *residual*:
+  exact value minus the dequantized one, so they add) and ``*_outlier_index`` (uint8 channel) ``[B, H, S, cap]``.
+  Unused entries have a zero residual.
+- ``positions``: int32 ``[B, cap]``, the RoPE position of every slot (rows differ under left padding); ``length``:
+  int32 ``[1]`` on the device, the slots written (so a compiled decode step needs no host value).
+- exact tokens: the recent window is a ring ``[B, H, WR, D]`` (slot ``t`` at ``t % WR``) holding the newest
+  ``recent_window`` tokens exactly, and the sink ``[B, H, N, D]`` the first ``N`` positions of each row, at the
+  slots ``sink_slot`` ``[B, N]`` (-1: none). Every token is also packed; the exact copies replace it when read.
 
-- ``key_codes`` / ``value_codes``: int32 ``[B, H, cap, W]``, ``W = packed_words(D, bits)``; the ``D`` codes of a
-  (row, head, slot) form a little-endian bit stream (code ``i`` at bits ``[bits*i, bits*i + bits)``; 3-bit codes
-  10 and 21 of every 32 straddle a word boundary).
-- keys are pre-RoPE: ``key = key_table[code] * key_scale[h, d] + key_zero[h, d]`` (fp32, ``[H, D]`` ranges);
-  values: ``value = value_table[code] * value_scale[b, s] + value_zero[b, s]`` (16-bit ``[B, cap]`` ranges).
-- key outliers (every element outside its channel's calibrated range, uncapped): a row-wise CSR over slots.
-  ``key_outlier_begin`` int32 ``[B, cap]`` is where slot ``s``'s entries begin in the row's entry buffers
-  ``key_entry_values`` (16-bit) / ``key_entry_channels`` (int16, ``c = h*D + d``) ``[B, E]``; they end at the next
-  packed slot's begin, the last packed slot's at ``key_nnz[b]`` (int64 ``[B]``). Entries are sorted by slot, then
-  channel. The dense code of an outlier element is the saturated nearest centroid.
-- value outliers: exactly ``S`` per token, ``value_outlier_values`` 16-bit and ``value_outlier_index`` int16
-  ``[B, cap, S]`` (``-1`` = empty).
-- An outlier *replaces* the dequantized element.
-- ``positions``: int32 ``[B, cap]`` RoPE position of every slot.
+:class:`PackedCache` is that view, as the kernels take it; :func:`pack_codes` / :func:`unpack_codes` are the
+reference (de)interleaving, and :func:`kernel_constants` the per-layer tables the decode kernel reads.
 
-A :class:`PackedKV` is a *view* of the slots a query may see: packed slots ``[begin, packed_end)`` at physical
-index ``slot - offset`` of the buffers, then the exact recent window (slots ``[packed_end, length)``), and the exact
-sink tokens that replace the packed vector of their slot. Slots are numbered relative to ``begin`` inside the
-kernels (``0 .. total-1``), which is also the last axis of an attention mask.
+**The bit stream** (:func:`pack` / :func:`unpack`) is the layout of the store with uncapped key outliers
+(``key_outliers="uncapped"``, reference path only): a vector's codes as a little-endian bit stream, code ``i`` at bits
+``[b*i, b*i + b)``, 3-bit codes 10 and 21 of every 32 straddling words.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +53,9 @@ def on_input_device(launcher):
 
     @functools.wraps(launcher)
     def wrapper(first, *args, **kwargs):
-        if first.is_cuda and first.device.index is not None and first.device.index != torch.cuda.current_device():
-            with torch.cuda.device(first.device):
+        t = first if isinstance(first, torch.Tensor) else first.key_codes  # a tensor or a PackedCache
+        if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
                 return launcher(first, *args, **kwargs)
         return launcher(first, *args, **kwargs)
 
@@ -147,8 +153,9 @@ def _check_bits(bits: int) -> None:
 
 
 def supported_head_dim(head_dim: int, bits: int) -> bool:
-    """The kernels split a head into its two RoPE halves; each half must hold whole packing groups."""
-    return bits in SUPPORTED_BITS and head_dim % 2 == 0 and (head_dim // 2) % group_size(bits) == 0 and _pow2(head_dim // 2)
+    """Whether the kernels run on this head size: whole 32-code groups and a power of two (their tile shapes). Other
+    sizes are stored padded to whole groups and read by the reference path."""
+    return bits in SUPPORTED_BITS and head_dim % 32 == 0 and _pow2(head_dim)
 
 
 def _pow2(n: int) -> bool:
@@ -159,34 +166,152 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+# ---------------------------------------------------------------------------------------------- reader layout
+def padded_dim(head_dim: int) -> int:
+    """Channels a vector occupies in the reader layout: whole 32-code groups (the padding codes are zero)."""
+    return -(-head_dim // 32) * 32
+
+
+def words_per_vector(head_dim: int, bits: int) -> int:
+    """int32 words of one (row, head, slot) vector in the reader layout."""
+    _check_bits(bits)
+    return padded_dim(head_dim) * bits // 32
+
+
+def outlier_slots(head_dim: int, fraction: float) -> int:
+    """Outliers kept per (token, head): ``ceil(f * D)`` (0 without outliers)."""
+    return math.ceil(round(fraction * head_dim, 9)) if fraction > 0 else 0
+
+
+@functools.lru_cache(maxsize=None)
+def nibble_channels(head_dim: int, keys: bool) -> tuple[int, ...]:
+    """The channel held by nibble ``n`` of selector ``w``, flattened as ``8 * w + n``.
+
+    Keys: selector ``w`` holds RoPE pairs ``4w .. 4w + 3``: nibbles 0, 1 the low halves of pairs ``4w``, ``4w + 1``;
+    2, 3 their high halves (channel ``j + D/2``); 4-7 the same for pairs ``4w + 2``, ``4w + 3``. Values, and keys of
+    a head size that is not a multiple of 32 (padded, reference path only): nibble ``n`` of selector ``w`` is channel
+    ``8w + n``."""
+    half = head_dim // 2
+    keys = keys and head_dim % 32 == 0
+    out = []
+    for w in range(padded_dim(head_dim) // 8):
+        for nib in range(8):
+            x, y, z = nib // 4, (nib // 2) % 2, nib % 2
+            out.append(4 * w + 2 * x + z + y * half if keys else 8 * w + nib)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def tile_channels(head_dim: int, keys: bool) -> tuple[int, ...]:
+    """The channel at each position of a tile the decode kernel builds: position ``8w + 4y + 2x + z`` is nibble
+    ``4x + 2y + z`` of selector ``w`` (the kernel's lookup yields nibbles pairwise; the tile keeps pairs adjacent)."""
+    by_nibble = nibble_channels(head_dim, keys)
+    out = []
+    for w in range(head_dim // 8):
+        for y in range(2):
+            for x in range(2):
+                for z in range(2):
+                    out.append(by_nibble[8 * w + 4 * x + 2 * y + z])
+    return tuple(out)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, keys: bool) -> torch.Tensor:
+    """codes ``[..., D]`` (channel order, integers in ``[0, 2**bits)``) -> int32 words ``[..., W]`` (one vector per
+    row; the store transposes them to slot-major)."""
+    _check_bits(bits)
+    lead = codes.shape[:-1]
+    chan = torch.tensor(nibble_channels(codes.shape[-1], keys), device=codes.device)
+    codes = torch.nn.functional.pad(codes.long(), (0, padded_dim(codes.shape[-1]) - codes.shape[-1]))
+    d = codes.shape[-1]
+    sel = codes[..., chan].reshape(*lead, d // 8, 8)  # code of each nibble
+    nib = torch.arange(8, device=codes.device)
+    if bits == 4:
+        words = (sel << (4 * nib)).sum(-1)
+    elif bits == 2:
+        x, y = sel[..., 0::2, :], sel[..., 1::2, :]  # selectors 2k (bits 0-1 of the nibbles) and 2k + 1 (bits 2-3)
+        words = ((x << (4 * nib)) | (y << (4 * nib + 2))).sum(-1)
+    else:
+        g = sel.reshape(*lead, d // 32, 4, 8)
+        a, b, c, sp = g[..., 0, :], g[..., 1, :], g[..., 2, :], g[..., 3, :]
+        wa = ((a | ((sp & 1) << 3)) << (4 * nib)).sum(-1)
+        wb = ((b | (((sp >> 1) & 1) << 3)) << (4 * nib)).sum(-1)
+        wc = ((c | (((sp >> 2) & 1) << 3)) << (4 * nib)).sum(-1)
+        words = torch.stack([wa, wb, wc], -1).reshape(*lead, d // 32 * 3)
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, keys: bool, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 ``[..., W]`` -> int64 codes ``[..., D]`` in channel order."""
+    _check_bits(bits)
+    if words.shape[-1] != words_per_vector(head_dim, bits):
+        raise ValueError(f"expected {words_per_vector(head_dim, bits)} words for D={head_dim} at {bits} bits, got {words.shape[-1]}")
+    w = words.long() & 0xFFFFFFFF
+    lead = w.shape[:-1]
+    nib = torch.arange(8, device=w.device)
+    dp = padded_dim(head_dim)
+    if bits == 4:
+        sel = (w[..., None] >> (4 * nib)) & 15
+    elif bits == 2:
+        x = (w[..., None] >> (4 * nib)) & 3
+        y = (w[..., None] >> (4 * nib + 2)) & 3
+        sel = torch.stack([x, y], -2).reshape(*lead, dp // 8, 8)
+    else:
+        g = w.reshape(*lead, dp // 32, 3)
+        parts = [(g[..., k, None] >> (4 * nib)) & 15 for k in range(3)]
+        sp = ((parts[0] >> 3) & 1) | (((parts[1] >> 3) & 1) << 1) | (((parts[2] >> 3) & 1) << 2)
+        sel = torch.stack([parts[0] & 7, parts[1] & 7, parts[2] & 7, sp], -2).reshape(*lead, dp // 8, 8)
+    flat = sel.reshape(*lead, dp)
+    out = torch.empty_like(flat)
+    out[..., torch.tensor(nibble_channels(head_dim, keys), device=w.device)] = flat
+    return out[..., :head_dim]
+
+
+def lane_table(table: torch.Tensor) -> torch.Tensor:
+    """A codebook (fp16 values) as the byte-permute lookup reads it: int32 ``[32, 4]`` (``[32, 8]`` at 4 bits), the
+    same row for every lane (loaded per lane so the values sit in ordinary registers): the low bytes of entries
+    0-3, 4-7, then the high bytes; 4 bits repeat that for entries 8-15."""
+    t = table.detach().to("cpu", torch.float16).view(torch.int16).long() & 0xFFFF
+    n = t.numel()
+    t = torch.nn.functional.pad(t, (0, max(0, 8 - n)))
+    regs = []
+    for base in range(0, max(8, n), 8):
+        e = t[base : base + 8]
+        lo, hi = e & 0xFF, e >> 8
+        for part in (lo[:4], lo[4:], hi[:4], hi[4:]):
+            regs.append(int((part << torch.tensor([0, 8, 16, 24])).sum()))
+    r = torch.tensor(regs, dtype=torch.int64)
+    r = torch.where(r >= 2**31, r - 2**32, r).to(torch.int32)
+    return r.repeat(32, 1).contiguous()
+
+
 @dataclass
-class PackedKV:
-    """One layer's cache as the kernels see it (see the module docstring for the layout)."""
+class PackedCache:
+    """One layer's cache in the reader layout, as the kernels take it (see the module docstring)."""
 
     bits: int
-    key_codes: torch.Tensor  # [B, H, cap, W] int32
+    key_codes: torch.Tensor  # [B, H, W, cap] int32
     value_codes: torch.Tensor
-    key_table: torch.Tensor  # [2**bits] fp32
+    key_table: torch.Tensor  # [2**bits] fp32 decode table (Q-Norm applied)
     value_table: torch.Tensor
+    key_bounds: torch.Tensor  # [2**bits - 1] fp32 decision boundaries of the encoder
+    value_bounds: torch.Tensor
     key_zero: torch.Tensor  # [H, D] fp32
     key_scale: torch.Tensor
     value_zero: torch.Tensor  # [B, cap] 16-bit
     value_scale: torch.Tensor
-    key_outlier_begin: torch.Tensor  # [B, cap] int32: first entry of each slot (CSR over slots)
-    key_entry_values: torch.Tensor  # [B, E] 16-bit
-    key_entry_channels: torch.Tensor  # [B, E] int16 (h * D + d)
-    key_nnz: torch.Tensor  # [B] int64: end of the last packed slot's entries
-    value_outlier_values: torch.Tensor  # [B, cap, S]
+    key_outlier_values: torch.Tensor  # [B, H, S, cap] 16-bit residual
+    key_outlier_index: torch.Tensor  # [B, H, S, cap] uint8 channel
+    value_outlier_values: torch.Tensor
     value_outlier_index: torch.Tensor
     positions: torch.Tensor  # [B, cap] int32
-    window_keys: torch.Tensor  # [B, H, n_w, D] exact, slots [packed_end, length)
+    length: torch.Tensor  # [1] int32 on the device: slots written
+    window_keys: torch.Tensor  # [B, H, WR, D] ring of exact tokens
     window_values: torch.Tensor
-    sink_keys: torch.Tensor  # [B, H, N, D] exact
+    recent_window: int  # exact newest tokens (<= WR)
+    sink_keys: torch.Tensor  # [B, H, N, D]
     sink_values: torch.Tensor
-    sink_slot: torch.Tensor  # [B, N] absolute slot, -1 = none
-    begin: int  # first visible slot
-    packed_end: int  # packed slots are [begin, packed_end)
-    offset: int = 0  # physical index of slot s is s - offset
+    sink_slot: torch.Tensor  # [B, N] int64, -1 = none
 
     @property
     def batch(self) -> int:
@@ -201,43 +326,136 @@ class PackedKV:
         return self.key_zero.shape[1]
 
     @property
-    def packed_len(self) -> int:
-        """Visible packed slots."""
-        return max(0, self.packed_end - self.begin)
+    def capacity(self) -> int:
+        return self.key_codes.shape[-1]
 
     @property
-    def total(self) -> int:
-        """Visible slots: packed then window."""
-        return self.packed_len + self.window_keys.shape[2]
+    def outliers(self) -> int:
+        return self.key_outlier_index.shape[2]
 
-    @property
-    def outlier_slots(self) -> int:
-        """Value-outlier slots per token (keys have a variable count, see :meth:`key_outlier_ranges`)."""
-        return self.value_outlier_index.shape[-1]
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor field by name."""
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
 
-    @property
-    def has_key_outliers(self) -> bool:
-        """Whether the key-outlier entry buffers can hold anything (a static hint: no device sync)."""
-        return self.key_entry_values.shape[-1] > 0
 
-    def key_outlier_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(begin, end)`` int64 ``[B, packed_len]``: the entry range of every visible packed slot."""
-        a, e = self.begin - self.offset, self.packed_end - self.offset
-        starts = self.key_outlier_begin[:, a:e].long()
-        ends = torch.cat([starts[:, 1:], self.key_nnz.view(-1, 1).long()], dim=1)
-        return starts, ends
+BLOCK = 128  # capacities are whole blocks of slots: the decode kernel loads a block of codes unmasked
 
-    def check(self) -> None:
-        b, h, cap, w = self.key_codes.shape
-        d = self.head_dim
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if w != packed_words(d, self.bits):
-            raise ValueError(f"key_codes has {w} words per vector, expected {packed_words(d, self.bits)} for D={d}")
-        if not supported_head_dim(d, self.bits):
-            raise ValueError(f"head_dim {d} is not supported by the kernels at {self.bits} bits")
-        if self.packed_end - self.offset > cap or self.begin < self.offset:
-            raise ValueError("packed slots lie outside the buffers")
-        for name in ("key_codes", "value_codes"):
-            if not getattr(self, name).is_contiguous():
-                raise ValueError(f"{name} must be contiguous (pass the whole buffer and an offset)")
+# slot axis of each tensor that has one (the others are per layer or per row)
+SLOT_AXIS = {
+    "key_codes": 3, "value_codes": 3, "value_zero": 1, "value_scale": 1, "key_outlier_values": 3,
+    "key_outlier_index": 3, "value_outlier_values": 3, "value_outlier_index": 3, "positions": 1,
+}
+
+
+def round_capacity(slots: int) -> int:
+    """The capacity that holds ``slots`` slots: whole blocks, at least one."""
+    return max(BLOCK, -(-slots // BLOCK) * BLOCK)
+
+
+def allocate(
+    *, batch: int, heads: int, head_dim: int, bits: int, capacity: int, key_outliers: int, value_outliers: int,
+    dtype: torch.dtype, device, key_table, value_table, key_bounds, value_bounds, key_zero, key_scale,
+    recent_window: int = 0, sink_tokens: int = 0,
+) -> PackedCache:
+    """An empty cache (length 0) of ``round_capacity(capacity)`` slots; ``dtype`` is the model's (exact copies)."""
+    cap = round_capacity(capacity)
+    half = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    w = words_per_vector(head_dim, bits)
+    z = dict(device=device)
+    wr = max(recent_window, 1)  # a ring of one keeps the kernels' pointers valid without a window
+    return PackedCache(
+        bits=bits,
+        key_codes=torch.zeros(batch, heads, w, cap, dtype=torch.int32, **z),
+        value_codes=torch.zeros(batch, heads, w, cap, dtype=torch.int32, **z),
+        key_table=key_table.float().to(device).contiguous(),
+        value_table=value_table.float().to(device).contiguous(),
+        key_bounds=key_bounds.float().to(device).contiguous(),
+        value_bounds=value_bounds.float().to(device).contiguous(),
+        key_zero=key_zero.float().to(device).contiguous(),
+        key_scale=key_scale.float().to(device).contiguous(),
+        value_zero=torch.zeros(batch, cap, dtype=half, **z),
+        value_scale=torch.zeros(batch, cap, dtype=half, **z),
+        key_outlier_values=torch.zeros(batch, heads, key_outliers, cap, dtype=half, **z),
+        key_outlier_index=torch.zeros(batch, heads, key_outliers, cap, dtype=torch.uint8, **z),
+        value_outlier_values=torch.zeros(batch, heads, value_outliers, cap, dtype=half, **z),
+        value_outlier_index=torch.zeros(batch, heads, value_outliers, cap, dtype=torch.uint8, **z),
+        positions=torch.zeros(batch, cap, dtype=torch.int32, **z),
+        length=torch.zeros(1, dtype=torch.int32, **z),
+        window_keys=torch.zeros(batch, heads, wr, head_dim, dtype=dtype, **z),
+        window_values=torch.zeros(batch, heads, wr, head_dim, dtype=dtype, **z),
+        recent_window=recent_window,
+        sink_keys=torch.zeros(batch, heads, sink_tokens, head_dim, dtype=dtype, **z),
+        sink_values=torch.zeros(batch, heads, sink_tokens, head_dim, dtype=dtype, **z),
+        sink_slot=torch.full((batch, sink_tokens), -1, dtype=torch.int64, **z),
+    )
+
+
+def regrow(cache: PackedCache, capacity: int, used: int) -> PackedCache:
+    """A copy of ``cache`` with room for ``capacity`` slots (whole blocks) and its first ``used`` slots copied."""
+    cap = round_capacity(capacity)
+    fields = dict(cache.__dict__)
+    for name, axis in SLOT_AXIS.items():
+        old = fields[name]
+        shape = list(old.shape)
+        shape[axis] = cap
+        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+        n = min(used, old.shape[axis], cap)
+        new.narrow(axis, 0, n).copy_(old.narrow(axis, 0, n))
+        fields[name] = new
+    return PackedCache(**fields)
+
+
+def map_rows(cache: PackedCache, fn) -> PackedCache:
+    """``cache`` with a batch-axis operation (beam reorder, select, repeat) applied to every per-row tensor."""
+    per_row = set(SLOT_AXIS) | {"window_keys", "window_values", "sink_keys", "sink_values", "sink_slot"}
+    per_row.discard("length")
+    fields = dict(cache.__dict__)
+    for name in per_row:
+        fields[name] = fn(fields[name]).contiguous()
+    return PackedCache(**fields)
+
+
+def nbytes(cache: PackedCache, slots: int) -> dict[str, int]:
+    """Bytes by component of ``slots`` stored slots (per-slot tensors counted for those slots only)."""
+    out = {}
+    for name, t in cache.tensors().items():
+        if name in SLOT_AXIS:
+            out[name] = t.numel() // t.shape[SLOT_AXIS[name]] * slots * t.element_size()
+    out["sink"] = sum(t.numel() * t.element_size() for t in (cache.sink_keys, cache.sink_values, cache.sink_slot))
+    if cache.recent_window:
+        out["recent_window"] = cache.window_keys.numel() * cache.window_keys.element_size() * 2
+    return out
+
+
+@dataclass
+class KernelConstants:
+    """Per-layer tables of the decode kernel, made once (:func:`kernel_constants`), never per step."""
+
+    block_n: int
+    key_tile_channels: torch.Tensor  # [D] int32
+    value_tile_channels: torch.Tensor
+    offset_cos: torch.Tensor  # [block_n, D/2] fp16: cos(o * inv_freq) for in-block offsets o
+    offset_sin: torch.Tensor
+    key_lanes: torch.Tensor  # lane_table of the key codebook
+    value_lanes: torch.Tensor
+    key_table16: torch.Tensor  # [2**bits] fp16 (interpreter path)
+    value_table16: torch.Tensor
+    inv_freq: torch.Tensor  # [D/2] fp32
+
+
+def kernel_constants(cache: PackedCache, inv_freq: torch.Tensor, block_n: int) -> KernelConstants:
+    dev = cache.key_codes.device
+    d = cache.head_dim
+    angle = torch.arange(block_n, device=dev, dtype=torch.float32)[:, None] * inv_freq.float().to(dev)[None, :]
+    return KernelConstants(
+        block_n=block_n,
+        key_tile_channels=torch.tensor(tile_channels(d, True), device=dev, dtype=torch.int32),
+        value_tile_channels=torch.tensor(tile_channels(d, False), device=dev, dtype=torch.int32),
+        offset_cos=angle.cos().to(torch.float16).contiguous(),
+        offset_sin=angle.sin().to(torch.float16).contiguous(),
+        key_lanes=lane_table(cache.key_table).to(dev),
+        value_lanes=lane_table(cache.value_table).to(dev),
+        key_table16=cache.key_table.to(dev, torch.float16).contiguous(),
+        value_table16=cache.value_table.to(dev, torch.float16).contiguous(),
+        inv_freq=inv_freq.to(dev).float().contiguous(),
+    )

@@ -1,201 +1,229 @@
 """Pure-PyTorch references of the kernels (fp32 math, no Triton): what each kernel must compute.
 
-- :func:`append_naive`: quantize and pack new tokens (keys with calibrated per-channel ranges, values with
-  per-token ranges, nearest-centroid codes, per-token outliers).
-- :func:`packed_attention_naive`: attention of queries over a :class:`~.layout.PackedKV` (decode when there is
-  one query, prefill of a chunk otherwise): dequantize, apply outliers and the exact sink/window, RoPE the keys at
-  their stored positions, softmax, values.
+They are also the cache's path wherever the kernels do not run (CPU, ``backend="reference"``), so the reference
+and the kernels share one definition of the format (:mod:`.layout`) and of the quantization of a token:
+
+- :func:`quantize_keys` / :func:`quantize_values`: codes and bounded outliers of new tokens;
+- :func:`append_reference`: quantize, pack and write new tokens at the cache's device length (what
+  :mod:`.append` does in one launch), with :func:`write_exact` (positions, recent window, sink, length);
+- :func:`dequantize`: pre-RoPE keys and values of a slot range, exact copies applied (:mod:`.dequant`);
+- :func:`decode_reference`: one query per row over the whole cache (:mod:`.decode`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
 
 import torch
 
-from .layout import PackedKV, pack, unpack
-from .rope import apply_rope, rope_at
+from .layout import PackedCache, pack_codes, unpack_codes
+from .rope import rope_at
+
+LOG2E = 1.4426950408889634
 
 
-class KeyOutliers(NamedTuple):
-    """New tokens' key outliers, CSR over tokens: ``counts`` int32 ``[B, T]``, then ``values`` (16-bit) and
-    ``channels`` (``h * D + d``) ``[nnz]`` sorted by (row, token, channel): what the store appends to its rows."""
+# ------------------------------------------------------------------------------------------------ quantization
+def encode(normalized: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """Nearest-centroid codes: the number of decision boundaries strictly below each value (uint8)."""
+    return torch.bucketize(normalized.float().contiguous(), boundaries.float().to(normalized.device)).to(torch.uint8)
 
-    counts: torch.Tensor
-    values: torch.Tensor
-    channels: torch.Tensor
+
+def split_extremes(v: torch.Tensor, s: int):
+    """Drop ``s`` extremes of each vector (last dim): the split into low and high ones that leaves the smallest range.
+
+    Returns the remaining max and min ``[...]`` and the dropped indices ``[..., s]`` (high ones first). Ties go to the
+    fewest low ones (the first minimum).
+    """
+    top_v, top_i = torch.topk(v, s + 1, dim=-1, largest=True)  # descending
+    bot_v, bot_i = torch.topk(v, s + 1, dim=-1, largest=False)  # ascending
+    j = torch.arange(s + 1, device=v.device)
+    ranges = top_v[..., s - j] - bot_v[..., j]  # j low and s - j high ones dropped
+    low = ranges.argmin(-1, keepdim=True)
+    high = s - low
+    vmax = torch.gather(top_v, -1, high).squeeze(-1)
+    vmin = torch.gather(bot_v, -1, low).squeeze(-1)
+    slot = torch.arange(s, device=v.device)
+    top_pos = slot.expand(*v.shape[:-1], s)
+    bot_pos = (slot - high).clamp(min=0)
+    idx = torch.where(slot < high, torch.gather(top_i, -1, top_pos), torch.gather(bot_i, -1, bot_pos))
+    return vmax, vmin, idx
+
+
+def half_dtype(dtype: torch.dtype) -> torch.dtype:
+    """16-bit dtype of outliers and per-token ranges: bf16 for bf16 models, fp16 otherwise."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def _residuals(x, approx, idx, hd):
+    return (torch.gather(x, -1, idx) - torch.gather(approx, -1, idx)).to(hd)
+
+
+def quantize_keys(x, zero, scale, boundaries, table, slots: int):
+    """Pre-RoPE keys ``[B, H, T, D]`` with calibrated per-channel ``zero``/``scale`` ``[H, D]``.
+
+    Returns codes (uint8), and per (token, head) the ``slots`` channels of largest normalized error (out-of-range
+    elements saturate, so they come first) with their residuals ``x - dequantized`` (16-bit) ``[B, H, T, S]``.
+    """
+    xf = x.float()
+    z = zero.float().to(x.device)[None, :, None, :]
+    s = scale.float().to(x.device)[None, :, None, :]
+    normalized = (xf - z) / s
+    codes = encode(normalized, boundaries)
+    centroid = table.float().to(x.device)[codes.long()]
+    k = min(slots, x.shape[-1])
+    idx = (normalized - centroid).abs().topk(k, dim=-1).indices if k else codes.new_empty(*codes.shape[:3], 0, dtype=torch.long)
+    return codes, _residuals(xf, centroid * s + z, idx, half_dtype(x.dtype)), idx.to(torch.uint8)
+
+
+def quantize_values(x, boundaries, table, slots: int):
+    """Values ``[B, H, T, D]``: per (token, head) the ``slots`` extremes whose removal leaves the smallest range are
+    outliers; the token's range (``zero``, ``scale`` ``[B, T]``, 16-bit) spans every head's remaining values.
+
+    Returns codes, residuals and channels ``[B, H, T, S]``, zero and scale.
+    """
+    xf = x.float()
+    hd = half_dtype(x.dtype)
+    s = min(slots, max(0, (x.shape[-1] - 2) // 2))
+    if s:
+        vmax, vmin, idx = split_extremes(xf, s)
+    else:
+        vmax, vmin = xf.amax(-1), xf.amin(-1)
+        idx = torch.empty(*x.shape[:3], 0, dtype=torch.long, device=x.device)
+    vmax, vmin = vmax.amax(1), vmin.amin(1)
+    zero = ((vmax + vmin) / 2).to(hd)
+    scale = ((vmax - vmin) / 2).to(hd)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    z, sc = zero.float()[:, None, :, None], scale.float()[:, None, :, None]
+    codes = encode((xf - z) / sc, boundaries)
+    approx = table.float().to(x.device)[codes.long()] * sc + z
+    return codes, _residuals(xf, approx, idx, hd), idx.to(torch.uint8), zero, scale
 
 
 # ------------------------------------------------------------------------------------------------ append
-def select_outliers(keys, values, key_zero, key_scale, key_outliers: bool, value_slots: int):
-    """Per-token outlier choice and value ranges (shared by the naive and the Triton append).
+def new_slots(cache: PackedCache, n: int) -> torch.Tensor:
+    """Slots of ``n`` new tokens: from the device length on (no host value needed)."""
+    return cache.length.long() + torch.arange(n, device=cache.length.device)
 
-    Keys: every element whose normalized value ``(k - zero) / scale`` exceeds 1 in magnitude, as CSR entries sorted
-    by (row, token, channel) (``key_outliers=False``: none). Values: ``s`` extreme channels split into low and high
-    ones so that the remaining range is smallest; the remaining extremes give the token's zero point and scale
-    (16-bit). Returns fp32 ``[B, T, C]`` vectors and the choices.
-    """
+
+def write_exact(cache: PackedCache, keys, values, positions) -> None:
+    """The parts of an append besides the packed codes: positions, the recent-window ring, the sink copies, and the
+    length. ``positions`` ``[B, T]`` int32. Device tensors only: no host synchronization."""
+    n = keys.shape[2]
+    slots = new_slots(cache, n)
+    cache.positions.index_copy_(1, slots, positions.to(cache.positions.dtype))
+    if cache.recent_window:
+        keep = min(n, cache.window_keys.shape[2])  # only the newest fit the ring (a repeated index is undefined)
+        ring = slots[n - keep :] % cache.window_keys.shape[2]
+        cache.window_keys.index_copy_(2, ring, keys[:, :, n - keep :].to(cache.window_keys.dtype))
+        cache.window_values.index_copy_(2, ring, values[:, :, n - keep :].to(cache.window_values.dtype))
+    capture_sink(cache, keys, values, positions, slots)
+    cache.length.add_(n)
+
+
+def capture_sink(cache: PackedCache, keys, values, positions, slots) -> None:
+    """Exact copies of the tokens at positions ``< N`` (the attention sink); a later token of a position wins (left
+    padding gives pad slots position 0 before the real first token)."""
+    n_sink = cache.sink_slot.shape[1]
+    if n_sink == 0:
+        return
     b, h, t, d = keys.shape
-    c = h * d
-    half = torch.bfloat16 if keys.dtype == torch.bfloat16 else torch.float16
-    idt = torch.int16 if c < 2**15 else torch.int32
-    kv = keys.float().permute(0, 2, 1, 3).reshape(b, t, c)
-    vv = values.float().permute(0, 2, 1, 3).reshape(b, t, c)
-    if key_outliers:
-        outside = ((kv - key_zero.float().reshape(1, 1, c)) / key_scale.float().reshape(1, 1, c)).abs() > 1.0
-        entries = outside.reshape(-1, c).nonzero()  # row-major: sorted by (b, t), then channel
-        key_sparse = KeyOutliers(outside.sum(-1, dtype=torch.int32), kv.reshape(-1, c)[entries[:, 0], entries[:, 1]].to(half), entries[:, 1].to(idt))
-    else:
-        key_sparse = None
-    s = min(value_slots, max(0, (c - 2) // 2))
-    if s == 0:
-        vmax, vmin = vv.amax(-1), vv.amin(-1)
-        vidx = torch.zeros(b, t, 0, dtype=torch.long, device=kv.device)
-    else:
-        top_v, top_i = torch.topk(vv, s + 1, dim=-1, largest=True)
-        bot_v, bot_i = torch.topk(vv, s + 1, dim=-1, largest=False)
-        j = torch.arange(s + 1, device=kv.device)
-        low = (top_v[..., s - j] - bot_v[..., j]).argmin(-1, keepdim=True)
-        high = s - low
-        vmax = torch.gather(top_v, -1, high).squeeze(-1)
-        vmin = torch.gather(bot_v, -1, low).squeeze(-1)
-        slot = torch.arange(s, device=kv.device)
-        vidx = torch.where(slot < high, torch.gather(top_i, -1, slot.expand(b, t, s)), torch.gather(bot_i, -1, (slot - high).clamp(min=0)))
-    vzero = ((vmax + vmin) / 2).to(half)
-    vscale = ((vmax - vmin) / 2).to(half)
-    vscale = torch.where(vscale > 0, vscale, torch.ones_like(vscale))
-    vval = torch.gather(vv, -1, vidx)
-    # Slots a small fraction leaves unused (value_slots > s) stay empty.
-    pad = value_slots - vidx.shape[-1]
-    if pad > 0:
-        vval = torch.nn.functional.pad(vval, (0, pad))
-        vidx = torch.nn.functional.pad(vidx, (0, pad), value=-1)
-    return {
-        "key_vectors": kv,
-        "value_vectors": vv,
-        "key_outliers": key_sparse,
-        "value_outlier_values": vval.to(half),
-        "value_outlier_index": vidx.to(idt),
-        "value_zero": vzero,
-        "value_scale": vscale,
-    }
+    hit = positions.unsqueeze(-1) == torch.arange(n_sink, device=positions.device)  # [B, T, N]
+    order = torch.arange(t, device=positions.device).view(1, t, 1)
+    last = torch.where(hit, order, torch.full_like(order, -1)).amax(dim=1)  # [B, N]
+    rows = last >= 0
+    idx = last.clamp(min=0)
+    gather = idx.view(b, 1, n_sink, 1).expand(b, h, n_sink, d)
+    take = rows.view(b, 1, n_sink, 1)
+    cache.sink_keys.copy_(torch.where(take, torch.gather(keys, 2, gather).to(cache.sink_keys.dtype), cache.sink_keys))
+    cache.sink_values.copy_(torch.where(take, torch.gather(values, 2, gather).to(cache.sink_values.dtype), cache.sink_values))
+    cache.sink_slot.copy_(torch.where(rows, slots[idx], cache.sink_slot))
 
 
-def append_naive(keys, values, key_zero, key_scale, key_bounds, value_bounds, key_outliers: bool, value_slots: int, bits: int) -> dict:
-    """Quantize and pack ``[B, H, T, D]`` keys (pre-RoPE) and values.
-
-    ``key_bounds`` / ``value_bounds``: the ``2**bits - 1`` decision thresholds of each codebook (midpoints of its
-    centroids); a code is the number of thresholds strictly below the normalized value. Returns the packed codes
-    ``[B, H, T, W]``, the per-token tensors ``[B, T, ...]`` under the store's buffer names and ``key_outliers``
-    (:class:`KeyOutliers` or None).
-    """
-    b, h, t, d = keys.shape
-    out = select_outliers(keys, values, key_zero, key_scale, key_outliers, value_slots)
-    kn = (out.pop("key_vectors") - key_zero.reshape(1, 1, -1).float()) / key_scale.reshape(1, 1, -1).float()
-    vn = (out.pop("value_vectors") - out["value_zero"].float().unsqueeze(-1)) / out["value_scale"].float().unsqueeze(-1)
-    kcodes = torch.bucketize(kn.contiguous(), key_bounds.float().contiguous())
-    vcodes = torch.bucketize(vn.contiguous(), value_bounds.float().contiguous())
-    as_heads = lambda x: x.reshape(b, t, h, d).permute(0, 2, 1, 3)
-    out["key_codes"] = pack(as_heads(kcodes), bits)
-    out["value_codes"] = pack(as_heads(vcodes), bits)
-    return out
+def append_reference(cache: PackedCache, keys, values, positions) -> None:
+    """Quantize new tokens ``[B, H, T, D]`` (pre-RoPE keys) and write them at slots ``length ..`` of ``cache``."""
+    n = keys.shape[2]
+    if n == 0:
+        return
+    slots = new_slots(cache, n)
+    kc, kr, ki = quantize_keys(keys, cache.key_zero, cache.key_scale, cache.key_bounds, cache.key_table, cache.key_outlier_index.shape[2])
+    vc, vr, vi, vz, vs = quantize_values(values, cache.value_bounds, cache.value_table, cache.value_outlier_index.shape[2])
+    cache.key_codes.index_copy_(3, slots, pack_codes(kc, cache.bits, True).permute(0, 1, 3, 2))
+    cache.value_codes.index_copy_(3, slots, pack_codes(vc, cache.bits, False).permute(0, 1, 3, 2))
+    cache.value_zero.index_copy_(1, slots, vz)
+    cache.value_scale.index_copy_(1, slots, vs)
+    for dst, src in ((cache.key_outlier_values, kr), (cache.key_outlier_index, ki), (cache.value_outlier_values, vr), (cache.value_outlier_index, vi)):
+        if src.shape[-1]:
+            dst.index_copy_(3, slots, src.permute(0, 1, 3, 2).to(dst.dtype))
+    write_exact(cache, keys, values, positions)
 
 
-# ------------------------------------------------------------------------------------------------ attention
-def _scatter_outliers(vec: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    if index.shape[-1] == 0:
-        return vec
-    c = vec.shape[-1]
-    idx = index.long()
-    idx = torch.where(idx < 0, torch.full_like(idx, c), idx)
-    out = torch.nn.functional.pad(vec, (0, 1)).scatter(-1, idx, values.float())
-    return out[..., :c]
-
-
-def dequantize_packed(cache: PackedKV) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 pre-RoPE keys and values ``[B, H, L, D]`` of the visible packed slots (outliers applied, no sink)."""
-    a, e = cache.begin - cache.offset, cache.packed_end - cache.offset
-    b, h = cache.batch, cache.heads
+# ------------------------------------------------------------------------------------------------ reading
+def dequantize(cache: PackedCache, begin: int, end: int, dtype: torch.dtype, length: int | None = None):
+    """Pre-RoPE keys and values ``[B, H, end - begin, D]`` in ``dtype`` of slots ``[begin, end)``, with the exact
+    window and sink copies in place. ``length``: the cache's length when the host knows it (then ``end`` is at most
+    that); None reads it on the device (a static cache read to its capacity)."""
     d = cache.head_dim
-    kc = unpack(cache.key_codes[:, :, a:e], cache.bits, d).long()
-    vc = unpack(cache.value_codes[:, :, a:e], cache.bits, d).long()
-    k = cache.key_table.float()[kc] * cache.key_scale.float()[None, :, None] + cache.key_zero.float()[None, :, None]
-    v = cache.value_table.float()[vc] * cache.value_scale[:, a:e].float()[:, None, :, None] + cache.value_zero[:, a:e].float()[:, None, :, None]
-    n = e - a
+    words_k = cache.key_codes[..., begin:end].permute(0, 1, 3, 2)
+    words_v = cache.value_codes[..., begin:end].permute(0, 1, 3, 2)
+    k = cache.key_table.float()[unpack_codes(words_k, cache.bits, True, d)]
+    k = k * cache.key_scale.float()[None, :, None, :] + cache.key_zero.float()[None, :, None, :]
+    v = cache.value_table.float()[unpack_codes(words_v, cache.bits, False, d)]
+    v = v * cache.value_scale[:, begin:end].float()[:, None, :, None] + cache.value_zero[:, begin:end].float()[:, None, :, None]
+    for x, res, idx in ((k, cache.key_outlier_values, cache.key_outlier_index), (v, cache.value_outlier_values, cache.value_outlier_index)):
+        if idx.shape[2]:
+            x.scatter_add_(3, idx[..., begin:end].permute(0, 1, 3, 2).long(), res[..., begin:end].permute(0, 1, 3, 2).float())
+    return apply_exact(cache, k.to(dtype), v.to(dtype), begin, end, length)
 
-    def with_outliers(x, values, index):
-        vec = x.permute(0, 2, 1, 3).reshape(b, n, h * d)
-        vec = _scatter_outliers(vec, values[:, a:e], index[:, a:e])
-        return vec.reshape(b, n, h, d).permute(0, 2, 1, 3)
 
-    k = with_key_outliers(cache, k)
-    v = with_outliers(v, cache.value_outlier_values, cache.value_outlier_index)
+def apply_exact(cache: PackedCache, k, v, begin: int, end: int, length: int | None):
+    """``k``, ``v`` (slots ``[begin, end)``) with the recent-window ring and the sink copies written in."""
+    dtype = k.dtype
+    wr = cache.window_keys.shape[2]
+    # the sink first: a sink token inside the recent window is read from the window (the same token)
+    n_sink = cache.sink_slot.shape[1]
+    if n_sink:
+        b, h, _, d = k.shape
+        rel = cache.sink_slot - begin  # [B, N]
+        valid = (cache.sink_slot >= 0) & (rel >= 0) & (rel < end - begin)
+        col = torch.where(valid, rel, torch.full_like(rel, end - begin))  # invalid ones go to a scratch slot
+        idx = col.view(b, 1, n_sink, 1).expand(b, h, n_sink, d)
+        pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 1))  # noqa: E731
+        k = pad(k).scatter(2, idx, cache.sink_keys.to(dtype))[:, :, : end - begin]
+        v = pad(v).scatter(2, idx, cache.sink_values.to(dtype))[:, :, : end - begin]
+    if cache.recent_window:
+        if length is not None:  # the window is the last slots before the length: slice
+            exact_from = max(length - cache.recent_window, begin)
+            if exact_from < end:
+                ring = torch.arange(exact_from, end, device=k.device) % wr
+                k[:, :, exact_from - begin :] = cache.window_keys[:, :, ring].to(dtype)
+                v[:, :, exact_from - begin :] = cache.window_values[:, :, ring].to(dtype)
+        else:
+            t = torch.arange(begin, end, device=k.device)
+            n = cache.length.long()
+            inside = ((t >= n - cache.recent_window) & (t < n)).view(1, 1, -1, 1)
+            k = torch.where(inside, cache.window_keys[:, :, t % wr].to(dtype), k)
+            v = torch.where(inside, cache.window_values[:, :, t % wr].to(dtype), v)
     return k, v
 
 
-def with_key_outliers(cache: PackedKV, k: torch.Tensor) -> torch.Tensor:
-    """Replace the CSR key-outlier elements of ``k`` ``[B, H, L, D]`` (the visible packed slots) by their values."""
-    b, h, n, d = k.shape
-    if n == 0 or not cache.has_key_outliers:
-        return k
-    starts, ends = cache.key_outlier_ranges()
-    vec = k.permute(0, 2, 1, 3).reshape(b, n, h * d).clone()
-    for row in range(b):
-        first, last = int(starts[row, 0]), int(ends[row, -1])
-        counts = (ends[row] - starts[row]).clamp(min=0)
-        slot = torch.repeat_interleave(torch.arange(n, device=k.device), counts)
-        chan = cache.key_entry_channels[row, first:last].long()
-        vec[row, slot, chan] = cache.key_entry_values[row, first:last].float()
-    return vec.reshape(b, n, h, d).permute(0, 2, 1, 3)
-
-
-def visible_kv(cache: PackedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 pre-RoPE keys, values ``[B, H, total, D]`` and positions ``[B, total]`` of every visible slot."""
-    k, v = dequantize_packed(cache)
-    k = torch.cat([k, cache.window_keys.float()], 2)
-    v = torch.cat([v, cache.window_values.float()], 2)
-    for row in range(cache.batch):
-        for i in range(cache.sink_slot.shape[1]):
-            rel = int(cache.sink_slot[row, i]) - cache.begin
-            if 0 <= rel < cache.packed_len:  # a sink inside the window is already exact there
-                k[row, :, rel] = cache.sink_keys[row, :, i].float()
-                v[row, :, rel] = cache.sink_values[row, :, i].float()
-    a = cache.begin - cache.offset
-    positions = cache.positions[:, a : a + cache.total]
-    return k, v, positions
-
-
-def packed_attention_naive(
-    query: torch.Tensor,
-    query_cos: torch.Tensor,
-    query_sin: torch.Tensor,
-    cache: PackedKV,
-    inv_freq: torch.Tensor,
-    attention_scaling: float,
-    softmax_scale: float,
-    mask: torch.Tensor | None = None,
-    sliding_window: int = 0,
-) -> torch.Tensor:
-    """Attention of ``query`` ``[B, Hq, T, D]`` (un-rotated; the ``T`` queries hold the last ``T`` visible slots)
-    over ``cache``. ``query_cos/sin``: ``[B or 1, T, D]`` RoPE of the queries. ``mask``: ``None``, bool (True =
-    attend) or additive float, ``[B, T, total]`` or ``[B, 1, T, total]``. Causal order and the sliding window are
-    applied from slot numbers. Returns ``[B, T, Hq, D]`` fp32."""
-    b, hq, t, d = query.shape
-    k, v, positions = visible_kv(cache)
-    total = k.shape[2]
-    groups = hq // cache.heads
-    q = apply_rope(query.float(), query_cos.float(), query_sin.float())
-    k = rope_at(k, positions, inv_freq, attention_scaling).repeat_interleave(groups, 1)
-    v = v.repeat_interleave(groups, 1)
-    scores = torch.einsum("bhtd,bhsd->bhts", q, k) * softmax_scale
-    q_slot = torch.arange(total - t, total, device=query.device)[:, None]
-    k_slot = torch.arange(total, device=query.device)[None, :]
-    allowed = k_slot <= q_slot
+def decode_reference(q_rot, cache: PackedCache, inv_freq, length: int, mask=None, sliding_window: int = 0):
+    """One query per row over slots ``[0, length)``. ``q_rot`` fp32 ``[B, Hq, D]`` is RoPE'd at its position and scaled
+    by ``softmax_scale * log2(e)``; ``mask`` ``[B, >= length]`` (bool: allowed, or additive float). fp32 ``[B, Hq, D]``."""
+    k, v = dequantize(cache, 0, length, torch.float32, length)
+    kr = rope_at(k, cache.positions[:, :length], inv_freq)
+    b, hq, d = q_rot.shape
+    g = hq // k.shape[1]
+    kr = kr.repeat_interleave(g, 1)
+    v = v.repeat_interleave(g, 1)
+    scores = torch.einsum("bhd,bhtd->bht", q_rot.float(), kr)
+    allowed = torch.ones(b, length, dtype=torch.bool, device=q_rot.device)
     if sliding_window:
-        allowed = allowed & (k_slot > q_slot - sliding_window)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+        allowed &= torch.arange(length, device=q_rot.device)[None, :] >= length - sliding_window
     if mask is not None:
-        m = mask.reshape(b, 1, t, total) if mask.dim() == 3 else mask
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    probs = torch.softmax(scores, -1)
-    return torch.einsum("bhts,bhsd->bthd", probs, v)
+        if mask.dtype == torch.bool:
+            allowed &= mask[:, :length]
+        else:
+            scores = scores + mask[:, None, :length].float() * LOG2E
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    p = torch.softmax(scores * math.log(2), -1)
+    return torch.einsum("bht,bhtd->bhd", p, v)

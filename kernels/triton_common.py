@@ -1,4 +1,9 @@
-"""Triton building blocks shared by the attention kernels: code unpacking, codebook lookup, accurate sin/cos."""
+"""Triton building blocks of the kernels that read the packed layout: code words to selectors, the codebook lookup
+by byte permutes, accurate sin/cos, tensor-core padding.
+
+The layout (nibble selectors, 3-bit spare bits, RoPE pairs per selector) is described in :mod:`.layout`; these
+functions are its reader side and are tested through the kernels against :mod:`.naive`.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,9 @@ from triton.language.extra import libdevice
 LOG2E = 1.4426950408889634
 
 
-def fast_trig() -> bool:
-    """Hardware sin/cos (``sin.approx``) when compiled; the interpreter has no such op."""
-    return os.environ.get("TRITON_INTERPRET") != "1"
+def interpreting() -> bool:
+    """Triton's CPU interpreter: no inline assembly and no hardware sin/cos there."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -30,140 +35,149 @@ def sincos(angle, FAST: tl.constexpr):
         return tl.cos(r), tl.sin(r)
 
 
-@triton.jit
-def unpack_half(row_ptrs, row_mask, WORD_OFFSET: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr):
-    """Codes ``[ROWS, HALF]`` (int32) of the ``HALF`` channels starting at word ``WORD_OFFSET`` of each row.
+# Two selector halves ($4: nibbles 0-3 of the word, $5: nibbles 4-7) -> four fp16x2 registers:
+# $0 = (n0, n1), $1 = (n2, n3), $2 = (n4, n5), $3 = (n6, n7). Table bytes: $6 low bytes of entries 0-3,
+# $8 of entries 4-7, $10 high bytes of 0-3, $12 of 4-7 (each input is a pack of 2 registers: odd ones unused).
+# One PRMT picks four table bytes by four nibbles: 8 instructions give 8 fp16 centroids.
+LUT8 = tl.constexpr("""
+{
+ .reg .b32 l, h;
+ prmt.b32 l, $6, $8, $4;
+ prmt.b32 h, $10, $12, $4;
+ prmt.b32 $0, l, h, 0x5140;
+ prmt.b32 $1, l, h, 0x7362;
+ prmt.b32 l, $6, $8, $5;
+ prmt.b32 h, $10, $12, $5;
+ prmt.b32 $2, l, h, 0x5140;
+ prmt.b32 $3, l, h, 0x7362;
+}
+""")
 
-    ``row_ptrs``: ``[ROWS]`` int32 pointers to word 0 of each packed vector. Words are loaded whole (one load per
-    word, not per code) and split with constant shifts; a 3-bit group of 32 codes spans 3 words.
-    """
+# 16 entries: a nibble's bit 3 picks entries 8-15 (PRMT's selector bit 3 would mean sign replication, so the
+# lookups use the low 3 bits and a second PRMT chooses, byte by byte, between the two 8-entry results).
+LUT16 = tl.constexpr("""
+{
+ .reg .b32 s, m, l, l2, h, h2;
+ and.b32 s, $4, 0x7777;
+ shr.b32 m, $4, 1;
+ and.b32 m, m, 0x4444;
+ or.b32 m, m, 0x3210;
+ prmt.b32 l, $6, $8, s;
+ prmt.b32 l2, $14, $16, s;
+ prmt.b32 l, l, l2, m;
+ prmt.b32 h, $10, $12, s;
+ prmt.b32 h2, $18, $20, s;
+ prmt.b32 h, h, h2, m;
+ prmt.b32 $0, l, h, 0x5140;
+ prmt.b32 $1, l, h, 0x7362;
+ and.b32 s, $5, 0x7777;
+ shr.b32 m, $5, 1;
+ and.b32 m, m, 0x4444;
+ or.b32 m, m, 0x3210;
+ prmt.b32 l, $6, $8, s;
+ prmt.b32 l2, $14, $16, s;
+ prmt.b32 l, l, l2, m;
+ prmt.b32 h, $10, $12, s;
+ prmt.b32 h2, $18, $20, s;
+ prmt.b32 h, h, h2, m;
+ prmt.b32 $2, l, h, 0x5140;
+ prmt.b32 $3, l, h, 0x7362;
+}
+""")
+
+
+@triton.jit
+def lane_tables(tab_ptr, like, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """The byte tables of :func:`~.layout.lane_table` in ordinary registers of every lane: loaded at ``%laneid`` (a
+    uniform load would keep them in uniform registers, which PRMT cannot read without copies)."""
+    if USE_ASM:
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+        TW: tl.constexpr = 8 if BITS == 4 else 4
+        p = tab_ptr + lane * TW
+        return (tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3),
+                tl.load(p + (4 % TW)), tl.load(p + (5 % TW)), tl.load(p + (6 % TW)), tl.load(p + (7 % TW)))
+    else:
+        return (0, 0, 0, 0, 0, 0, 0, 0)
+
+
+@triton.jit
+def lookup(sel, tab, t16_ptr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Centroids of the 8 nibbles of each selector ``sel`` ``[..., 2]`` (word, word >> 16): four fp16 ``[..., 2]``
+    tensors for nibbles (0,1), (2,3), (4,5), (6,7). The interpreter path gathers from the fp16 table instead."""
+    if USE_ASM:
+        t0, t1, t2, t3, t4, t5, t6, t7 = tab
+        if BITS == 4:
+            return tl.inline_asm_elementwise(LUT16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [sel, t0, t1, t2, t3, t4, t5, t6, t7],
+                                             dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(LUT8, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [sel, t0, t1, t2, t3],
+                                             dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+    else:
+        s_lo, s_hi = tl.split(sel)
+        mask = 15 if BITS == 4 else 7
+        o0 = tl.join(tl.load(t16_ptr + (s_lo & mask)), tl.load(t16_ptr + ((s_lo >> 4) & mask)))
+        o1 = tl.join(tl.load(t16_ptr + ((s_lo >> 8) & mask)), tl.load(t16_ptr + ((s_lo >> 12) & mask)))
+        o2 = tl.join(tl.load(t16_ptr + (s_hi & mask)), tl.load(t16_ptr + ((s_hi >> 4) & mask)))
+        o3 = tl.join(tl.load(t16_ptr + ((s_hi >> 8) & mask)), tl.load(t16_ptr + ((s_hi >> 12) & mask)))
+        return o0, o1, o2, o3
+
+
+@triton.jit
+def load_words(c_ptr, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr):
+    """The code words of slots ``t0 .. t0 + BN`` of one (row, head) (word ``w`` of slot ``t`` at ``c_ptr + w * cap +
+    t``), whole blocks unmasked (capacities are whole blocks; masked loads would not vectorize): the words a, b, c of
+    each 32-code group for 3 bits, otherwise the words three times."""
+    t = t0 + tl.arange(0, BN)
     if BITS == 3:
-        NG: tl.constexpr = HALF // 32
-        grp = tl.arange(0, NG)
-        base = row_ptrs[:, None] + WORD_OFFSET + grp[None, :] * 3
-        w0 = tl.load(base, mask=row_mask[:, None], other=0).to(tl.uint32, bitcast=True)[:, :, None]
-        w1 = tl.load(base + 1, mask=row_mask[:, None], other=0).to(tl.uint32, bitcast=True)[:, :, None]
-        w2 = tl.load(base + 2, mask=row_mask[:, None], other=0).to(tl.uint32, bitcast=True)[:, :, None]
-        bit = tl.arange(0, 32) * 3
-        word = (bit >> 5)[None, None, :]
-        shift = (bit & 31)[None, None, :].to(tl.uint32)
-        lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
-        nxt = tl.where(word == 0, w1, w2)
-        spill = tl.where(shift > 29, nxt << ((32 - shift) & 31), 0)
-        codes = ((lo >> shift) | spill) & 7
-        return tl.reshape(codes, (ROWS, HALF)).to(tl.int32)
+        gi = tl.arange(0, NS // 4)
+        base = c_ptr + (gi[None, :] * 3) * cap + t[:, None]
+        return tl.load(base), tl.load(base + cap), tl.load(base + 2 * cap)
     else:
-        CPW: tl.constexpr = 32 // BITS
-        NW: tl.constexpr = HALF // CPW
-        wi = tl.arange(0, NW)
-        w = tl.load(row_ptrs[:, None] + WORD_OFFSET + wi[None, :], mask=row_mask[:, None], other=0)
-        w = w.to(tl.uint32, bitcast=True)[:, :, None]
-        shift = (tl.arange(0, CPW) * BITS)[None, None, :].to(tl.uint32)
-        codes = (w >> shift) & ((1 << BITS) - 1)
-        return tl.reshape(codes, (ROWS, HALF)).to(tl.int32)
+        wi = tl.arange(0, NS // 2 if BITS == 2 else NS)
+        w = tl.load(c_ptr + wi[None, :] * cap + t[:, None])
+        return w, w, w
 
 
 @triton.jit
-def code_at(word_ptrs, channel, mask, BITS: tl.constexpr):
-    """The code of ``channel`` in the packed vectors at ``word_ptrs`` (element-wise gather, for sparse outliers)."""
-    bit = channel * BITS
-    shift = (bit & 31).to(tl.uint32)
-    ptr = word_ptrs + (bit >> 5)
-    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    code = lo >> shift
+def selectors(words, BITS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr):
+    """Selector pairs ``[BN, NS, 2]`` (word, word >> 16) whose nibbles are the codes (see the layout)."""
+    wa, wb, wc = words
     if BITS == 3:
-        nxt = tl.load(ptr + 1, mask=mask & (shift > 29), other=0).to(tl.uint32, bitcast=True)
-        code = code | tl.where(shift > 29, nxt << ((32 - shift) & 31), 0)
-    return (code & ((1 << BITS) - 1)).to(tl.int32)
-
-
-@triton.jit
-def group_codes(word_ptrs, mask, BITS: tl.constexpr, MASKED: tl.constexpr = True):
-    """Codes ``[32, N]`` (int32, code index first) of the 32-code groups whose ``BITS`` words start at ``word_ptrs``
-    ``[N]``.
-
-    A group of 32 codes is exactly ``BITS`` words at every width (3-bit codes 10 and 21 straddle words). The code
-    index is the *leading* axis so that Triton's default layouts put the ``N`` groups on the lanes and keep a whole
-    group in one thread: the word choice and shift of every code are then compile-time constants (no selects) and
-    sums over codes need no shuffles. ``MASKED=False`` leaves the bits above each code in place (only the low
-    ``BITS`` bits are the code): :func:`lane_table_lookup` ignores them.
-    """
-    i = tl.arange(0, 32)
-    bit = i * BITS
-    widx = (bit >> 5)[:, None]
-    shift = (bit & 31)[:, None].to(tl.uint32)
-    w0 = tl.load(word_ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
-    w1 = tl.load(word_ptrs + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
-    if BITS == 2:
-        codes = tl.where(widx == 0, w0, w1) >> shift
-    elif BITS == 3:
-        w2 = tl.load(word_ptrs + 2, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
-        lo = tl.where(widx == 0, w0, tl.where(widx == 1, w1, w2))
-        nxt = tl.where(widx == 0, w1, w2)
-        spill = tl.where(shift > 29, nxt << ((32 - shift) & 31), 0)
-        codes = (lo >> shift) | spill
+        sp = ((wa >> 3) & 0x11111111) | ((wb >> 2) & 0x22222222) | ((wc >> 1) & 0x44444444)
+        s = tl.reshape(tl.join(tl.join(wa & 0x77777777, wc & 0x77777777), tl.join(wb & 0x77777777, sp)), (BN, NS))
+    elif BITS == 2:
+        s = tl.reshape(tl.join(wa & 0x33333333, (wa >> 2) & 0x33333333), (BN, NS))
     else:
-        w2 = tl.load(word_ptrs + 2, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
-        w3 = tl.load(word_ptrs + 3, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
-        lo = tl.where(widx < 2, tl.where(widx == 0, w0, w1), tl.where(widx == 2, w2, w3))
-        codes = lo >> shift
-    if MASKED:
-        codes = codes & ((1 << BITS) - 1)
-    return codes.to(tl.int32)
+        s = wa
+    return tl.join(s, (s >> 16) & 0xFFFF)
 
 
 @triton.jit
-def chunk_codes(word_ptrs, chunk, mask, BITS: tl.constexpr, MASKED: tl.constexpr = True):
-    """Codes ``[16, N]`` (int32, code index first) of 16-code chunk ``chunk`` ``[N]`` of the packed vectors whose
-    words start at ``word_ptrs`` ``[N]``.
+def tile(x0, x1, x2, x3, BN: tl.constexpr, D: tl.constexpr):
+    """The four lookup results ``[BN, NS, 2]`` as one ``[BN, D]`` tile in position order ``8w + 4y + 2x + z``."""
+    return tl.reshape(tl.permute(tl.join(tl.join(x0, x1), tl.join(x2, x3)), (0, 1, 3, 4, 2)), (BN, D))
 
-    Like :func:`group_codes` (a thread decodes its whole chunk with compile-time shifts), for half a 32-code group:
-    16 codes are one word at 2 bits, two at 4 bits, and 48 bits at 3 bits, where an odd chunk starts at bit 16 of
-    its group's second word: it is realigned once (two funnel-style shifts) so that every code's shift is constant.
-    ``MASKED=False`` leaves the bits above each code in place (see :func:`lane_table_lookup`).
-    """
-    i = tl.arange(0, 16)[:, None]
-    if BITS == 2:
-        w = tl.load(word_ptrs + chunk, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
-        codes = w >> (i * 2).to(tl.uint32)
-    elif BITS == 4:
-        w0 = tl.load(word_ptrs + chunk * 2, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
-        w1 = tl.load(word_ptrs + chunk * 2 + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)[None, :]
-        codes = tl.where(i < 8, w0, w1) >> ((i * 4) & 31).to(tl.uint32)
+
+@triton.jit
+def pad16(x, GR: tl.constexpr, BN: tl.constexpr):
+    """``[BN, GR]`` -> ``[BN, 16]``: column ``g * (16 // GR)`` holds ``x[:, g]``, the others are zero (the N side of a
+    tensor-core dot is at least 16 wide)."""
+    y = x
+    if GR < 16:
+        y = tl.reshape(tl.join(y, tl.zeros_like(y)), (BN, 2 * GR))
+    if 2 * GR < 16:
+        y = tl.reshape(tl.join(y, tl.zeros_like(y)), (BN, 4 * GR))
+    if 4 * GR < 16:
+        y = tl.reshape(tl.join(y, tl.zeros_like(y)), (BN, 8 * GR))
+    if 8 * GR < 16:
+        y = tl.reshape(tl.join(y, tl.zeros_like(y)), (BN, 16 * GR))
+    return y
+
+
+@triton.jit
+def pad_rows16(x, M: tl.constexpr, K: tl.constexpr):
+    """``[M, K]`` -> ``[max(M, 16), K]``: row ``r`` moves to ``r * (16 // M)``, the others are zero."""
+    if M >= 16:
+        return x
     else:
-        odd = (chunk % 2) == 1
-        p = word_ptrs + (chunk // 2) * 3 + (chunk % 2)
-        wa = tl.load(p, mask=mask, other=0).to(tl.uint32, bitcast=True)
-        wb = tl.load(p + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)
-        lo = tl.where(odd, (wa >> 16) | (wb << 16), wa)[None, :]  # bits 0..31 of the chunk
-        hi = tl.where(odd, wb >> 16, wb)[None, :]  # bits 32..47
-        bit = i * 3
-        codes = tl.where(bit < 32, lo >> (bit & 31).to(tl.uint32), hi >> ((bit - 32) & 31).to(tl.uint32))
-        codes = tl.where(bit == 30, codes | (hi << 2), codes)  # code 10 straddles the two words
-    if MASKED:
-        codes = codes & ((1 << BITS) - 1)
-    return codes.to(tl.int32)
-
-
-def shuffle_lookup() -> bool:
-    """Codebook lookups through warp shuffles (compiled only: the interpreter has no inline assembly).
-    ``KVQUANT_SHUFFLE_LOOKUP=0`` turns them off (table loads instead)."""
-    return fast_trig() and os.environ.get("KVQUANT_SHUFFLE_LOOKUP", "1") != "0"
-
-
-@triton.jit
-def lane_table(table_ptr, like, BITS: tl.constexpr):
-    """Each thread's entry of a codebook spread over the lanes: lane ``l`` holds ``table[l % 2**BITS]`` (fp32 bits
-    as int32), shaped like ``like`` (e.g. ``[1, N]``); computed once, outside the loops."""
-    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
-    return tl.load(table_ptr + (lane & ((1 << BITS) - 1))).to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def lane_table_lookup(lane_values, codes):
-    """``table[code]`` (fp32) by one warp shuffle per element: ``shfl.idx`` reads lane ``code & 31``, which holds
-    ``table[code % 2**BITS]`` (:func:`lane_table`), so bits above the code need no masking and no address is formed.
-    Every lane of the warp must execute it (the kernels' loops are uniform)."""
-    got = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [lane_values, codes],
-                                    dtype=tl.int32, is_pure=True, pack=1)
-    return got.to(tl.float32, bitcast=True)
+        return tl.trans(pad16(tl.trans(x), M, K))

@@ -57,3 +57,40 @@ def test_no_vectors_pack_and_unpack(bits):
     words = pack(codes, bits)
     assert words.shape == (2, 1, 0, packed_words(64, bits))
     assert unpack(words, bits, 64).shape == codes.shape
+
+
+# ------------------------------------------------------------------------------------------------ reader layout
+from transformers_kvquant.kernels.layout import (  # noqa: E402
+    nibble_channels,
+    pack_codes,
+    unpack_codes,
+    words_per_vector,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), d=st.sampled_from([8, 16, 24, 40, 64, 96, 128]), keys=st.booleans(),
+       rows=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_reader_layout_round_trip(bits, d, keys, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, 2, d), generator=g)
+    words = pack_codes(codes, bits, keys)
+    assert words.dtype == torch.int32 and words.shape == (rows, 2, words_per_vector(d, bits))
+    assert torch.equal(unpack_codes(words, bits, keys, d), codes)
+
+
+def test_reader_layout_places_rope_pairs_in_one_selector():
+    """4 bits: word w, nibble n holds the channel nibble_channels gives; keys pair channel j with j + D/2."""
+    d = 64
+    chan = nibble_channels(d, True)
+    assert chan[:8] == (0, 1, 32, 33, 2, 3, 34, 35)
+    assert sorted(chan) == list(range(d)) and nibble_channels(d, False) == tuple(range(d))
+    codes = torch.zeros(d, dtype=torch.long)
+    codes[33] = 9
+    words = pack_codes(codes, 4, True)
+    assert (int(words[0]) >> 12) & 15 == 9 and int(words[1:].abs().sum()) == 0
+
+
+def test_three_bits_use_exactly_three_bits_a_code():
+    assert words_per_vector(128, 3) == 12 and words_per_vector(64, 2) == 4 and words_per_vector(64, 4) == 8
+    assert words_per_vector(40, 3) == 6  # padded to 64 channels (reference path only)

@@ -19,7 +19,7 @@ import torch
 
 from ..calibration.fingerprint import ModelFingerprint
 from ..calibration.fit import CalibrationResult, LayerCalibration
-from ..kernels.layout import SUPPORTED_BITS
+from ..kernels.layout import SUPPORTED_BITS, outlier_slots as head_outlier_slots
 from ..quant.quantizer import ChannelKeyQuantizer, TokenQuantizer, outlier_slots
 from .errors import RECALIBRATE, KVQuantConfigError
 from .format import (
@@ -95,14 +95,24 @@ class KVQuantConfig:
 
     @property
     def slots(self) -> int:
+        """Value outliers per token vector of the uncapped layout."""
         return outlier_slots(self.outlier_fraction, self.vector_size)
 
-    def key_quantizer(self, layer_idx: int) -> ChannelKeyQuantizer:
-        layer = self.layers[layer_idx]
-        return ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=self.outlier_fraction > 0)
+    @property
+    def head_slots(self) -> int:
+        """Outliers per (token, KV head) of the bounded layout, for keys and for values: ``ceil(f * head_dim)``."""
+        return head_outlier_slots(self.fingerprint.head_dim, self.outlier_fraction)
 
-    def value_quantizer(self, layer_idx: int) -> TokenQuantizer:
-        return TokenQuantizer(self.layers[layer_idx].value_codebook, self.slots)
+    def key_quantizer(self, layer_idx: int, bounded: bool = True) -> ChannelKeyQuantizer:
+        """Keys of one layer; ``bounded=False``: the paper's uncapped outliers."""
+        layer = self.layers[layer_idx]
+        return ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=self.outlier_fraction > 0,
+                                   head_slots=self.head_slots if bounded else None)
+
+    def value_quantizer(self, layer_idx: int, bounded: bool = True) -> TokenQuantizer:
+        """Values of one layer; ``bounded=False``: outliers chosen over the whole token vector."""
+        book = self.layers[layer_idx].value_codebook
+        return TokenQuantizer(book, self.head_slots, per_head=True) if bounded else TokenQuantizer(book, self.slots)
 
     def check_model(self, model: Any, source: str | None = None) -> None:
         """Raise :class:`KVQuantConfigError` unless this config was calibrated for this model.

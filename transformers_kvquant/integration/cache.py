@@ -1,10 +1,12 @@
 """`KVQuantCache`: a `transformers.Cache` holding packed 2/3/4-bit pre-RoPE keys and values.
 
-One layer object per decoder layer; each owns a store (:mod:`transformers_kvquant.quant.store`) created on the first update, on the
-device of that layer's tensors, so Accelerate ``device_map`` splits put every layer's cache beside its layer.
-Layers report lengths and mask sizes exactly like transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer``,
-so masks, position ids and generation utilities (beam reorder, crop, batch select) behave as with the default
-cache.
+One layer object per decoder layer; each owns a store (:mod:`transformers_kvquant.quant.store`) created on the first
+update, on the device of that layer's tensors, so Accelerate ``device_map`` splits put every layer's cache beside its
+layer. A *growing* cache (the default of ``KVQuantCache(model)``) reports lengths and mask sizes like transformers'
+``DynamicLayer`` / ``DynamicSlidingWindowLayer``; a *static* one (``max_cache_len``, and what ``generate`` makes) like
+``StaticLayer``: a fixed capacity, the length on the device, ``is_compileable``, so ``generate`` compiles its decode
+step and ``torch.compile(mode="reduce-overhead")`` captures it in a CUDA graph. Masks, position ids and generation
+utilities (beam reorder, crop, batch select) behave as with the corresponding transformers cache.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from .settings import CacheSettings, resolve_settings
 class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
     """Full-attention layer: every token is kept (quantized)."""
 
-    is_compileable = False  # dynamic storage: never let generate auto-compile it
     is_sliding = False
     _layer_type = None  # never register in transformers' global layer mappings
     missing_hook_error = (
@@ -42,11 +43,20 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         self._kernels = None
 
     # ----------------------------------------------------------------------------- transformers contract
+    @property
+    def is_compileable(self) -> bool:
+        """Static caches only: a growing one reallocates and keeps lengths on the host."""
+        return self.settings.static
+
+    @property
+    def static(self) -> bool:
+        return self.settings.static
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.store = self.settings.make_store(self.layer_idx, key_states.dtype)
         self.store.initialize(key_states, value_states)
-        if self.settings.max_length:
+        if self.settings.max_length and not self.static:
             self.store.reserve(self.settings.max_length)
         self.is_initialized = True
 
@@ -95,13 +105,19 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         return self.settings.bits == 16 or self.settings.recent_window == 0
 
     def get_seq_length(self) -> int:
-        return self.store.length if self.store is not None else 0
+        if self.store is None:
+            return 0
+        if self.static:  # a device value (no synchronization), like StaticLayer's
+            return self.store.device_length[0] if self.settings.bits == 16 else self.store.cache.length[0]
+        return self.store.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static:
+            return self.settings.capacity, 0
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
-        return -1
+        return self.settings.capacity if self.static else -1
 
     def crop(self, tokens_to_remove: int) -> None:
         tokens_to_remove = int(tokens_to_remove)  # transformers < 5.24's assisted decoding passes a 0-d tensor
@@ -141,7 +157,7 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         """Rotate queries and the returned pre-RoPE keys, then the model's own attention (reference path), or
         attend over the packed store with the Triton kernels."""
         if self.uses_kernels:
-            return kernel_dispatch.fused_attention(self, module, query, attention_mask, ctx, **kwargs)
+            return kernel_dispatch.fused_attention(self, module, query, attention_mask, ctx, inner, **kwargs)
         return super().attend(module, query, key, value, attention_mask, ctx, inner, **kwargs)
 
     @property
@@ -164,17 +180,22 @@ class KVQuantSlidingWindowLayer(KVQuantLayer):
 
     def _before_append(self) -> None:
         # Evict before appending, not after attending: the queries of this forward still need the tokens that
-        # fall out of the window (DynamicSlidingWindowLayer returns them, then trims).
-        if not self.record_past:
+        # fall out of the window (DynamicSlidingWindowLayer returns them, then trims). A static layer keeps every slot
+        # (the sliding mask and the kernels' window hide the old ones).
+        if not self.record_past and not self.static:
             self.store.evict_before(self.store.length - self.sliding_window + 1)
 
     def _visible_begin(self, query_length: int) -> int:
         store = self.store
+        if self.static:
+            return 0
         if self.record_past:
             return max(store.start, store.length - (self.sliding_window - 1 + query_length))
         return store.start
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static:
+            return self.settings.capacity, 0
         seen = self.get_seq_length()
         kv_offset = max(seen - self.sliding_window + 1, 0)
         if seen >= self.sliding_window:
@@ -182,12 +203,14 @@ class KVQuantSlidingWindowLayer(KVQuantLayer):
         return seen + query_length, kv_offset
 
     def get_max_length(self) -> int:
-        return self.sliding_window
+        return self.settings.capacity if self.static else self.sliding_window
 
     def crop(self, tokens_to_remove: int) -> None:
         tokens_to_remove = int(tokens_to_remove)
         if self.store is None:
             return
+        if self.static:
+            return KVQuantLayer.crop(self, tokens_to_remove)
         if self.get_seq_length() >= self.sliding_window:
             if not self.record_past:
                 raise RuntimeError(
@@ -210,8 +233,9 @@ class KVQuantCache(PreRopeCache):
         config: a :class:`~transformers_kvquant.KVQuantConfig`, a folder, a file or a Hub repo id. If omitted, the
             config is looked up beside the model, then in the shipped ``hub_configs/``.
         **cache_config: ``bits``, ``outlier_fraction``, ``sink_tokens``, ``recent_window``, ``backend``
-            (``"auto"``, ``"reference"`` or ``"triton"``), ``max_length`` (preallocate this many tokens), and
-            ``revision`` / ``local_files_only`` for Hub lookups. See docs/usage.md.
+            (``"auto"``, ``"reference"`` or ``"triton"``), ``max_cache_len`` (a static cache of this capacity),
+            ``static``, ``outliers`` (``"bounded"`` or ``"uncapped"``), ``max_length`` (preallocate a growing
+            cache), and ``revision`` / ``local_files_only`` for Hub lookups. See docs/usage.md.
     """
 
     def __init__(self, model, config=None, **cache_config):
@@ -240,7 +264,16 @@ class KVQuantCache(PreRopeCache):
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        return self.settings.static
+
+    @classmethod
+    def for_generate(cls, model, max_cache_len: int, **cache_config):
+        """The cache ``generate(cache_implementation="kvquant")`` makes: static with generate's own maximum length
+        unless ``cache_config`` sets ``max_cache_len`` or ``static=False``."""
+        opts = dict(cache_config)
+        if opts.get("static") is not False and not opts.get("max_cache_len") and opts.get("outliers") != "uncapped":
+            opts["max_cache_len"] = max_cache_len
+        return cls(model, **opts)
 
     def __repr__(self):
         return f"KVQuantCache({self.settings.describe()}, layers={len(self.layers)})"

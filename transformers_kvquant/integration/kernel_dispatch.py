@@ -1,9 +1,12 @@
 """When the Triton kernels attend over the packed cache, and the adapter from a cache layer to them.
 
 ``kernels_enabled`` decides once per layer: backend ``"reference"`` never; ``"triton"`` always (and says why not
-when it cannot); ``"auto"`` for a quantized store on CUDA when Triton imports and the head size is supported.
-``fused_attention`` describes the layer's store as a :class:`~transformers_kvquant.kernels.layout.PackedKV` and
-runs decode attention (one query per row) or chunked prefill attention on it.
+when it cannot); ``"auto"`` for a packed store on CUDA when Triton imports and the head size is supported. The
+store makes the same decision for its writes (:meth:`~transformers_kvquant.quant.store.PackedStore.uses_kernels`).
+
+``fused_attention`` runs a layer's attention over its store: decode (one query per row) in the decode kernel, as
+one custom operator (:mod:`transformers_kvquant.kernels.ops`, so a compiled step captures it); a prefill chunk with
+the model's own attention over the packed prefix dequantized for this layer only.
 """
 
 from __future__ import annotations
@@ -12,8 +15,13 @@ import os
 
 import torch
 
-from ..kernels.layout import PackedKV, supported_head_dim
+from ..kernels.layout import kernel_constants, supported_head_dim
+from ..kernels.naive import LOG2E
+from ..kernels.rope import apply_rope
 from ..quant.store import PackedStore
+from .prerope import key_rotation
+
+BLOCK_N = 64  # slots per block of the decode kernel (64 x 4 warps: measured fastest on an H200, docs/kernels.md)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -37,14 +45,15 @@ def kernels_enabled(settings, store) -> bool:
     device = getattr(store, "device", torch.device("cpu"))
     if backend == "triton":
         if not packed:
-            raise KernelUnavailableError("backend='triton' needs a quantized cache (bits 2, 3 or 4); bits=16 has no kernels")
+            what = "uncapped outliers have no kernels (use outliers='bounded')" if getattr(store, "bits", 16) != 16 else "bits=16 has no kernels"
+            raise KernelUnavailableError(f"backend='triton' needs a packed cache with bounded outliers; {what}")
         if not _triton_importable():
             raise KernelUnavailableError("backend='triton' needs the `triton` package (pip install triton)")
         # The model's geometry first: no device makes an unsupported head_dim work.
         if not supported_head_dim(store.head_dim, store.bits):
             raise KernelUnavailableError(
-                f"the kernels need each RoPE half of a head to hold whole {store.bits}-bit packing groups "
-                f"(head_dim 64, 128 or 256); this model has head_dim {store.head_dim}"
+                f"the kernels need a power-of-two head_dim of at least 32 (64 and 128 are tested); this model has "
+                f"head_dim {store.head_dim}"
             )
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise KernelUnavailableError(
@@ -55,63 +64,56 @@ def kernels_enabled(settings, store) -> bool:
     return packed and device.type == "cuda" and _triton_importable() and supported_head_dim(store.head_dim, store.bits)
 
 
-def packed_view(store, begin: int):
-    """The slots ``[begin, length)`` of a ``PackedStore`` as the kernels' ``PackedKV`` (no copies)."""
-    begin = max(begin, store.start)
-    tensors = store.buffers.tensors
-    window_first = store.length - store.window_keys.shape[2]
-    skip = max(0, begin - window_first)
-    zero, scale, key_table = store.key_quantizer._params(store.device)
-    value_table = store.value_quantizer._table(store.device)
-    return PackedKV(
-        bits=store.bits,
-        key_codes=tensors["key_codes"],
-        value_codes=tensors["value_codes"],
-        key_table=key_table,
-        value_table=value_table,
-        key_zero=zero[0, :, 0, :],
-        key_scale=scale[0, :, 0, :],
-        value_zero=tensors["value_zero"],
-        value_scale=tensors["value_scale"],
-        key_outlier_begin=tensors["key_outlier_begin"],
-        key_entry_values=store.key_entry_values,
-        key_entry_channels=store.key_entry_channels,
-        key_nnz=store.key_nnz,
-        value_outlier_values=tensors["value_outlier_values"],
-        value_outlier_index=tensors["value_outlier_index"],
-        positions=tensors["positions"],
-        window_keys=store.window_keys[:, :, skip:],
-        window_values=store.window_values[:, :, skip:],
-        sink_keys=store.sink_keys,
-        sink_values=store.sink_values,
-        sink_slot=store.sink_slot,
-        begin=begin,
-        packed_end=store.packed_length,
-        offset=store._offset,
-    )
+def _constants(layer, rotary, device):
+    """The layer's decode tables (made once; remade when the store reallocates its tensors)."""
+    store = layer.store
+    consts = getattr(layer, "_kernel_constants", None)
+    if consts is None or consts[0] is not store.cache:
+        consts = (store.cache, kernel_constants(store.cache, rotary.inv_freq.to(device), BLOCK_N))
+        layer._kernel_constants = consts
+    return consts[1]
 
 
-def fused_attention(layer, module, query, attention_mask, ctx, **kwargs):
-    """Attention of the (un-rotated) ``query`` ``[B, Hq, q, D]`` over ``layer.store`` in the Triton kernels.
+def _slot_mask(mask, begin: int, width: int, batch: int):
+    """The attention mask of one query as ``[B, width]`` by slot (True/additive), or None when there is none.
 
-    Returns ``(attn_output [B, q, Hq, D] contiguous in query.dtype, None)`` like transformers' attention functions.
+    ``mask``: transformers' ``[B, 1, 1, kv]`` (bool or additive) whose kv axis starts at slot ``begin``."""
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return None
+    m = mask[:, 0, -1, :]
+    if m.shape[0] != batch:
+        m = m.expand(batch, -1)
+    if begin:
+        m = torch.nn.functional.pad(m, (begin, 0), value=True if m.dtype == torch.bool else 0.0)
+    return m[:, :width] if m.shape[1] > width else m
+
+
+def fused_attention(layer, module, query, attention_mask, ctx, inner, **kwargs):
+    """Attention of the (un-rotated) ``query`` ``[B, Hq, q, D]`` over ``layer.store`` with the kernels.
+
+    Returns ``(attn_output [B, q, Hq, D] in query.dtype, None)`` like transformers' attention functions.
     """
-    # The Triton launchers are imported on first use (see transformers_kvquant.kernels).
-    from ..kernels.decode import decode_attention
-    from ..kernels.prefill import prefill_attention
+    from ..kernels import ops
 
     store = layer.store
-    cache = packed_view(store, layer._returned_begin)
-    rotary = ctx.rotary
-    inv_freq = rotary.inv_freq.to(query.device)
-    attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    q = layer.rotate_query(query, ctx)
     scaling = kwargs.get("scaling")
     scaling = float(module.scaling if scaling is None else scaling)
     window = int(layer.sliding_window) if getattr(layer, "is_sliding", False) else 0
-    cos, sin = ctx.cos.to(query.device), ctx.sin.to(query.device)
-    mask = attention_mask
-    if mask is not None:
-        mask = mask[..., : cache.total]
-    run = decode_attention if query.shape[2] == 1 else prefill_attention
-    out = run(query, cos, sin, cache, inv_freq, attention_scaling, scaling, mask=mask, sliding_window=window)
-    return out.contiguous(), None
+    b, hq, n, d = q.shape
+    if n == 1:
+        # the kernel rotates keys with the bare frequencies: the rotary's attention scaling goes into the query
+        attention_scaling = float(getattr(ctx.rotary, "attention_scaling", 1.0))
+        q_rot = q[:, :, 0].float() * (scaling * LOG2E * attention_scaling)
+        begin = 0 if store.static else layer._returned_begin
+        mask = _slot_mask(attention_mask, begin, store.capacity, b)
+        out = ops.decode(q_rot, store.cache, _constants(layer, ctx.rotary, q.device), mask, window)
+        return out.to(query.dtype).unsqueeze(1), None
+    # prefill: the packed prefix (this chunk included) for this layer, then the model's own attention
+    begin = layer._returned_begin
+    end = store.length  # a host value (in a static cache after compiled steps, one synchronization per prefill)
+    k, v = store.read(begin, end)
+    cos_k, sin_k = key_rotation(ctx.rotary, k, store.cache.positions[:, begin:end])
+    if isinstance(attention_mask, torch.Tensor):
+        attention_mask = attention_mask[..., begin:end] if store.static else attention_mask[..., : end - begin]
+    return inner(module, q, apply_rope(k, cos_k, sin_k), v, attention_mask, **kwargs)

@@ -123,7 +123,7 @@ def _wrap_prepare_cache(original):
         cache_config = copy.deepcopy(generation_config.cache_config) if generation_config.cache_config else {}
         if not isinstance(cache_config, dict):
             raise TypeError(f"cache_config for cache_implementation='kvquant' must be a dict, got {type(cache_config).__name__}")
-        model_kwargs[created[0]] = KVQuantCache(self, **cache_config)
+        model_kwargs[created[0]] = KVQuantCache.for_generate(self, max_cache_length, **cache_config)
 
     _prepare_cache_for_generation._kvquant = True
     _prepare_cache_for_generation.__wrapped__ = original

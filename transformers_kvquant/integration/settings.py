@@ -10,7 +10,9 @@ import torch
 from ..config.discovery import find_config, load_for_model
 from ..config.errors import KVQuantConfigError
 from ..config.kvquant_config import KVQuantConfig
-from ..quant.store import FullPrecisionStore, PackedStore
+from ..kernels.layout import round_capacity
+from ..quant.store import FullPrecisionStore, PackedStore, StaticFullPrecisionStore
+from ..quant.uncapped_store import UncappedPackedStore
 
 logger = logging.getLogger("transformers_kvquant")
 
@@ -21,11 +23,15 @@ CACHE_CONFIG_KEYS = {
     "sink_tokens": "leading positions kept in full precision (default: the config's, usually 1)",
     "recent_window": "newest tokens kept in full precision (default: the config's, usually 0)",
     "backend": "'auto' (Triton kernels on CUDA, reference elsewhere), 'reference' or 'triton'",
-    "max_length": "preallocate storage for this many tokens",
+    "max_cache_len": "capacity of a static cache (fixed buffers, compileable); generate uses its own maximum length",
+    "static": "True: a static cache (needs max_cache_len, or generate's length); False: a growing cache",
+    "outliers": "'bounded' (default: ceil(f*head_dim) per token and head) or 'uncapped' (the paper's; reference path)",
+    "max_length": "preallocate storage for this many tokens (growing cache)",
     "revision": "Hub revision for config lookups",
     "local_files_only": "never download configs",
 }
 BACKENDS = ("auto", "reference", "triton")
+OUTLIER_LAYOUTS = ("bounded", "uncapped")
 
 
 @dataclass
@@ -37,24 +43,39 @@ class CacheSettings:
     backend: str = "auto"
     max_length: int | None = None
     source: str = ""
+    max_cache_len: int | None = None
+    static: bool = False
+    outliers: str = "bounded"
+
+    @property
+    def capacity(self) -> int | None:
+        """Slots of a static cache (whole blocks of the packed layout), None for a growing one."""
+        return round_capacity(self.max_cache_len) if self.static else None
 
     def make_store(self, layer_idx: int, dtype: torch.dtype):
         if self.bits == 16:
-            return FullPrecisionStore()
+            return StaticFullPrecisionStore(self.capacity) if self.static else FullPrecisionStore()
         check_dtype(dtype)
         cfg = self.config
+        if self.outliers == "uncapped":
+            return UncappedPackedStore(cfg.key_quantizer(layer_idx, bounded=False), cfg.value_quantizer(layer_idx, bounded=False),
+                                       cfg.bits, sink_tokens=self.sink_tokens, recent_window=self.recent_window)
         return PackedStore(
             cfg.key_quantizer(layer_idx),
             cfg.value_quantizer(layer_idx),
             cfg.bits,
             sink_tokens=self.sink_tokens,
             recent_window=self.recent_window,
+            capacity=self.capacity if self.static else self.max_length,
+            static=self.static,
+            kernels={"reference": False, "triton": True}.get(self.backend),
         )
 
     def describe(self) -> str:
+        kind = f"static {self.capacity}" if self.static else "growing"
         if self.bits == 16:
-            return "bits=16 (unquantized)"
-        text = f"{self.config.name}, sink={self.sink_tokens}, window={self.recent_window}, backend={self.backend}"
+            return f"bits=16 (unquantized), {kind}"
+        text = f"{self.config.name}, {self.outliers} outliers, sink={self.sink_tokens}, window={self.recent_window}, backend={self.backend}, {kind}"
         return text + (f", config={self.source}" if self.source else "")
 
 
@@ -87,6 +108,21 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     max_length = opts.pop("max_length", None)
+    max_cache_len = opts.pop("max_cache_len", None)
+    static = opts.pop("static", None)
+    outliers = opts.pop("outliers", "bounded")
+    if outliers not in OUTLIER_LAYOUTS:
+        raise ValueError(f"cache_config['outliers'] must be one of {OUTLIER_LAYOUTS}, got {outliers!r}")
+    if static is not None and not isinstance(static, bool):
+        raise ValueError(f"cache_config['static'] must be True or False, got {static!r}")
+    if max_cache_len is not None and (not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1):
+        raise ValueError(f"cache_config['max_cache_len'] must be a positive integer, got {max_cache_len!r}")
+    if static and max_cache_len is None:
+        raise ValueError("cache_config['static']=True needs cache_config['max_cache_len'] (the capacity in tokens)")
+    static = bool(max_cache_len) if static is None else static
+    if static and outliers == "uncapped":
+        raise ValueError("uncapped outliers have no fixed size per token, so they cannot live in a static cache; use "
+                         "outliers='bounded' or static=False")
     sink = opts.pop("sink_tokens", None)
     window = opts.pop("recent_window", None)
     for name, value in (("sink_tokens", sink), ("recent_window", window), ("max_length", max_length)):
@@ -100,7 +136,7 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
     if bits == 16:
         if config is not None:
             raise ValueError("bits=16 runs without quantization; do not pass a KVQuant config with it")
-        return CacheSettings(16, None, sink or 0, window or 0, backend, max_length)
+        return CacheSettings(16, None, sink or 0, window or 0, backend, max_length, "", max_cache_len, static, outliers)
 
     if getattr(model, "dtype", None) is not None:
         check_dtype(model.dtype)  # fail before generate starts, not at the first cache update
@@ -132,4 +168,7 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
         backend,
         max_length,
         source,
+        max_cache_len,
+        static,
+        outliers,
     )

@@ -1,12 +1,16 @@
 """KVQuant quantizers for one layer: keys per channel with calibrated ranges, values per token with online ranges.
 
 Tensors use the cache layout ``[batch, kv_heads, tokens, head_dim]``. A token's *vector* is its
-``kv_heads * head_dim`` channels (channel ``h * head_dim + d``). Outliers are kept exactly in 16 bits:
+``kv_heads * head_dim`` channels (channel ``h * head_dim + d``). Outliers come in two layouts:
 
-- keys: every element outside its channel's calibrated range (the paper's per-channel thresholds, uncapped), in
-  a row-wise CSR layout (:class:`SparseOutliers`: a count per token, entries sorted by token then channel);
-- values: exactly ``slots`` per token (the split into low and high ones minimizes the remaining range), in a
-  fixed-width layout ``[B, T, S]`` of values and channel indices.
+- *bounded* (the cache's default; ``head_slots`` / ``per_head``): ``S = ceil(f * head_dim)`` per (token, KV head)
+  for keys and for values, as 16-bit *residuals* (exact value minus the dequantized one) with their channel
+  ``[B, H, T, S]``, so bytes per token are a constant of the config. Keys keep the ``S`` elements of largest
+  normalized quantization error (out-of-range ones first: they saturate); values drop, per head, the ``S``
+  extremes whose removal leaves the smallest range, and the token's range spans every head's remaining values.
+- *uncapped* (the paper's; evaluation and ``outliers="uncapped"``): every key element outside its channel's range
+  kept exactly in a row-wise CSR (:class:`SparseOutliers`), and ``slots`` value outliers per token chosen over the
+  whole vector, ``[B, T, S]`` exact values and channel indices.
 
 Everything is deterministic and works on any device.
 """
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.naive import quantize_keys, quantize_values, split_extremes
 from .codebook import Codebook
 
 
@@ -62,11 +67,19 @@ class QuantizedVectors:
     """Quantized ``[B, H, T, D]`` tensor before bit packing."""
 
     codes: torch.Tensor  # [B, H, T, D] uint8
-    outlier_values: torch.Tensor  # [B, T, S] 16-bit (fixed-width outliers: values)
-    outlier_index: torch.Tensor  # [B, T, S] int16/int32 channel index, -1 = empty slot
+    outlier_values: torch.Tensor  # bounded: [B, H, T, S] 16-bit residuals; uncapped values: [B, T, S] exact values
+    outlier_index: torch.Tensor  # bounded: [B, H, T, S] uint8 channel in the head; uncapped: [B, T, S] int16/32, -1 = empty
     zero: torch.Tensor | None = None  # [B, T] 16-bit, per-token ranges only
     scale: torch.Tensor | None = None  # [B, T]
-    sparse: SparseOutliers | None = None  # variable-count outliers (keys)
+    sparse: SparseOutliers | None = None  # variable-count outliers (uncapped keys)
+    per_head: bool = False  # bounded layout
+
+
+def add_residuals(x: torch.Tensor, residuals: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, H, T, D] (float32) plus bounded outlier residuals ``[B, H, T, S]`` at their channels."""
+    if index.shape[-1] == 0:
+        return x
+    return x.scatter_add(-1, index.long(), residuals.float())
 
 
 def _to_vectors(x: torch.Tensor) -> torch.Tensor:
@@ -100,12 +113,13 @@ def scatter_outliers(vectors: torch.Tensor, values: torch.Tensor, index: torch.T
 class ChannelKeyQuantizer:
     """Keys: per-channel ranges fixed at calibration (unrounded zero point), per-channel outlier thresholds.
 
-    ``zero`` and ``scale`` have shape ``[H, D]`` (pre-RoPE channels). With ``outliers``, every value outside its
-    channel's range (normalized |x_hat| > 1) is kept exactly as a sparse entry, as in the paper; without, such
-    values saturate to the outermost centroid.
+    ``zero`` and ``scale`` have shape ``[H, D]`` (pre-RoPE channels). ``head_slots=S`` (bounded): the ``S``
+    elements of largest normalized quantization error per (token, KV head) keep a residual. ``head_slots=None``
+    (uncapped, the paper's): with ``outliers`` every value outside its channel's range (normalized |x_hat| > 1) is
+    kept exactly as a sparse entry; without, such values saturate to the outermost centroid.
     """
 
-    def __init__(self, codebook: Codebook, zero: torch.Tensor, scale: torch.Tensor, outliers: bool):
+    def __init__(self, codebook: Codebook, zero: torch.Tensor, scale: torch.Tensor, outliers: bool, head_slots: int | None = None):
         if zero.shape != scale.shape or zero.ndim != 2:
             raise ValueError(f"key zero/scale must both be [kv_heads, head_dim], got {tuple(zero.shape)}, {tuple(scale.shape)}")
         if (scale <= 0).any() or not torch.isfinite(scale).all() or not torch.isfinite(zero).all():
@@ -114,7 +128,15 @@ class ChannelKeyQuantizer:
         self.zero = zero.float()
         self.scale = scale.float()
         self.outliers = bool(outliers)
+        if head_slots is not None and head_slots < 0:
+            raise ValueError(f"head_slots must be >= 0 (or None: uncapped), got {head_slots}")
+        # Bounded layout: head_slots per (token, KV head) (0 without outliers). None: the uncapped CSR.
+        self.head_slots = (head_slots if self.outliers else 0) if head_slots is not None else None
         self._device_cache: dict = {}
+
+    @property
+    def bounded(self) -> bool:
+        return self.head_slots is not None
 
     def _params(self, device):
         key = str(device)
@@ -134,6 +156,10 @@ class ChannelKeyQuantizer:
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         b, h, t, d = x.shape
+        if self.bounded:  # the kernels' reference is the definition (one source for the cache and evaluation)
+            _, _, table = self._params(x.device)
+            codes, res, idx = quantize_keys(x, self.zero, self.scale, self.codebook.boundaries, table, self.head_slots)
+            return QuantizedVectors(codes, res, idx, per_head=True)
         normalized, outside = self.normalize(x)
         codes = self.codebook.encode(normalized)
         hd, idt = half_dtype(x.dtype), _index_dtype(h * d)
@@ -150,22 +176,27 @@ class ChannelKeyQuantizer:
     def dequantize(self, q: QuantizedVectors, dtype: torch.dtype) -> torch.Tensor:
         zero, scale, table = self._params(q.codes.device)
         x = table[q.codes.long()] * scale + zero
+        if q.per_head:
+            return add_residuals(x, q.outlier_values, q.outlier_index).to(dtype)
         if q.sparse is not None and q.sparse.values.numel():
             x = _from_vectors(q.sparse.dense_mask_scatter(_to_vectors(x)), x.shape[1])
         return x.to(dtype)
 
 
 class TokenQuantizer:
-    """Per-token ranges computed online over the whole token vector (all KV heads), per-vector outliers.
+    """Per-token ranges computed online over the whole token vector (all KV heads), with outliers.
 
-    With ``slots`` outliers per token, the split into low and high outliers is the one that leaves the smallest
-    range for the remaining values (so a token with one huge negative value spends its slot there). Used for
-    values (KVQuant) and, with a uniform codebook and no outliers, for the per-token ``int`` baseline.
+    The split of outliers into low and high ones is the one that leaves the smallest range for the remaining
+    values (so a token with one huge negative value spends its slot there). ``per_head=False``: ``slots`` outliers
+    per token chosen over the whole vector, stored exactly. ``per_head=True`` (the bounded layout): ``slots`` per
+    (token, KV head) chosen in each head, stored as residuals; the token's range spans all heads' remaining
+    values. Used for values (KVQuant) and, with a uniform codebook and no outliers, for the ``int`` baseline.
     """
 
-    def __init__(self, codebook: Codebook, slots: int):
+    def __init__(self, codebook: Codebook, slots: int, per_head: bool = False):
         self.codebook = codebook
         self.slots = slots
+        self.per_head = bool(per_head)
         self._tables: dict = {}
 
     def _table(self, device):
@@ -174,64 +205,72 @@ class TokenQuantizer:
             self._tables[key] = self.codebook.decode_table(device)
         return self._tables[key]
 
-    def _ranges(self, v: torch.Tensor, hd: torch.dtype):
-        """Per-token (zero, scale) rounded to ``hd`` and outlier channel indices, for vectors ``[B, T, C]``."""
-        b, t, c = v.shape
-        s = min(self.slots, max(0, (c - 2) // 2))
-        if s == 0:
-            vmax, vmin = v.amax(-1), v.amin(-1)
-            idx = torch.empty(b, t, 0, dtype=torch.long, device=v.device)
+    def head_slots(self, head_dim: int) -> int:
+        """Outliers per (token, head) of the bounded layout (at most ``(head_dim - 2) // 2``)."""
+        return min(self.slots, max(0, (head_dim - 2) // 2))
+
+    def _ranges(self, x: torch.Tensor, hd: torch.dtype):
+        """Per-token (zero, scale) ``[B, T]`` rounded to ``hd`` and the outlier channels of ``x`` ``[B, H, T, D]``
+        (float32): ``[B, H, T, S]`` channels in the head (``per_head``) or ``[B, T, S]`` vector channels."""
+        b, h, t, d = x.shape
+        if self.per_head:
+            s = self.head_slots(d)
+            if s == 0:
+                vmax, vmin = x.amax(-1), x.amin(-1)
+                idx = torch.empty(b, h, t, 0, dtype=torch.long, device=x.device)
+            else:
+                vmax, vmin, idx = split_extremes(x, s)
+            vmax, vmin = vmax.amax(1), vmin.amin(1)
         else:
-            top_v, top_i = torch.topk(v, s + 1, dim=-1, largest=True)  # descending
-            bot_v, bot_i = torch.topk(v, s + 1, dim=-1, largest=False)  # ascending
-            j = torch.arange(s + 1, device=v.device)
-            # Remove j smallest and s-j largest: remaining range is top[s-j] - bot[j].
-            ranges = top_v[..., s - j] - bot_v[..., j]
-            low = ranges.argmin(-1, keepdim=True)  # [B, T, 1] number of low outliers
-            high = s - low
-            vmax = torch.gather(top_v, -1, high).squeeze(-1)
-            vmin = torch.gather(bot_v, -1, low).squeeze(-1)
-            slot = torch.arange(s, device=v.device)
-            from_top = slot < high
-            top_pos = slot.expand(b, t, s)
-            bot_pos = (slot - high).clamp(min=0)
-            idx = torch.where(from_top, torch.gather(top_i, -1, top_pos), torch.gather(bot_i, -1, bot_pos))
+            v = _to_vectors(x)
+            s = min(self.slots, max(0, (h * d - 2) // 2))
+            if s == 0:
+                vmax, vmin = v.amax(-1), v.amin(-1)
+                idx = torch.empty(b, t, 0, dtype=torch.long, device=x.device)
+            else:
+                vmax, vmin, idx = split_extremes(v, s)
         zero = ((vmax + vmin) / 2).to(hd)
         scale = ((vmax - vmin) / 2).to(hd)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return zero, scale, idx
 
+    def _normalized(self, x: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (x - zero.float()[:, None, :, None]) / scale.float()[:, None, :, None]
+
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized values ``[B, H, T, D]`` (float32) and the mask of elements stored as outliers."""
-        b, h, t, d = x.shape
-        v = _to_vectors(x.float())
-        zero, scale, idx = self._ranges(v, half_dtype(x.dtype))
-        normalized = (v - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)
-        outlier = torch.zeros_like(v, dtype=torch.bool).scatter_(-1, idx, True)
-        return _from_vectors(normalized, h), _from_vectors(outlier, h)
+        h = x.shape[1]
+        xf = x.float()
+        zero, scale, idx = self._ranges(xf, half_dtype(x.dtype))
+        normalized = self._normalized(xf, zero, scale)
+        if self.per_head:
+            return normalized, torch.zeros_like(xf, dtype=torch.bool).scatter_(-1, idx, True)
+        outlier = torch.zeros_like(_to_vectors(xf), dtype=torch.bool).scatter_(-1, idx, True)
+        return normalized, _from_vectors(outlier, h)
 
     def token_scales(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token scales ``[B, T]`` (float32, as stored) that :meth:`normalize` divides by."""
-        return self._ranges(_to_vectors(x.float()), half_dtype(x.dtype))[1].float()
+        return self._ranges(x.float(), half_dtype(x.dtype))[1].float()
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         b, h, t, d = x.shape
+        if self.per_head:
+            codes, res, idx, zero, scale = quantize_values(x, self.codebook.boundaries, self._table(x.device), self.head_slots(d))
+            return QuantizedVectors(codes, res, idx, zero, scale, per_head=True)
         hd = half_dtype(x.dtype)
-        idt = _index_dtype(h * d)
-        v = _to_vectors(x.float())
-        zero, scale, idx = self._ranges(v, hd)
-        normalized = (v - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)
-        codes = _from_vectors(self.codebook.encode(normalized), h)
-        values = torch.gather(v, -1, idx).to(hd)
-        return QuantizedVectors(codes.contiguous(), values, idx.to(idt), zero, scale)
+        xf = x.float()
+        zero, scale, idx = self._ranges(xf, hd)
+        codes = self.codebook.encode(self._normalized(xf, zero, scale))
+        values = torch.gather(_to_vectors(xf), -1, idx).to(hd)
+        return QuantizedVectors(codes.contiguous(), values, idx.to(_index_dtype(h * d)), zero, scale)
 
     def dequantize(self, q: QuantizedVectors, dtype: torch.dtype) -> torch.Tensor:
         table = self._table(q.codes.device)
-        heads = q.codes.shape[1]
-        v = _to_vectors(table[q.codes.long()])
-        v = v * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)
-        v = scatter_outliers(v, q.outlier_values.float(), q.outlier_index)
-        return _from_vectors(v, heads).to(dtype)
+        x = table[q.codes.long()] * q.scale.float()[:, None, :, None] + q.zero.float()[:, None, :, None]
+        if q.per_head:
+            return add_residuals(x, q.outlier_values, q.outlier_index).to(dtype)
+        v = scatter_outliers(_to_vectors(x), q.outlier_values.float(), q.outlier_index)
+        return _from_vectors(v, q.codes.shape[1]).to(dtype)
 
 
 def fake_quantize(quantizer, x: torch.Tensor) -> torch.Tensor:

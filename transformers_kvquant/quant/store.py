@@ -1,27 +1,18 @@
 """Storage of one layer's keys and values for a batch: packed KVQuant codes or full precision.
 
-Tokens live in *slots* ``0, 1, 2, ...`` (the cache index, shared by all rows). A packed store holds, per slot:
-
-- ``key_codes`` / ``value_codes``: int32 ``[B, H, cap, words]`` bit-packed codes (pre-RoPE keys);
-- ``value_zero`` / ``value_scale``: 16-bit ``[B, cap]`` per-token ranges (keys use calibrated per-channel ranges);
-- ``key_outlier_begin``: int32 ``[B, cap]``, where the slot's key outliers start in its row's entry buffers
-  ``key_entry_values`` (16-bit) / ``key_entry_channels`` (int16) ``[B, entry_cap]``: a row-wise CSR over slots,
-  since a token has as many key outliers as it has channels outside the calibrated ranges. A slot's entries end
-  where the next packed slot's begin, the last one's at ``key_nnz[b]``;
-- ``value_outlier_*``: ``[B, cap, S]`` 16-bit values and int16 channel indices (exactly S per token);
-- ``positions``: int32 ``[B, cap]`` RoPE position of every slot (rows differ under left padding).
-
-Besides the packed slots: the *sink* (the first ``sink_tokens`` positions of each row, exact, with their slot)
-and the *recent window* (the newest ``recent_window`` tokens, exact, quantized when they leave it). Slots below
-``start`` have been evicted (sliding-window layers). Buffers grow geometrically; :meth:`reserve` preallocates.
+Tokens live in *slots* ``0, 1, 2, ...`` (the cache index, shared by all rows; each row's RoPE position is stored per
+slot). :class:`PackedStore` holds them in the packed layout of :mod:`transformers_kvquant.kernels.layout` (bounded
+outliers) and writes and reads them through the kernels or their PyTorch references; it is *dynamic* (buffers grow,
+lengths also kept on the host) or *static* (a fixed capacity, the length only on the device, nothing synchronizes
+the host: what ``torch.compile`` and CUDA graphs need). :class:`FullPrecisionStore` and
+:class:`StaticFullPrecisionStore` keep exact tensors (``bits=16``). The paper's uncapped outliers are
+:class:`~.uncapped_store.UncappedPackedStore`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..kernels.layout import pack, packed_words, unpack
-from .quantizer import QuantizedVectors, SparseOutliers
 
 _TOKEN_DIM = {  # dimension of the slot axis in each packed buffer
     "key_codes": 2,
@@ -81,7 +72,8 @@ class KVStore:
 
     def __init__(self):
         self.batch = 0
-        self.length = 0  # slots written (the next slot index)
+        if not isinstance(getattr(type(self), "length", None), property):
+            self.length = 0  # slots written (the next slot index); a property where the device keeps it
         self.start = 0  # first retained slot
         self.initialized = False
 
@@ -166,52 +158,197 @@ class FullPrecisionStore(KVStore):
         return {"keys": _nbytes(k), "values": _nbytes(v), "positions": _nbytes(self.positions())}
 
 
-class PackedStore(KVStore):
-    """KVQuant storage: packed codes, per-token value ranges, sparse outliers, exact sink and recent window."""
 
-    def __init__(self, key_quantizer, value_quantizer, bits: int, sink_tokens: int = 1, recent_window: int = 0):
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class CapacityError(RuntimeError):
+    """A static cache was asked to hold more tokens than its capacity."""
+
+
+def capacity_error(capacity: int, length: int, new: int) -> CapacityError:
+    return CapacityError(
+        f"the static KVQuant cache holds {capacity} tokens and already has {length}; {new} more do not fit. Create it "
+        "with a larger cache_config['max_cache_len'] (or generate with a smaller max_new_tokens); nothing was written"
+    )
+
+
+class StaticFullPrecisionStore(KVStore):
+    """Exact storage (``bits=16``) of a fixed capacity, written by index at the device length, like transformers'
+    ``StaticLayer``: reads return every slot (the attention mask hides the unwritten ones)."""
+
+    bits = 16
+    static = True
+
+    def __init__(self, capacity: int):
         super().__init__()
-        self.key_quantizer = key_quantizer
-        self.value_quantizer = value_quantizer
-        self.bits = bits
-        self.sink_tokens = sink_tokens
-        self.recent_window = recent_window
-        self.buffers = _SlotBuffers()
-        self._offset = 0
-        self.packed_length = 0  # slots [start, packed_length) are packed; [packed_length, length) are the window
+        self.capacity = capacity
+        self.host_length: int | None = 0  # known on the host until a compiled step appends
 
     def initialize(self, keys, values):
-        """Allocate for the batch, heads, dtype and device of ``keys``/``values`` (no tokens are stored)."""
         if self.initialized:
             return
         b, h, _, d = keys.shape
         self.batch, self.heads, self.head_dim = b, h, d
         self.dtype, self.device = keys.dtype, keys.device
-        dev = keys.device
-        probe = self.key_quantizer.quantize(keys[:, :, :0])
-        hd, idt = probe.outlier_values.dtype, probe.outlier_index.dtype
-        w = packed_words(d, self.bits)
-        specs = {
-            "key_codes": ((b, h, None, w), torch.int32, dev),
-            "value_codes": ((b, h, None, w), torch.int32, dev),
-            "value_zero": ((b, None), hd, dev),
-            "value_scale": ((b, None), hd, dev),
-            "key_outlier_begin": ((b, None), torch.int32, dev),
-            "value_outlier_values": ((b, None, self.value_quantizer.slots), hd, dev),
-            "value_outlier_index": ((b, None, self.value_quantizer.slots), idt, dev),
-            "positions": ((b, None), torch.int32, dev),
-        }
-        self.buffers.allocate(specs, 0)
-        self.window_keys = keys[:, :, :0].clone()
-        self.window_values = values[:, :, :0].clone()
-        n = self.sink_tokens
-        self.sink_keys = keys.new_zeros(b, h, n, d)
-        self.sink_values = values.new_zeros(b, h, n, d)
-        self.sink_slot = torch.full((b, n), -1, dtype=torch.long, device=dev)
-        self.key_entry_values = torch.empty(b, 0, dtype=hd, device=dev)
-        self.key_entry_channels = torch.empty(b, 0, dtype=idt, device=dev)
-        self.key_nnz = torch.zeros(b, dtype=torch.long, device=dev)
+        self.keys = torch.zeros(b, h, self.capacity, d, dtype=keys.dtype, device=keys.device)
+        self.values = torch.zeros(b, h, self.capacity, values.shape[-1], dtype=values.dtype, device=values.device)
+        self.slot_positions = torch.zeros(b, self.capacity, dtype=torch.int32, device=keys.device)
+        self.device_length = torch.zeros(1, dtype=torch.int32, device=keys.device)
+        _mark_static(self.keys, self.values, self.slot_positions, self.device_length)
         self.initialized = True
+
+    @property
+    def length(self):
+        return self.host_length if self.host_length is not None else int(self.device_length)
+
+    def append(self, keys, values, positions):
+        self.initialize(keys, values)
+        n = keys.shape[2]
+        _check_room(self, n)
+        slots = self.device_length.long() + torch.arange(n, device=self.device)
+        self.keys.index_copy_(2, slots, keys)
+        self.values.index_copy_(2, slots, values)
+        self.slot_positions.index_copy_(1, slots, positions.to(torch.int32).expand(self.batch, n))
+        self.device_length.add_(n)
+        _advance(self, n)
+
+    def keys_values(self, begin=None):
+        return self.keys, self.values
+
+    def positions(self, begin=None):
+        return self.slot_positions
+
+    def crop(self, n: int) -> None:
+        self.device_length.sub_(n)
+        if self.host_length is not None:
+            self.host_length = max(0, self.host_length - n)
+
+    def map_rows(self, fn) -> None:
+        if self.initialized:
+            self.keys, self.values = fn(self.keys).contiguous(), fn(self.values).contiguous()
+            self.slot_positions = fn(self.slot_positions).contiguous()
+            self.batch = self.keys.shape[0]
+            _mark_static(self.keys, self.values, self.slot_positions)
+
+    def reserve(self, total_slots: int) -> None:
+        pass
+
+    def nbytes(self) -> dict[str, int]:
+        if not self.initialized:
+            return {}
+        n = self.length
+        per = self.batch * self.heads * self.head_dim * self.keys.element_size()
+        return {"keys": n * per, "values": n * per, "positions": n * self.batch * 4}
+
+    @property
+    def retained(self) -> int:
+        return self.length
+
+
+def _mark_static(*tensors) -> None:
+    """Fixed addresses for CUDA graphs (what transformers' StaticLayer does; not while tracing)."""
+    if not _compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
+def _check_room(store, n: int) -> None:
+    """Capacity overflow is an error before any write; checked whenever the host knows the length (eager calls). A
+    compiled step cannot look (that would synchronize); its appends stop at the capacity instead of wrapping."""
+    if _compiling() or store.host_length is None:
+        return
+    if store.host_length + n > store.capacity:
+        raise capacity_error(store.capacity, store.host_length, n)
+
+
+def _advance(store, n: int) -> None:
+    if _compiling():
+        store.host_length = None  # a compiled step appended: only the device knows the length now
+    elif store.host_length is not None:
+        store.host_length += n
+
+
+class PackedStore(KVStore):
+    """KVQuant storage in the packed layout: codes, per-channel key and per-token value ranges, bounded outliers,
+    exact sink and recent window.
+
+    ``capacity=None``: dynamic (the buffers grow geometrically). ``capacity=N`` and ``static=True``: a fixed
+    capacity, written by index at the device length, no host synchronization (compileable).
+    ``kernels``: None decides per device (Triton on CUDA), True/False forces.
+    """
+
+    RING_SLACK = 64  # extra ring slots, so crops of up to this many tokens keep the recent window exact
+
+    def __init__(self, key_quantizer, value_quantizer, bits: int, sink_tokens: int = 1, recent_window: int = 0,
+                 capacity: int | None = None, static: bool = False, kernels: bool | None = None):
+        super().__init__()
+        if not getattr(key_quantizer, "bounded", False) or not getattr(value_quantizer, "per_head", False):
+            raise ValueError("PackedStore stores bounded outliers; use UncappedPackedStore for the paper's uncapped layout")
+        if static and not capacity:
+            raise ValueError("a static store needs a capacity")
+        self.key_quantizer = key_quantizer
+        self.value_quantizer = value_quantizer
+        self.bits = bits
+        self.sink_tokens = sink_tokens
+        self.recent_window = recent_window
+        self.static = static
+        self.requested_capacity = capacity
+        self.kernels = kernels
+        self.host_length: int | None = 0
+        self.cache = None  # the kernels.layout.PackedCache
+
+    # ------------------------------------------------------------------------------------------ setup
+    def initialize(self, keys, values):
+        """Allocate for the batch, heads, dtype and device of ``keys``/``values`` (no tokens are stored)."""
+        if self.initialized:
+            return
+        from ..kernels.layout import allocate
+
+        b, h, _, d = keys.shape
+        self.batch, self.heads, self.head_dim = b, h, d
+        self.dtype, self.device = keys.dtype, keys.device
+        kq, vq = self.key_quantizer, self.value_quantizer
+        book_k, book_v = kq.codebook, vq.codebook
+        ring = self.recent_window + self.RING_SLACK if self.recent_window else 0
+        self.cache = allocate(
+            batch=b, heads=h, head_dim=d, bits=self.bits, capacity=self.requested_capacity or 0,
+            key_outliers=min(kq.head_slots, d), value_outliers=vq.head_slots(d), dtype=keys.dtype, device=keys.device,
+            key_table=book_k.decode_table(), value_table=book_v.decode_table(), key_bounds=book_k.boundaries,
+            value_bounds=book_v.boundaries, key_zero=kq.zero, key_scale=kq.scale, recent_window=self.recent_window,
+            sink_tokens=self.sink_tokens,
+        )
+        if ring:
+            self.cache.window_keys = keys.new_zeros(b, h, ring, d)
+            self.cache.window_values = values.new_zeros(b, h, ring, d)
+        if self.static:
+            _mark_static(*self.cache.tensors().values())
+        self.initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity if self.cache is not None else 0
+
+    @property
+    def length(self) -> int:
+        """Slots written (a host value; in a static store after compiled steps this synchronizes)."""
+        return self.host_length if self.host_length is not None else int(self.cache.length)
+
+    def uses_kernels(self) -> bool:
+        if self.kernels is not None:
+            return self.kernels
+        from ..kernels.layout import supported_head_dim
+
+        return self.device.type == "cuda" and _triton_importable() and supported_head_dim(self.head_dim, self.bits)
+
+    def reserve(self, total_slots: int) -> None:
+        """Room for ``total_slots`` slots (dynamic stores; avoids growth copies for known lengths)."""
+        if self.initialized and not self.static and total_slots > self.capacity:
+            from ..kernels.layout import regrow
+
+            self.cache = regrow(self.cache, total_slots, self.length)
 
     # ------------------------------------------------------------------------------------------ writing
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
@@ -221,273 +358,99 @@ class PackedStore(KVStore):
         if n == 0:
             return
         positions = positions.to(device=self.device, dtype=torch.int32).expand(self.batch, n)
-        self._ensure(n)
-        self.buffers.write("positions", self.length - self._offset, positions)
-        self._capture_sink(keys, values, positions)
-        first_new = self.length
-        self.length += n
-        if self.recent_window == 0:
-            self._pack(keys, values, first_new)
-            self.packed_length = self.length
-            return
-        wk = torch.cat([self.window_keys, keys], dim=2)
-        wv = torch.cat([self.window_values, values], dim=2)
-        overflow = wk.shape[2] - self.recent_window
-        if overflow > 0:
-            self._pack(wk[:, :, :overflow], wv[:, :, :overflow], self.packed_length)
-            self.packed_length += overflow
-            wk, wv = wk[:, :, overflow:], wv[:, :, overflow:]
-        self.window_keys, self.window_values = wk.contiguous(), wv.contiguous()
-
-    def _capture_sink(self, keys, values, positions):
-        """Keep exact copies of the tokens at positions < sink_tokens; a later token of a position wins.
-
-        Left-padding slots carry position 0 too and come first, so the real first token overwrites them. Pure
-        tensor ops for all sink positions at once: no host sync, so decode steps on a GPU stay asynchronous.
-        """
-        n = self.sink_tokens
-        if n == 0:
-            return
-        b, t = positions.shape
-        hit = positions.unsqueeze(-1) == torch.arange(n, device=self.device)  # [B, T, N]
-        order = torch.arange(t, device=self.device).view(1, t, 1)
-        last = torch.where(hit, order, torch.full_like(order, -1)).amax(dim=1)  # [B, N] last token of each position
-        rows = last >= 0
-        idx = last.clamp(min=0)
-        gather = idx.view(b, 1, n, 1).expand(b, self.heads, n, self.head_dim)
-        take = rows.view(b, 1, n, 1)
-        self.sink_keys = torch.where(take, torch.gather(keys, 2, gather), self.sink_keys)
-        self.sink_values = torch.where(take, torch.gather(values, 2, gather), self.sink_values)
-        self.sink_slot = torch.where(rows, idx + self.length, self.sink_slot)
-
-    def _pack(self, keys, values, first_slot):
-        if _append_kernel_applies(self, keys):
-            # CUDA: the Triton append kernel quantizes and packs straight into the buffers (same codes).
+        if self.static:
+            _check_room(self, n)
+        elif self.host_length + n > self.capacity:
+            self.reserve(max(self.host_length + n, self.capacity + self.capacity // 2))
+        if self.uses_kernels():
             from ..kernels.append import append_packed
 
-            kq, vq = self.key_quantizer, self.value_quantizer
-            if getattr(self, "_append_constants", None) is None:  # device copies made once (a copy per step syncs)
-                dev = keys.device
-                self._append_constants = (kq.zero.to(dev), kq.scale.to(dev), kq.codebook.boundaries.to(dev), vq.codebook.boundaries.to(dev))
-            at = first_slot - self._offset
-            sparse = append_packed(keys, values, *self._append_constants, kq.outliers, vq.slots, self.bits, self.buffers.tensors, at)
-            self._append_key_outliers(sparse, at, keys.shape[2])
-            return
-        qk = self.key_quantizer.quantize(keys)
-        qv = self.value_quantizer.quantize(values)
-        at = first_slot - self._offset
-        self.buffers.write("key_codes", at, pack(qk.codes, self.bits))
-        self.buffers.write("value_codes", at, pack(qv.codes, self.bits))
-        self.buffers.write("value_zero", at, qv.zero)
-        self.buffers.write("value_scale", at, qv.scale)
-        self.buffers.write("value_outlier_values", at, qv.outlier_values)
-        self.buffers.write("value_outlier_index", at, qv.outlier_index)
-        self._append_key_outliers(qk.sparse, at, keys.shape[2])
-
-    def _append_key_outliers(self, sparse: SparseOutliers | None, at: int, n: int) -> None:
-        """Record the new slots' key outliers: begins for the slots, entries at the end of each row."""
-        if sparse is None:
-            self.buffers.write("key_outlier_begin", at, self.key_nnz.to(torch.int32).view(-1, 1).expand(self.batch, n))
-            return
-        counts = sparse.counts.to(torch.long)  # [B, n]
-        exclusive = torch.cumsum(counts, 1) - counts
-        self.buffers.write("key_outlier_begin", at, (self.key_nnz.view(-1, 1) + exclusive).to(torch.int32))
-        per_row = counts.sum(1)
-        self._reserve_entries(int((self.key_nnz + per_row).max()) if self.batch else 0)
-        if sparse.values.numel():
-            row = torch.repeat_interleave(torch.arange(self.batch, device=self.device), per_row, output_size=sparse.values.numel())
-            row_first = torch.cumsum(per_row, 0) - per_row  # flat index of each row's first new entry
-            rank = torch.arange(row.numel(), device=self.device) - row_first[row]
-            dest = self.key_nnz[row] + rank
-            self.key_entry_values[row, dest] = sparse.values.to(self.key_entry_values.dtype)
-            self.key_entry_channels[row, dest] = sparse.channels.to(self.key_entry_channels.dtype)
-        self.key_nnz = self.key_nnz + per_row
-
-    def _reserve_entries(self, needed: int) -> None:
-        """Room for ``needed`` key-outlier entries per row; evicted slots' entries are dropped when growing."""
-        cap = self.key_entry_values.shape[1]
-        if needed <= cap:
-            return
-        shift = self._evicted_entries()
-        if bool((shift > 0).any()):
-            self._compact_entries(shift)
-            needed -= int(shift.min())
-        new_cap = max(needed, cap + cap // 2, 64)
-        pad = new_cap - self.key_entry_values.shape[1]
-        if pad > 0:
-            self.key_entry_values = torch.nn.functional.pad(self.key_entry_values, (0, pad))
-            self.key_entry_channels = torch.nn.functional.pad(self.key_entry_channels, (0, pad))
-
-    def _evicted_entries(self) -> torch.Tensor:
-        """Per row, how many entries belong to evicted slots (they all precede the first retained slot's)."""
-        if self.start >= self.packed_length:
-            return self.key_nnz.clone()
-        at = self.start - self._offset
-        return self.buffers.read("key_outlier_begin", at, at + 1)[:, 0].long()
-
-    def _compact_entries(self, shift: torch.Tensor) -> None:
-        """Move each row's live entries to the front (rows shift by different amounts) and rebase the begins."""
-        cap = self.key_entry_values.shape[1]
-        src = (torch.arange(cap, device=self.device).view(1, -1) + shift.view(-1, 1)).clamp(max=cap - 1)
-        self.key_entry_values = torch.gather(self.key_entry_values, 1, src)
-        self.key_entry_channels = torch.gather(self.key_entry_channels, 1, src)
-        begins = self.buffers.tensors["key_outlier_begin"]
-        self.buffers.tensors["key_outlier_begin"] = (begins.long() - shift.view(-1, 1)).clamp(min=0).to(torch.int32)
-        self.key_nnz = self.key_nnz - shift
-
-    def _ensure(self, n):
-        used = self.length - self._offset
-        dead = self.start - self._offset
-        if used + n > self.buffers.capacity and dead > 0:
-            self.buffers.reserve(used - dead + n, used, dead)
-            self._offset = self.start
+            append_packed(self.cache, keys, values, positions)
         else:
-            self.buffers.reserve(used + n, used)
+            from ..kernels.naive import append_reference
 
-    def reserve(self, total_slots: int) -> None:
-        """Preallocate room for ``total_slots`` slots (avoids growth copies for known lengths)."""
-        if self.initialized:
-            self.buffers.reserve(total_slots - self._offset, self.length - self._offset)
+            append_reference(self.cache, keys, values, positions)
+        _advance(self, n)
 
     # ------------------------------------------------------------------------------------------ reading
-    def packed_view(self, name: str, begin: int | None = None, end: int | None = None) -> torch.Tensor:
-        """Raw packed buffer ``name`` over slots [begin, end) (default: the retained packed slots)."""
+    def read_end(self) -> int:
+        """Last slot + 1 that reads cover: the length (dynamic) or the whole capacity (static: no host length)."""
+        return self.capacity if self.static else self.length
+
+    def read(self, begin: int, end: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized pre-RoPE keys and values of slots [begin, end) in the model dtype (``length``: the host length
+        when known; None reads it on the device)."""
+        if self.uses_kernels() and not _compiling():
+            from ..kernels.dequant import dequantize_packed
+
+            return dequantize_packed(self.cache, begin, end, self.dtype, length)
+        from ..kernels.naive import dequantize
+
+        return dequantize(self.cache, begin, end, self.dtype, length)
+
+    def keys_values(self, begin: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized pre-RoPE keys and values of slots [begin, :meth:`read_end`) in the model dtype."""
         begin = self.start if begin is None else begin
-        end = self.packed_length if end is None else end
-        return self.buffers.read(name, begin - self._offset, end - self._offset)
+        if self.static:
+            return self.read(begin, self.capacity, None)
+        return self.read(begin, self.length, self.length)
 
     def positions(self, begin: int | None = None) -> torch.Tensor:
         begin = self.start if begin is None else begin
-        return self.buffers.read("positions", begin - self._offset, self.length - self._offset)
-
-    def key_outliers(self, begin: int | None = None) -> SparseOutliers:
-        """Key outliers of packed slots [begin, packed_length) as :class:`SparseOutliers`."""
-        begin = self.start if begin is None else begin
-        starts = self.packed_view("key_outlier_begin", begin).long()  # [B, n]
-        ends = torch.cat([starts[:, 1:], self.key_nnz.view(-1, 1)], dim=1)
-        counts = ends - starts
-        if starts.shape[1] == 0:
-            first = self.key_nnz
-        else:
-            first = starts[:, 0]
-        cols = torch.arange(self.key_entry_values.shape[1], device=self.device).view(1, -1)
-        live = (cols >= first.view(-1, 1)) & (cols < self.key_nnz.view(-1, 1))
-        return SparseOutliers(counts.to(torch.int32), self.key_entry_values[live], self.key_entry_channels[live])
-
-    def keys_values(self, begin: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized pre-RoPE keys and values of slots [begin, length), in the model dtype."""
-        begin = self.start if begin is None else begin
-        pb = min(max(begin, self.start), self.packed_length)
-        parts_k, parts_v = [], []
-        if self.packed_length > pb:
-            codes = unpack(self.packed_view("key_codes", pb), self.bits, self.head_dim)
-            empty = codes.new_empty(codes.shape[0], codes.shape[2], 0)
-            qk = QuantizedVectors(codes, empty, empty, sparse=self.key_outliers(pb))
-            qv = QuantizedVectors(
-                unpack(self.packed_view("value_codes", pb), self.bits, self.head_dim),
-                self.packed_view("value_outlier_values", pb),
-                self.packed_view("value_outlier_index", pb),
-                self.packed_view("value_zero", pb),
-                self.packed_view("value_scale", pb),
-            )
-            parts_k.append(self.key_quantizer.dequantize(qk, self.dtype))
-            parts_v.append(self.value_quantizer.dequantize(qv, self.dtype))
-        window_first = self.length - self.window_keys.shape[2]
-        skip = max(0, begin - window_first)
-        parts_k.append(self.window_keys[:, :, skip:])
-        parts_v.append(self.window_values[:, :, skip:])
-        k = torch.cat(parts_k, dim=2) if len(parts_k) > 1 else parts_k[0]
-        v = torch.cat(parts_v, dim=2) if len(parts_v) > 1 else parts_v[0]
-        return self._apply_sink(k, v, begin)
-
-    def _apply_sink(self, k, v, begin):
-        if self.sink_tokens == 0:
-            return k, v
-        rel = self.sink_slot - begin  # [B, N] index into k's slot axis
-        valid = (self.sink_slot >= 0) & (rel >= 0) & (rel < k.shape[2])
-        if not bool(valid.any()):
-            return k, v
-        k, v = k.clone(), v.clone()
-        for p in range(self.sink_tokens):
-            rows = valid[:, p].nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            cols = rel[rows, p]
-            k[rows, :, cols] = self.sink_keys[rows, :, p]
-            v[rows, :, cols] = self.sink_values[rows, :, p]
-        return k, v
+        return self.cache.positions[:, begin : self.read_end()]
 
     # ------------------------------------------------------------------------------------------ edits
     def crop(self, n: int) -> None:
-        """Forget the newest ``n`` tokens. Packed tokens stay packed (each token is quantized on its own)."""
-        new_length = max(self.start, self.length - n)
-        window_first = self.length - self.window_keys.shape[2]
-        keep = max(0, new_length - window_first)
-        self.window_keys = self.window_keys[:, :, :keep]
-        self.window_values = self.window_values[:, :, :keep]
-        self.length = new_length
-        if new_length < self.packed_length:
-            self.key_nnz = self.packed_view("key_outlier_begin", new_length, new_length + 1)[:, 0].long()
-        self.packed_length = min(self.packed_length, new_length)
-        self.sink_slot = torch.where(self.sink_slot >= new_length, torch.full_like(self.sink_slot, -1), self.sink_slot)
+        """Forget the newest ``n`` tokens (packed tokens stay packed: each token is quantized on its own)."""
+        if n <= 0 or not self.initialized:
+            return
+        if self.recent_window and n > self.RING_SLACK:
+            raise ValueError(
+                f"a cache with a recent window can forget at most {self.RING_SLACK} tokens at once (asked for {n}): the "
+                "exact copies of older tokens were overwritten"
+            )
+        c = self.cache
+        n = min(n, self.length - self.start) if self.host_length is not None else n
+        c.length.sub_(n)
+        c.sink_slot.copy_(torch.where(c.sink_slot >= c.length.long(), torch.full_like(c.sink_slot, -1), c.sink_slot))
+        if self.host_length is not None:
+            self.host_length -= n
 
     def evict_before(self, slot: int) -> None:
-        """Drop slots below ``slot`` (sliding window); memory is reclaimed when the buffers next grow."""
+        """Slots below ``slot`` are no longer read (sliding-window layers); their memory is not reclaimed."""
         self.start = max(self.start, min(slot, self.length))
-        if self.packed_length < self.start:
-            # Window tokens that fell out of a sliding window are dropped too.
-            drop = self.start - self.packed_length
-            self.window_keys = self.window_keys[:, :, drop:]
-            self.window_values = self.window_values[:, :, drop:]
-            self.packed_length = self.start
 
     def map_rows(self, fn) -> None:
-        """Apply a batch-axis operation (beam reorder, select, repeat) to every tensor of the store."""
+        """Apply a batch-axis operation (beam reorder, select, repeat) to every per-row tensor."""
         if not self.initialized:
             return
-        self.buffers.map_rows(fn)
-        self.window_keys = fn(self.window_keys)
-        self.window_values = fn(self.window_values)
-        self.sink_keys = fn(self.sink_keys)
-        self.sink_values = fn(self.sink_values)
-        self.sink_slot = fn(self.sink_slot)
-        self.key_entry_values = fn(self.key_entry_values)
-        self.key_entry_channels = fn(self.key_entry_channels)
-        self.key_nnz = fn(self.key_nnz)
-        self.batch = self.sink_slot.shape[0]
+        from ..kernels.layout import map_rows
+
+        self.cache = map_rows(self.cache, fn)
+        self.batch = self.cache.batch
+        if self.static:
+            _mark_static(*self.cache.tensors().values())
 
     # ------------------------------------------------------------------------------------------ accounting
+    @property
+    def retained(self) -> int:
+        return self.length - self.start
+
     def nbytes(self) -> dict[str, int]:
         """Bytes of every stored tensor over the retained slots, by component."""
         if not self.initialized:
             return {}
-        out = {}
-        for name in self.buffers.tensors:
-            end = self.length if name == "positions" else self.packed_length
-            out[name] = _nbytes(self.packed_view(name, self.start, end))
-        live = self.key_nnz - self._evicted_entries()
-        entry_bytes = self.key_entry_values.element_size() + self.key_entry_channels.element_size()
-        out["key_outlier_entries"] = int(live.sum()) * entry_bytes + _nbytes(self.key_nnz)
-        out["sink"] = _nbytes(self.sink_keys) + _nbytes(self.sink_values) + _nbytes(self.sink_slot)
-        out["recent_window"] = _nbytes(self.window_keys) + _nbytes(self.window_values)
-        return out
+        from ..kernels.layout import nbytes
+
+        return nbytes(self.cache, self.retained)
 
 
-def _append_kernel_applies(store, keys) -> bool:
-    """Whether ``_pack`` uses the Triton append kernel: ``store.append_kernel`` True/False forces it, None (default)
-    means on CUDA when Triton imports and the head size is supported."""
-    forced = getattr(store, "append_kernel", None)
-    if forced is not None:
-        return bool(forced)
-    if not keys.is_cuda:
-        return False
+def _triton_importable() -> bool:
     try:
-        from ..kernels import append as append_kernel
-        from ..kernels.layout import supported_head_dim
+        import triton  # noqa: F401
     except ImportError:
         return False
-    # The kernel must write this store's layout (row-wise CSR key outliers).
-    return getattr(append_kernel, "CSR_KEY_OUTLIERS", False) and supported_head_dim(store.head_dim, store.bits)
+    return True
 
 
 def _nbytes(t: torch.Tensor) -> int:
