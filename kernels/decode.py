@@ -386,7 +386,9 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         raise ValueError("the decode kernel takes as many value outliers as key outliers per (token, head)")
     # empty tensors (no sink, no outliers) are never read: any valid pointer stands in for them
     sink_slot = cache.sink_slot if n_sink else cache.positions
-    sink_k, sink_v = (cache.sink_keys, cache.sink_values) if n_sink else (cache.window_keys, cache.window_values)
+    ring = cache.window_keys.shape[2]
+    window_k, window_v = (cache.window_keys, cache.window_values) if ring else (cache.value_zero, cache.value_zero)
+    sink_k, sink_v = (cache.sink_keys, cache.sink_values) if n_sink else (cache.value_zero, cache.value_zero)
     kov, koi, vov, voi = ((cache.key_outlier_values, cache.key_outlier_index, cache.value_outlier_values, cache.value_outlier_index)
                           if s else (cache.value_zero, cache.key_codes, cache.value_zero, cache.key_codes))
     _decode_packed_kernel[(splits, b * h)](
@@ -400,9 +402,9 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         num_warps=num_warps, num_stages=1,
     )
     _decode_exact_kernel[(b * h,)](
-        q_rot, consts.inv_freq, cache.window_keys, cache.window_values, sink_k, sink_v,
+        q_rot, consts.inv_freq, window_k, window_v, sink_k, sink_v,
         sink_slot, cache.positions, cache.length, m, part_m, part_l, part_o,
-        h, cap, m_sb, cache.recent_window, window, cache.window_keys.shape[2], splits,
+        h, cap, m_sb, cache.recent_window, window, max(ring, 1), splits,
         G=g, GR=gr, D=d, N_SINK=n_sink, NSP=max(2, triton.next_power_of_2(max(n_sink, 1))), BW=16, MASK_KIND=mask_kind,
         FAST=use_asm, num_warps=4,
     )

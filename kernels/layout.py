@@ -53,7 +53,7 @@ def on_input_device(launcher):
 
     @functools.wraps(launcher)
     def wrapper(first, *args, **kwargs):
-        t = first if isinstance(first, torch.Tensor) else first.key_codes  # a tensor or a PackedCache
+        t = first.key_codes if isinstance(first, PackedCache) else first  # a tensor (or a PackedCache)
         if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
             with torch.cuda.device(t.device):
                 return launcher(first, *args, **kwargs)
@@ -167,15 +167,17 @@ def next_pow2(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- reader layout
-def padded_dim(head_dim: int) -> int:
-    """Channels a vector occupies in the reader layout: whole 32-code groups (the padding codes are zero)."""
-    return -(-head_dim // 32) * 32
+def padded_dim(head_dim: int, bits: int) -> int:
+    """Channels a vector occupies in the reader layout: whole words (8 codes at 4 bits, 16 at 2, 32-code groups
+    at 3); the padding codes are zero."""
+    unit = {4: 8, 2: 16, 3: 32}[bits]
+    return -(-head_dim // unit) * unit
 
 
 def words_per_vector(head_dim: int, bits: int) -> int:
     """int32 words of one (row, head, slot) vector in the reader layout."""
     _check_bits(bits)
-    return padded_dim(head_dim) * bits // 32
+    return padded_dim(head_dim, bits) * bits // 32
 
 
 def outlier_slots(head_dim: int, fraction: float) -> int:
@@ -184,7 +186,7 @@ def outlier_slots(head_dim: int, fraction: float) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def nibble_channels(head_dim: int, keys: bool) -> tuple[int, ...]:
+def nibble_channels(head_dim: int, keys: bool, bits: int = 3) -> tuple[int, ...]:
     """The channel held by nibble ``n`` of selector ``w``, flattened as ``8 * w + n``.
 
     Keys: selector ``w`` holds RoPE pairs ``4w .. 4w + 3``: nibbles 0, 1 the low halves of pairs ``4w``, ``4w + 1``;
@@ -194,7 +196,7 @@ def nibble_channels(head_dim: int, keys: bool) -> tuple[int, ...]:
     half = head_dim // 2
     keys = keys and head_dim % 32 == 0
     out = []
-    for w in range(padded_dim(head_dim) // 8):
+    for w in range((head_dim if keys else padded_dim(head_dim, bits)) // 8):
         for nib in range(8):
             x, y, z = nib // 4, (nib // 2) % 2, nib % 2
             out.append(4 * w + 2 * x + z + y * half if keys else 8 * w + nib)
@@ -220,8 +222,8 @@ def pack_codes(codes: torch.Tensor, bits: int, keys: bool) -> torch.Tensor:
     row; the store transposes them to slot-major)."""
     _check_bits(bits)
     lead = codes.shape[:-1]
-    chan = torch.tensor(nibble_channels(codes.shape[-1], keys), device=codes.device)
-    codes = torch.nn.functional.pad(codes.long(), (0, padded_dim(codes.shape[-1]) - codes.shape[-1]))
+    chan = torch.tensor(nibble_channels(codes.shape[-1], keys, bits), device=codes.device)
+    codes = torch.nn.functional.pad(codes.long(), (0, padded_dim(codes.shape[-1], bits) - codes.shape[-1]))
     d = codes.shape[-1]
     sel = codes[..., chan].reshape(*lead, d // 8, 8)  # code of each nibble
     nib = torch.arange(8, device=codes.device)
@@ -249,7 +251,7 @@ def unpack_codes(words: torch.Tensor, bits: int, keys: bool, head_dim: int) -> t
     w = words.long() & 0xFFFFFFFF
     lead = w.shape[:-1]
     nib = torch.arange(8, device=w.device)
-    dp = padded_dim(head_dim)
+    dp = padded_dim(head_dim, bits)
     if bits == 4:
         sel = (w[..., None] >> (4 * nib)) & 15
     elif bits == 2:
@@ -263,7 +265,7 @@ def unpack_codes(words: torch.Tensor, bits: int, keys: bool, head_dim: int) -> t
         sel = torch.stack([parts[0] & 7, parts[1] & 7, parts[2] & 7, sp], -2).reshape(*lead, dp // 8, 8)
     flat = sel.reshape(*lead, dp)
     out = torch.empty_like(flat)
-    out[..., torch.tensor(nibble_channels(head_dim, keys), device=w.device)] = flat
+    out[..., torch.tensor(nibble_channels(head_dim, keys, bits), device=w.device)] = flat
     return out[..., :head_dim]
 
 
@@ -362,7 +364,7 @@ def allocate(
     half = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
     w = words_per_vector(head_dim, bits)
     z = dict(device=device)
-    wr = max(recent_window, 1)  # a ring of one keeps the kernels' pointers valid without a window
+    wr = recent_window  # the exact window's ring (none without a window)
     return PackedCache(
         bits=bits,
         key_codes=torch.zeros(batch, heads, w, cap, dtype=torch.int32, **z),
@@ -422,8 +424,9 @@ def nbytes(cache: PackedCache, slots: int) -> dict[str, int]:
         if name in SLOT_AXIS:
             out[name] = t.numel() // t.shape[SLOT_AXIS[name]] * slots * t.element_size()
     out["sink"] = sum(t.numel() * t.element_size() for t in (cache.sink_keys, cache.sink_values, cache.sink_slot))
-    if cache.recent_window:
+    if cache.window_keys.numel():
         out["recent_window"] = cache.window_keys.numel() * cache.window_keys.element_size() * 2
+    out["length"] = cache.length.numel() * cache.length.element_size()
     return out
 
 

@@ -6,7 +6,7 @@ import torch
 
 from transformers_kvquant import unpatch_model
 
-EXACT = {"bits": 16}
+EXACT = {"bits": 16, "static": False}  # a growing cache: DynamicCache is its reference (static: test_static.py)
 SAMPLING = {"do_sample": True, "top_k": 20, "temperature": 0.9}
 BEAM = {"num_beams": 3, "num_return_sequences": 2}
 PROMPTS = ["Once upon a time, there was a little dog", "Tom had a red ball", "The sun"]
@@ -79,9 +79,12 @@ def cache_devices(cache) -> list[set[str]]:
     out = []
     for layer in cache.layers:
         store = layer.store
-        tensors = list(store.buffers.tensors.values())
-        for name in ("window_keys", "window_values", "sink_keys", "sink_values", "sink_slot"):
-            if hasattr(store, name):
-                tensors.append(getattr(store, name))
+        if getattr(store, "cache", None) is not None:  # the packed layout: every tensor of the PackedCache
+            tensors = list(store.cache.tensors().values())
+        else:
+            tensors = list(store.buffers.tensors.values())
+            for name in ("window_keys", "window_values", "sink_keys", "sink_values", "sink_slot"):
+                if hasattr(store, name):
+                    tensors.append(getattr(store, name))
         out.append({str(t.device) for t in tensors})
     return out

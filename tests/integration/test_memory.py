@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 from transformers import DynamicCache
-from transformers_kvquant.kernels.layout import packed_words
+from transformers_kvquant.kernels.layout import words_per_vector
 
 from tests.helpers import quick_config, tiny_llama, tiny_mistral
 from transformers_kvquant import KVQuantCache
@@ -31,11 +31,17 @@ CEILING_AT_8K = {4: 0.29, 3: 0.23, 2: 0.17}  # fraction of the fp16 DynamicCache
 TOKENS = 8192
 
 
+CONSTANTS = {"key_table", "value_table", "key_bounds", "value_bounds", "key_zero", "key_scale"}
+
+
 def store_storage_bytes(store) -> int:
-    """Bytes of the distinct storages of every tensor held by a layer store (quantizers excluded: they are the
-    model's calibration constants, shared by every cache)."""
+    """Bytes of the distinct storages of every tensor held by a layer store (the calibration constants excluded:
+    they are the model's, shared by every cache)."""
     tensors = [t for t in vars(store).values() if isinstance(t, torch.Tensor)]
-    tensors += list(store.buffers.tensors.values())
+    if getattr(store, "cache", None) is not None:
+        tensors += [t for n, t in store.cache.tensors().items() if n not in CONSTANTS]
+    else:
+        tensors += list(store.buffers.tensors.values())
     seen, total = set(), 0
     for t in tensors:
         storage = t.untyped_storage()
@@ -46,31 +52,22 @@ def store_storage_bytes(store) -> int:
 
 
 def expected_layer_bytes(store) -> int:
-    """The bytes one layer store must hold, from the KVQuant layout (not from the store's own accounting)."""
+    """The bytes one layer store must hold, from the packed layout (not from the store's own accounting): every
+    written slot (a sliding layer keeps its evicted slots' memory)."""
     b, h, d = store.batch, store.heads, store.head_dim
-    window = store.window_keys.shape[2]
-    packed = store.retained - window
-    words = packed_words(d, store.bits)
-    half = 2  # value ranges and outlier values are 16-bit
-    index = 2  # int16 channel index (kv_heads * head_dim < 2**15)
-    per_packed_token = (
-        2 * h * words * 4  # key and value codes, int32 words
+    c = store.cache
+    half = 2  # value ranges and outlier residuals are 16-bit
+    s_k, s_v = c.key_outlier_index.shape[2], c.value_outlier_index.shape[2]
+    per_token = (
+        2 * h * words_per_vector(d, store.bits) * 4  # key and value codes, int32 words
         + 2 * half  # per-token value zero and scale
-        + 4  # int32 begin of the token's key outliers (row-wise CSR)
-        + store.value_quantizer.slots * (half + index)  # exactly S value outliers per token
+        + h * (s_k + s_v) * (half + 1)  # bounded outliers: 16-bit residual and uint8 channel per slot
+        + 4  # int32 position
     )
-    # Key outliers: one 16-bit value and int16 channel per out-of-range element, plus each row's int64 entry count.
-    key_entries = store.key_outliers().values.numel() * (half + index) + b * 8 if packed else b * 8
-    model_bytes = store.window_keys.element_size()
-    per_token_positions = 4  # int32, every retained slot (packed and window)
+    model_bytes = c.window_keys.element_size()
     sink = 2 * b * h * store.sink_tokens * d * model_bytes + b * store.sink_tokens * 8  # K, V and int64 slots
-    return (
-        b * packed * per_packed_token
-        + key_entries
-        + b * store.retained * per_token_positions
-        + 2 * b * h * window * d * model_bytes
-        + sink
-    )
+    ring = 2 * b * h * c.window_keys.shape[2] * d * model_bytes  # the exact window's ring (with its spare room)
+    return b * store.length * per_token + sink + ring + 4  # + the int32 device length
 
 
 def fill_prefill(cache, keys, values):
@@ -120,7 +117,7 @@ def realistic_kv(config, layers, tokens, seed=0):
 def test_stored_bytes_at_8192_tokens_meet_the_ceiling(bits, smollm2_shaped):
     model = smollm2_shaped
     config = quick_config(model, bits=bits, outlier_fraction=0.01)
-    assert config.slots == 2  # 1% of 3 x 64 channels, rounded up
+    assert config.head_slots == 1  # 1% of 64 channels per head, rounded up
     keys, values = realistic_kv(config, layers=2, tokens=TOKENS)
 
     cache = KVQuantCache(model, config)
@@ -136,8 +133,6 @@ def test_stored_bytes_at_8192_tokens_meet_the_ceiling(bits, smollm2_shaped):
     assert report.total_bytes == walked  # nothing stored is missing from the report, nothing extra is counted
     assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
     assert report.elements == 2 * 2 * TOKENS * 3 * 64
-    key_outliers = sum(layer.store.key_outliers().values.numel() for layer in cache.layers)
-    assert 0.008 < key_outliers / (2 * TOKENS * 3 * 64) < 0.012  # the 1% a calibration allows for
     ratio = report.total_bytes / fp16_bytes
     assert ratio <= CEILING_AT_8K[bits], f"{bits}-bit cache is {ratio:.1%} of fp16, ceiling {CEILING_AT_8K[bits]:.0%}"
     assert report.fraction_of(16) == pytest.approx(ratio)
@@ -157,16 +152,17 @@ def test_report_matches_the_layout_after_generation(dtype):
     stored_tokens = 9 + 10 - 1
     for layer in cache.layers:
         store = layer.store
-        assert store.retained == stored_tokens and store.window_keys.shape[2] == 3
-        assert store.sink_keys.dtype == dtype and store.buffers.tensors["value_scale"].element_size() == 2
+        assert store.retained == stored_tokens and store.cache.recent_window == 3
+        assert store.cache.sink_keys.dtype == dtype and store.cache.value_scale.element_size() == 2
     assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
     assert report.elements == 2 * len(cache.layers) * 3 * stored_tokens * 2 * 16  # K+V x layers x rows x T x H x D
     components = report.bytes_by_component
-    assert components["recent_window"] > 0 and components["sink"] > 0 and components["key_outlier_entries"] > 0
+    assert components["recent_window"] > 0 and components["sink"] > 0 and components["key_outlier_values"] > 0
 
 
-def test_report_counts_only_the_sliding_window():
-    """After eviction only the last W-1 tokens are stored; the report must not count evicted slots."""
+def test_report_counts_the_sliding_layers_whole_history():
+    """After eviction only the last W-1 tokens are read, but the packed layout keeps the evicted slots' memory (it
+    never compacts: the kernels index slots directly): the report counts what is held, not what is read."""
     model = tiny_mistral(sliding_window=6)
     config = quick_config(model, bits=2, outlier_fraction=0.01)
     batch = random_batch(model.config.vocab_size, lengths=(7, 3))
@@ -180,10 +176,9 @@ def test_report_counts_only_the_sliding_window():
         # The window of the last forward: W-1 earlier tokens and the newest (evicted before the next append).
         assert window - 1 <= layer.store.retained <= window
         retained.add(layer.store.retained)
-    (kept,) = retained
     report = cache.memory_report()
     assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
-    assert report.elements == 2 * len(cache.layers) * 2 * kept * 2 * 16
+    assert report.elements == 2 * len(cache.layers) * 2 * (7 + 16 - 1) * 2 * 16
 
 
 def test_unquantized_report_is_fp_bytes_plus_positions():

@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 import torch
-from transformers_kvquant.kernels.layout import packed_words
+from transformers_kvquant.kernels.layout import words_per_vector
 
 from tests.helpers import quick_config, tiny_mistral
 from transformers_kvquant import KVQuantCache, unpatch_model
@@ -39,17 +39,19 @@ def check_cache(cache, bits, model_dtype, rows, tokens_seen):
         store = layer.store
         assert isinstance(store, PackedStore) and store.bits == bits
         assert store.batch == rows and layer.get_seq_length() == tokens_seen
+        c = store.cache
         assert store.positions().dtype == torch.int32
-        assert store.buffers.tensors["key_codes"].dtype == store.buffers.tensors["value_codes"].dtype == torch.int32
-        for name in ("value_zero", "value_scale", "value_outlier_values"):
-            assert store.buffers.tensors[name].dtype == half, name
-        assert store.key_entry_values.dtype == half and store.buffers.tensors["key_outlier_begin"].dtype == torch.int32
-        assert store.sink_keys.dtype == store.window_keys.dtype == model_dtype
+        assert c.key_codes.dtype == c.value_codes.dtype == torch.int32
+        for name in ("value_zero", "value_scale", "value_outlier_values", "key_outlier_values"):
+            assert getattr(c, name).dtype == half, name
+        assert c.key_outlier_index.dtype == torch.uint8 and c.length.dtype == torch.int32
+        assert c.sink_keys.dtype == c.window_keys.dtype == model_dtype
+        assert int(c.length) == tokens_seen  # the device length agrees with the host's
     report = cache.memory_report()
-    # Codes are packed per (head, token) row: stories260K's head_dim of 8 takes 3 words (12 bits per element) at
-    # 3 bits. Ranges, outliers, positions and the exact sink add bits on top, many at these short lengths, yet the
-    # cache stays smaller than the model's own-dtype cache.
-    code_bits = packed_words(store.head_dim, bits) * 32 / store.head_dim
+    # Codes are packed per (head, token) vector in whole words: stories260K's head_dim of 8 takes 3 words (12 bits
+    # per element) at 3 bits. Ranges, outliers, positions and the exact sink add bits on top, many at these short
+    # lengths, yet the cache stays smaller than the model's own-dtype cache.
+    code_bits = words_per_vector(store.head_dim, bits) * 32 / store.head_dim
     assert code_bits < report.avg_bits < torch.finfo(model_dtype).bits
 
 

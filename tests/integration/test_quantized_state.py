@@ -66,16 +66,25 @@ def feed(cache, keys, values, positions, chunks, layer_idx=0):
 
 
 def state(store: PackedStore) -> dict:
-    """Every retained component of a packed store, by name."""
-    out = {
-        name: store.packed_view(name, store.start, store.length if name == "positions" else store.packed_length)
-        for name in store.buffers.tensors
-    }
-    for name in ("window_keys", "window_values", "sink_keys", "sink_values", "sink_slot"):
-        out[name] = getattr(store, name)
+    """Every live component of a packed store, by name: per-slot tensors over the retained slots, the exact window's
+    live ring entries, the captured sink tokens, the dequantized keys/values and the counters."""
+    from transformers_kvquant.kernels.layout import SLOT_AXIS
+
+    if not isinstance(store, PackedStore):  # the uncapped store: what it reads back
+        keys, values = store.keys_values()
+        return {"dequantized_keys": keys, "dequantized_values": values}
+    c = store.cache
+    out = {name: getattr(c, name).narrow(axis, store.start, store.retained) for name, axis in SLOT_AXIS.items()}
+    live = torch.arange(max(store.length - c.recent_window, 0), store.length)
+    ring = live % c.window_keys.shape[2]
+    out["window_keys"], out["window_values"] = c.window_keys[:, :, ring], c.window_values[:, :, ring]
+    captured = (c.sink_slot >= 0)[:, None, :, None]
+    out["sink_keys"] = torch.where(captured, c.sink_keys, 0)
+    out["sink_values"] = torch.where(captured, c.sink_values, 0)
+    out["sink_slot"] = c.sink_slot
     keys, values = store.keys_values()
     out["dequantized_keys"], out["dequantized_values"] = keys, values
-    out["counters"] = torch.tensor([store.batch, store.start, store.packed_length, store.length])
+    out["counters"] = torch.tensor([store.batch, store.start, store.length, int(c.length)])
     return out
 
 
@@ -155,17 +164,14 @@ def test_crop_forgets_exactly_the_newest_tokens(bits, window, stories_module, ca
     assert cache.get_seq_length() == 16
     after_k, after_v = store.keys_values()
     assert torch.equal(store.positions(), before_pos)
-    if window == 0:
-        # Nothing was re-quantized: the cache is exactly what it was before the drafts.
-        assert torch.equal(after_k, before_k) and torch.equal(after_v, before_v)
-    else:
-        # Drafts pushed the 3 exact window tokens into packed storage; cropping cannot make them exact again.
-        assert torch.equal(after_k[:, :, :-window], before_k[:, :, :-window])
-        assert store.packed_length == store.length == 16 and store.window_keys.shape[2] == 0
+    # Every token is packed and the exact window is a ring with room to spare: the cache is exactly what it was
+    # before the drafts, window included.
+    assert torch.equal(after_k, before_k) and torch.equal(after_v, before_v)
+    assert int(store.cache.length) == store.length == 16
     # Appending after the crop continues from slot 16 with the right positions.
     feed_from(cache, keys, values, positions, start=16, chunks=[2])
     assert store.positions()[:, 16:].tolist() == positions[:, 16:18].tolist()
-    assert store.length == 18 and store.packed_length + store.window_keys.shape[2] == 18
+    assert store.length == 18 and int(store.cache.length) == 18
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -176,7 +182,7 @@ def test_crop_into_the_sink_recaptures_it(bits, stories_module, calibrated):
     cache = make(model, calibrated[bits], sink_tokens=2, recent_window=0)
     feed(cache, keys, values, positions, [8])
     cache.crop(-7)
-    assert cache.layers[0].store.sink_slot[:, 1].tolist() == [-1] * ROWS  # position 1 was cropped away
+    assert cache.layers[0].store.cache.sink_slot[:, 1].tolist() == [-1] * ROWS  # position 1 was cropped away
     feed_from(cache, keys, values, positions, start=1, chunks=[5, 1, 1])
     direct = make(model, calibrated[bits], sink_tokens=2, recent_window=0)
     feed(direct, keys, values, positions, [1, 5, 1, 1])
@@ -222,11 +228,13 @@ def calibrated_mistral():
     return {bits: (model, quick_config(model, bits=bits, outlier_fraction=0.05)) for bits in BITS}
 
 
-@pytest.mark.parametrize("window,croppable", [(0, True), (3, False)])
-def test_is_croppable_tells_whether_crop_restores_the_state(window, croppable, stories_module, calibrated):
-    """transformers' rollback contract: ``is_croppable`` promises crop leaves no trace; a window breaks that."""
+@pytest.mark.parametrize("window,outliers,croppable", [(0, "bounded", True), (3, "bounded", True), (0, "uncapped", True), (3, "uncapped", False)])
+def test_is_croppable_tells_whether_crop_restores_the_state(window, outliers, croppable, stories_module, calibrated):
+    """transformers' rollback contract: ``is_croppable`` promises crop leaves no trace. The packed layout keeps every
+    token packed and the exact window in a ring with room to spare, so crops leave none; the uncapped store moves
+    tokens out of its window, which a crop cannot undo."""
     model, _ = stories_module
-    cache = make(model, calibrated[3], recent_window=window)
+    cache = make(model, calibrated[3], recent_window=window, outliers=outliers)
     assert cache.is_croppable is croppable
     assert KVQuantCache(model, bits=16, recent_window=window).is_croppable
     keys, values, positions = synthetic_kv(calibrated[3])
@@ -235,5 +243,15 @@ def test_is_croppable_tells_whether_crop_restores_the_state(window, croppable, s
     feed_from(cache, keys, values, positions, start=14, chunks=[4])
     cache.crop(-4)
     after = state(cache.layers[0].store)
-    same = all(torch.equal(before[n], after[n]) for n in ("dequantized_keys", "dequantized_values", "window_keys"))
+    same = all(torch.equal(before[n], after[n]) for n in ("dequantized_keys", "dequantized_values"))
     assert same is croppable
+
+
+def test_crop_past_the_ring_slack_is_a_clear_error(stories_module, calibrated):
+    model, _ = stories_module
+    cache = make(model, calibrated[3], recent_window=3)
+    keys, values, positions = synthetic_kv(calibrated[3], tokens=80)
+    feed(cache, keys, values, positions, [80])
+    with pytest.raises(ValueError, match="at most 64 tokens"):
+        cache.crop(-70)
+    assert cache.get_seq_length() == 80  # nothing changed

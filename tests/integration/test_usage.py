@@ -38,9 +38,13 @@ def test_generation_config_and_explicit_config_routes(stories):
         via_generation_config = generate(model, inputs, max_new_tokens=8)
     finally:
         (model.generation_config.cache_implementation, model.generation_config.cache_config) = saved
+    # generate makes a static cache of its own maximum length (prompt + 8 - 1 tokens); the same by hand:
+    capacity = inputs["input_ids"].shape[1] + 8 - 1
     via_object = generate(
-        model, inputs, max_new_tokens=8, past_key_values=KVQuantCache(model, KVQuantConfig.from_pretrained(folder))
+        model, inputs, max_new_tokens=8,
+        past_key_values=KVQuantCache(model, KVQuantConfig.from_pretrained(folder), max_cache_len=capacity),
     )
+    assert via_generation_config.past_key_values.is_compileable and via_object.past_key_values.is_compileable
     assert via_generation_config.past_key_values.settings.config.name == "nuq4-1%"
     # Same config, same model: the two routes build the same cache and generate the same tokens.
     assert via_generation_config.sequences.tolist() == via_object.sequences.tolist()

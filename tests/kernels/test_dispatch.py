@@ -111,3 +111,11 @@ def test_launchers_switch_to_the_inputs_cuda_device(monkeypatch):
     assert launch(torch.zeros(1)) == 0
     assert seen == [1, 0, 0] and entered == [torch.device("cuda", 1)]
     assert current["device"] == 0  # restored after the launch
+    # a PackedCache argument: its tensors' device
+    from transformers_kvquant.kernels.synthetic import random_cache
+
+    cache = random_cache(1, 1, 64, 3, 5)
+    cache.key_codes = OnGpu(1)
+    seen.clear()
+    launch(cache)
+    assert seen == [1]

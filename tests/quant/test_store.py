@@ -8,16 +8,27 @@ from transformers_kvquant.quant.quantizer import (
     TokenQuantizer,
     fake_quantize,
 )
-from transformers_kvquant.quant.store import FullPrecisionStore, PackedStore
+from transformers_kvquant.quant.store import (
+    CapacityError,
+    FullPrecisionStore,
+    PackedStore,
+    StaticFullPrecisionStore,
+)
+from transformers_kvquant.quant.uncapped_store import UncappedPackedStore
 
 
-def make_store(bits=3, h=2, d=32, slots=2, sink=1, window=0):
+def make_store(bits=3, h=2, d=32, slots=2, sink=1, window=0, uncapped=False, **kwargs):
+    """A packed store with bounded outliers (``slots`` per token and head), or the uncapped one."""
     g = torch.Generator().manual_seed(0)
     zero = torch.randn(h, d, generator=g) * 0.1
     scale = torch.rand(h, d, generator=g) + 0.5
-    kq = ChannelKeyQuantizer(uniform_codebook(bits), zero, scale, outliers=slots > 0)
-    vq = TokenQuantizer(uniform_codebook(bits), slots)
-    return PackedStore(kq, vq, bits, sink_tokens=sink, recent_window=window), kq, vq
+    if uncapped:
+        kq = ChannelKeyQuantizer(uniform_codebook(bits), zero, scale, outliers=slots > 0)
+        vq = TokenQuantizer(uniform_codebook(bits), slots)
+        return UncappedPackedStore(kq, vq, bits, sink_tokens=sink, recent_window=window), kq, vq
+    kq = ChannelKeyQuantizer(uniform_codebook(bits), zero, scale, outliers=slots > 0, head_slots=slots)
+    vq = TokenQuantizer(uniform_codebook(bits), slots, per_head=True)
+    return PackedStore(kq, vq, bits, sink_tokens=sink, recent_window=window, **kwargs), kq, vq
 
 
 def data(b=2, h=2, t=23, d=32, seed=1):
@@ -49,7 +60,7 @@ def test_sink_is_exact_and_follows_the_last_position_zero_under_left_padding():
     assert torch.equal(kd[0, :, 3], k[0, :, 3]) and torch.equal(vd[0, :, 3], v[0, :, 3])
     assert torch.equal(kd[1, :, 0], k[1, :, 0])
     assert not torch.equal(kd[0, :, 0], k[0, :, 0])  # a pad slot is quantized
-    assert store.sink_slot.tolist() == [[3], [0]]
+    assert store.cache.sink_slot.tolist() == [[3], [0]]
 
 
 def test_recent_window_keeps_newest_tokens_exact_and_quantizes_on_exit():
@@ -63,7 +74,7 @@ def test_recent_window_keeps_newest_tokens_exact_and_quantizes_on_exit():
         assert torch.equal(kd[:, :, n - exact :], k[:, :, n - exact : n])
         if n > 4:
             assert torch.equal(kd[:, :, : n - 4], fake_quantize(kq, k[:, :, : n - 4]))
-    assert store.packed_length == 16 and store.length == 20
+    assert store.length == 20 and int(store.cache.length) == 20
 
 
 def test_crop_then_append_matches_never_appended():
@@ -76,12 +87,11 @@ def test_crop_then_append_matches_never_appended():
     b, _, _ = make_store(window=3)
     b.append(k[:, :, :15], v[:, :, :15], pos[:, :15])
     b.append(k[:, :, 15:], v[:, :, 15:], pos[:, 15:])
-    # Both hold tokens 0..22. Tokens that `a` packed before the crop stay packed, so only the slots appended after
-    # the crop are compared exactly; positions must agree everywhere.
+    # Both hold tokens 0..22, every one packed and the newest 3 exact: identical.
     ka, va = a.keys_values()
     kb, vb = b.keys_values()
     assert ka.shape == kb.shape == k.shape
-    assert torch.equal(ka[:, :, 20:], kb[:, :, 20:])
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
     assert torch.equal(a.positions(), b.positions())
 
 
@@ -90,7 +100,7 @@ def test_crop_removes_sink_beyond_length():
     s, _, _ = make_store()
     s.append(k, v, pos)
     s.crop(4)
-    assert (s.sink_slot == -1).all() and s.length == 0
+    assert (s.cache.sink_slot == -1).all() and s.length == 0
     s.append(k, v, pos)
     kd, _ = s.keys_values()
     assert torch.equal(kd[:, :, 0], k[:, :, 0])
@@ -121,17 +131,37 @@ def test_eviction_and_growth_keep_the_retained_slots():
         kd, vd = s.keys_values()
         assert kd.shape[2] == min(30, s.length)
         assert torch.equal(s.positions(), pos[:, s.start : s.length].int())
-    # Retained packed tokens equal the reference store's (the sink slot was evicted, so compare slots >= 1).
+    # Retained tokens equal the reference store's (the sink slot was evicted); the packed layout keeps evicted slots'
+    # memory (a sliding layer's memory is that of its whole history; docs/format.md).
     kd, vd = s.keys_values()
-    assert torch.equal(kd[:, :, :-5], rk[:, :, s.start : 195])
-    assert s.buffers.capacity < 200  # evicted slots were reclaimed
+    assert torch.equal(kd, rk[:, :, s.start :]) and torch.equal(vd, rv[:, :, s.start :])
+    assert s.capacity >= 200
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_accounting_counts_every_tensor(bits):
+    """Bytes per token are a constant of the config: codes, 16-bit ranges, bounded outliers (16-bit residual + 8-bit
+    channel per slot), positions; plus the exact sink."""
     b, h, t, d, slots = 2, 3, 64, 64, 2
     k, v, pos = data(b=b, h=h, t=t, d=d)
-    s, kq, _ = make_store(bits=bits, h=h, d=d, slots=slots, sink=1)
+    s, _, _ = make_store(bits=bits, h=h, d=d, slots=slots, sink=1)
+    s.append(k, v, pos)
+    rep = store_report(s)
+    codes = 2 * b * h * t * d * bits // 8
+    ranges = 2 * b * t * 2
+    outliers = 2 * b * h * t * slots * (2 + 1)
+    positions = b * t * 4
+    sink = 2 * b * h * d * 4 + b * 8
+    length = 4  # the int32 device length
+    assert rep.total_bytes == codes + ranges + outliers + positions + sink + length
+    assert rep.elements == 2 * b * t * h * d
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_uncapped_accounting_counts_every_tensor(bits):
+    b, h, t, d, slots = 2, 3, 64, 64, 2
+    k, v, pos = data(b=b, h=h, t=t, d=d)
+    s, kq, _ = make_store(bits=bits, h=h, d=d, slots=slots, sink=1, uncapped=True)
     s.append(k, v, pos)
     rep = store_report(s)
     key_outliers = int((kq.normalize(k)[1]).sum())
@@ -150,12 +180,12 @@ def test_key_outliers_survive_crop_reorder_and_eviction():
     k, v, pos = data(b=3, t=40)
     k[:, :, ::3] *= 6  # many out-of-range keys, unevenly spread over tokens and rows
     k[1] *= 2
-    s, kq, _ = make_store(window=0, sink=0)
+    s, kq, _ = make_store(window=0, sink=0, uncapped=True)
     s.append(k[:, :, :25], v[:, :, :25], pos[:, :25])
     s.append(k[:, :, 25:] * 9, v[:, :, 25:], pos[:, 25:])
     s.crop(15)
     s.append(k[:, :, 25:], v[:, :, 25:], pos[:, 25:])
-    ref, _, _ = make_store(window=0, sink=0)
+    ref, _, _ = make_store(window=0, sink=0, uncapped=True)
     ref.append(k, v, pos)
     assert torch.equal(s.keys_values()[0], ref.keys_values()[0])
     assert torch.equal(s.key_nnz, ref.key_nnz)
@@ -163,7 +193,7 @@ def test_key_outliers_survive_crop_reorder_and_eviction():
     s.map_rows(lambda t: t.index_select(0, idx))
     torch.testing.assert_close(s.keys_values()[0], ref.keys_values()[0][idx], rtol=0, atol=0)
     # Evict and keep appending: entries of evicted slots are dropped when the entry buffer grows.
-    grow, _, _ = make_store(window=0, sink=0)
+    grow, _, _ = make_store(window=0, sink=0, uncapped=True)
     for a in range(0, 40, 5):
         grow.append(k[:, :, a : a + 5], v[:, :, a : a + 5], pos[:, a : a + 5])
         grow.evict_before(grow.length - 12)
@@ -181,3 +211,51 @@ def test_full_precision_store_is_exact():
     assert torch.equal(kd, k) and torch.equal(vd, v)
     s.crop(3)
     assert s.keys_values()[0].shape[2] == 20
+
+
+# ------------------------------------------------------------------------------------------------ static stores
+def test_static_store_reads_its_whole_capacity_and_matches_the_growing_one():
+    k, v, pos = data(t=23)
+    static, _, _ = make_store(window=3, capacity=100, static=True)
+    growing, _, _ = make_store(window=3)
+    for a, b in [(0, 9), (9, 10), (10, 11), (11, 23)]:
+        static.append(k[:, :, a:b], v[:, :, a:b], pos[:, a:b])
+        growing.append(k[:, :, a:b], v[:, :, a:b], pos[:, a:b])
+    ks, vs = static.keys_values()
+    kg, vg = growing.keys_values()
+    assert ks.shape[2] == static.capacity == 128  # whole blocks
+    assert torch.equal(ks[:, :, :23], kg) and torch.equal(vs[:, :, :23], vg)
+    assert int(static.cache.length) == 23 and static.host_length == 23
+
+
+def test_static_store_refuses_to_overflow_before_writing():
+    k, v, pos = data(t=23)
+    s, _, _ = make_store(capacity=128, static=True)
+    s.append(k, v, pos)
+    big = torch.randn(2, 2, 110, 32)
+    before = s.cache.key_codes.clone()
+    with pytest.raises(CapacityError, match="max_cache_len"):
+        s.append(big, big, torch.arange(23, 133).expand(2, 110))
+    assert torch.equal(s.cache.key_codes, before) and int(s.cache.length) == 23
+
+
+def test_static_full_precision_store_is_exact_and_bounded():
+    k, v, pos = data()
+    s = StaticFullPrecisionStore(32)
+    s.append(k[:, :, :9], v[:, :, :9], pos[:, :9])
+    s.append(k[:, :, 9:], v[:, :, 9:], pos[:, 9:])
+    kd, vd = s.keys_values()
+    assert kd.shape[2] == 32 and torch.equal(kd[:, :, :23], k) and torch.equal(vd[:, :, :23], v)
+    with pytest.raises(CapacityError):
+        s.append(k, v, pos)
+    s.crop(3)
+    assert s.length == 20 and int(s.device_length) == 20
+
+
+def test_packed_store_rejects_uncapped_quantizers():
+    g = torch.Generator().manual_seed(0)
+    kq = ChannelKeyQuantizer(uniform_codebook(3), torch.zeros(2, 32), torch.ones(2, 32), outliers=True)
+    vq = TokenQuantizer(uniform_codebook(3), 2)
+    with pytest.raises(ValueError, match="UncappedPackedStore"):
+        PackedStore(kq, vq, 3)
+    del g

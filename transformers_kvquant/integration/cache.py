@@ -99,10 +99,11 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
     def is_croppable(self) -> bool:
         """Whether ``crop`` restores the exact earlier state (transformers' contract for rollbacks).
 
-        Not with a recent window over quantized storage: the tokens that a later append pushed out of the window were
-        quantized, and stay so after the later tokens are cropped. ``crop`` still works (assisted decoding uses it).
+        The packed layout packs every token and keeps the exact window in a ring with spare room, so a crop (of up to
+        ``PackedStore.RING_SLACK`` tokens at once) leaves no trace. Not so the uncapped store with a recent window:
+        the tokens that a later append pushed out of its window were quantized, and stay so. ``crop`` still works.
         """
-        return self.settings.bits == 16 or self.settings.recent_window == 0
+        return self.settings.bits == 16 or self.settings.outliers == "bounded" or self.settings.recent_window == 0
 
     def get_seq_length(self) -> int:
         if self.store is None:

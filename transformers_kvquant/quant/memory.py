@@ -39,5 +39,5 @@ def store_report(store) -> MemoryReport:
     """Report for one layer store (`PackedStore` or `FullPrecisionStore`)."""
     if not store.initialized:
         return MemoryReport()
-    elements = 2 * store.batch * store.retained * store.heads * store.head_dim
+    elements = 2 * store.batch * store.stored * store.heads * store.head_dim
     return MemoryReport(dict(store.nbytes()), elements)

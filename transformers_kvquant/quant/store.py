@@ -81,6 +81,11 @@ class KVStore:
     def retained(self) -> int:
         return self.length - self.start
 
+    @property
+    def stored(self) -> int:
+        """Slots whose bytes the store holds (what memory reports count)."""
+        return self.retained
+
 
 class FullPrecisionStore(KVStore):
     """Unquantized storage (``bits=16``): the whole KVQuant path with exact tensors, for exactness tests."""
@@ -436,13 +441,18 @@ class PackedStore(KVStore):
     def retained(self) -> int:
         return self.length - self.start
 
+    @property
+    def stored(self) -> int:
+        """Every written slot: evicted ones keep their memory (the layout never compacts)."""
+        return self.length
+
     def nbytes(self) -> dict[str, int]:
-        """Bytes of every stored tensor over the retained slots, by component."""
+        """Bytes of every stored tensor over the written slots, by component."""
         if not self.initialized:
             return {}
         from ..kernels.layout import nbytes
 
-        return nbytes(self.cache, self.retained)
+        return nbytes(self.cache, self.length)
 
 
 def _triton_importable() -> bool:
