@@ -55,8 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import gpu_suite as gs  # noqa: E402  (imports torch, drops TRITON_INTERPRET)
-import torch  # noqa: E402
+import gpu_suite as gs
+import torch
 
 GiB = 2**30
 EXACT_FORMAT = (3, 0.01)  # nuq3-1%
@@ -94,10 +94,10 @@ def ensure_package_layout() -> None:
     import transformers_kvquant
 
     try:
-        import transformers_kvquant.kernels  # noqa: F401
+        import transformers_kvquant.kernels
     except ImportError:
         transformers_kvquant.__path__.append(str(REPO))
-        import transformers_kvquant.kernels  # noqa: F401
+        import transformers_kvquant.kernels
 
 
 def environment(dry_run: bool) -> dict:

@@ -10,7 +10,14 @@ Nothing here imports transformers or the rest of the package. The Triton launche
 importing the package neither compiles nor fixes Triton's mode (``TRITON_INTERPRET``) before a kernel is asked for.
 """
 
-from .layout import PackedCache, group_size, pack, packed_words, supported_head_dim, unpack
+from .layout import (
+    PackedCache,
+    group_size,
+    pack,
+    packed_words,
+    supported_head_dim,
+    unpack,
+)
 from .naive import append_reference, decode_reference, dequantize
 
 

@@ -161,7 +161,7 @@ def _append_kernel(
         tl.store(voi_ptr + o, pos.to(tl.uint8), mask=hmask & ok)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _channels(head_dim: int, device: str) -> torch.Tensor:
     return torch.tensor(nibble_channels(head_dim, True), dtype=torch.int32, device=device)
 

@@ -91,12 +91,12 @@ def _decode_packed_kernel(
     like = tl.zeros((BN, NS, 2), tl.int32)
     kt = lane_tables(ktab_ptr, like, BITS, USE_ASM)
     vt = lane_tables(vtab_ptr, like, BITS, USE_ASM)
-    ns = tl.arange(0, 4 if N_SINK <= 4 else N_SINK)
+    ns = tl.arange(0, max(4, N_SINK))
     sinks = tl.load(sink_ptr + b * N_SINK + ns, mask=ns < N_SINK, other=-1)
     kc_row = kc_ptr + bh.to(tl.int64) * W * cap
     vc_row = vc_ptr + bh.to(tl.int64) * W * cap
     NA: tl.constexpr = D // 16
-    MAV: tl.constexpr = 16 if GR * NA < 16 else GR * NA
+    MAV: tl.constexpr = max(GR * NA, 16)
     sbase = uscr_ptr + (bh * n_splits + split).to(tl.int64) * (max_split_blocks * BN) * GR  # per-program score scratch
     # ---------------------------------------------------------------- pass 1: keys -> raw scores (scratch)
     # Two passes instead of an online softmax: the key pass keeps a per-lane running max (no cross-warp reduction per
@@ -339,7 +339,7 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_o_ptr, out_ptr, n_parts, H, o_s
 
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -18,7 +18,7 @@ from .layout import PackedCache, nibble_channels, on_input_device
 from .naive import apply_exact
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bit_sources(head_dim: int, bits: int, keys: bool) -> tuple:
     """Per channel, up to three (word, shift, mask, destination bit) pieces whose OR is its code."""
     by_nibble = nibble_channels(head_dim, keys)
@@ -38,7 +38,7 @@ def _bit_sources(head_dim: int, bits: int, keys: bool) -> tuple:
     return tuple(tuple(p) for p in rows)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bit_sources_on(head_dim: int, bits: int, keys: bool, device: str) -> torch.Tensor:
     return torch.tensor(_bit_sources(head_dim, bits, keys), dtype=torch.int32, device=device)
 

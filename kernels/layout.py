@@ -185,7 +185,7 @@ def outlier_slots(head_dim: int, fraction: float) -> int:
     return math.ceil(round(fraction * head_dim, 9)) if fraction > 0 else 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nibble_channels(head_dim: int, keys: bool, bits: int = 3) -> tuple[int, ...]:
     """The channel held by nibble ``n`` of selector ``w``, flattened as ``8 * w + n``.
 
@@ -203,7 +203,7 @@ def nibble_channels(head_dim: int, keys: bool, bits: int = 3) -> tuple[int, ...]
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tile_channels(head_dim: int, keys: bool) -> tuple[int, ...]:
     """The channel at each position of a tile the decode kernel builds: position ``8w + 4y + 2x + z`` is nibble
     ``4x + 2y + z`` of selector ``w`` (the kernel's lookup yields nibbles pairwise; the tile keeps pairs adjacent)."""

@@ -187,7 +187,7 @@ def apply_exact(cache: PackedCache, k, v, begin: int, end: int, length: int | No
         valid = (cache.sink_slot >= 0) & (rel >= 0) & (rel < end - begin)
         col = torch.where(valid, rel, torch.full_like(rel, end - begin))  # invalid ones go to a scratch slot
         idx = col.view(b, 1, n_sink, 1).expand(b, h, n_sink, d)
-        pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 1))  # noqa: E731
+        pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 1))
         k = pad(k).scatter(2, idx, cache.sink_keys.to(dtype))[:, :, : end - begin]
         v = pad(v).scatter(2, idx, cache.sink_values.to(dtype))[:, :, : end - begin]
     if cache.recent_window:

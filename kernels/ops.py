@@ -3,7 +3,6 @@
 the launchers' Python. :func:`decode` and :func:`append` take a :class:`~.layout.PackedCache` and flatten it.
 """
 
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ def _cache(tensors, bits: int, recent_window: int) -> PackedCache:
 
 
 @torch.library.custom_op("kvquant::decode", mutates_args=())
-def _decode(q_rot: torch.Tensor, cache_tensors: list[torch.Tensor], constants: list[torch.Tensor], mask: Optional[torch.Tensor],
+def _decode(q_rot: torch.Tensor, cache_tensors: list[torch.Tensor], constants: list[torch.Tensor], mask: torch.Tensor | None,
             bits: int, recent_window: int, sliding_window: int, block_n: int) -> torch.Tensor:
     from .decode import decode_attention
 
@@ -69,7 +68,7 @@ _MUTATED = ("key_codes", "value_codes", "value_zero", "value_scale", "key_outlie
             "value_outlier_values", "value_outlier_index")
 
 
-def decode(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, mask: Optional[torch.Tensor] = None,
+def decode(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, mask: torch.Tensor | None = None,
            sliding_window: int = 0) -> torch.Tensor:
     """:func:`~.decode.decode_attention` as one operator."""
     return _decode(q_rot, [getattr(cache, n) for n in _CACHE_TENSORS], [getattr(consts, n) for n in _CONSTANTS], mask,

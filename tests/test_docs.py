@@ -26,7 +26,7 @@ HUB_REPOS = ["my-org/my-model"]  # existing repos the docs push into
 
 
 def python_blocks(path) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE)
 
 
 WITH_CODE = [d for d in DOCS if python_blocks(d)]

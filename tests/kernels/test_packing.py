@@ -60,7 +60,7 @@ def test_no_vectors_pack_and_unpack(bits):
 
 
 # ------------------------------------------------------------------------------------------------ reader layout
-from transformers_kvquant.kernels.layout import (  # noqa: E402
+from transformers_kvquant.kernels.layout import (
     nibble_channels,
     pack_codes,
     unpack_codes,

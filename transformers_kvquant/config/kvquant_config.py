@@ -19,7 +19,8 @@ import torch
 
 from ..calibration.fingerprint import ModelFingerprint
 from ..calibration.fit import CalibrationResult, LayerCalibration
-from ..kernels.layout import SUPPORTED_BITS, outlier_slots as head_outlier_slots
+from ..kernels.layout import SUPPORTED_BITS
+from ..kernels.layout import outlier_slots as head_outlier_slots
 from ..quant.quantizer import ChannelKeyQuantizer, TokenQuantizer, outlier_slots
 from .errors import RECALIBRATE, KVQuantConfigError
 from .format import (

@@ -37,7 +37,7 @@ PREFIX = "kvquant_"
 class AttentionContext:
     """What the attention function needs beyond its arguments. A plain object: accelerate never moves it."""
 
-    __slots__ = ("cos", "sin", "layer", "rotary")
+    __slots__ = ("cos", "layer", "rotary", "sin")
 
     def __init__(self, cos, sin, layer, rotary):
         self.cos, self.sin, self.layer, self.rotary = cos, sin, layer, rotary
@@ -83,7 +83,7 @@ def register_attention_functions() -> None:
 
 
 # --------------------------------------------------------------------------------------------- the hook
-_PATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def find_pre_rope_cache(args, kwargs):

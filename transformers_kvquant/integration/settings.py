@@ -49,8 +49,11 @@ class CacheSettings:
 
     @property
     def capacity(self) -> int | None:
-        """Slots of a static cache (whole blocks of the packed layout), None for a growing one."""
-        return round_capacity(self.max_cache_len) if self.static else None
+        """Slots of a static cache (whole blocks of the packed layout; exactly ``max_cache_len`` unquantized, as
+        transformers' StaticCache), None for a growing one."""
+        if not self.static:
+            return None
+        return self.max_cache_len if self.bits == 16 else round_capacity(self.max_cache_len)
 
     def make_store(self, layer_idx: int, dtype: torch.dtype):
         if self.bits == 16:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-
 _TOKEN_DIM = {  # dimension of the slot axis in each packed buffer
     "key_codes": 2,
     "value_codes": 2,

@@ -22,6 +22,7 @@ from ..kernels.layout import pack, packed_words, unpack
 from .quantizer import QuantizedVectors, SparseOutliers
 from .store import KVStore, _nbytes, _SlotBuffers
 
+
 class UncappedPackedStore(KVStore):
     """KVQuant storage with the paper's uncapped key outliers (reference path only): bit-stream codes, per-token
     value ranges, a row-wise CSR of every out-of-range key element, exact sink and recent window."""
