@@ -1,25 +1,26 @@
-"""Instructions per dequantized element in the decode kernel's loops, from its sm_90 SASS (no GPU needed).
+"""Compile every kernel variant for sm_90 without a GPU (Triton's bundled ptxas) and count SASS instructions.
 
-    python benchmarks/sass_count.py [--heads 32 --groups 1 --bits 3 --outliers --block-n 1 --warps 8]
+    python benchmarks/sass_count.py [--out docs/gpu_runs/sass.json] [--quick]
 
-The loops print in code order: key pass, key-outlier entries (with --outliers; "per element" is per entry / 32
-there), max pass, value pass, value outliers (with --outliers), exact tokens.
-
-Compiles ``_decode_kernel`` with Triton's bundled ptxas, finds the loops (backward branches) and prints, for each,
-the thread-instructions per loop iteration divided by the K (pass 1) or V (pass 2) elements one iteration covers,
-with the most frequent opcodes. An H100 issues ~30 T thread-instructions/s, so e.g. 30 per element over the ~1G
-elements of a 128K-token MHA layer-step is ~1 ms: the number to drive down.
+For the decode kernel's two loops (the key pass and the value pass), prints the instructions of one iteration per
+element the iteration decodes (a thread's share of a ``BLOCK_N x head_dim`` tile): the number that decides whether
+decode is memory-bound (docs/kernels.md has the budget). For the append, dequantize, exact-window and combine
+kernels, the total instructions and registers. A compile error fails here instead of on device time.
+Run it with the Triton version of the GPU image (3.6), e.g. in a venv that has it.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from collections import Counter
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -27,65 +28,150 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers_kvquant.kernels import decode
-from transformers_kvquant.kernels.layout import next_pow2, packed_words
+from transformers_kvquant.kernels import append, decode, dequant  # noqa: E402
+from transformers_kvquant.kernels.layout import next_pow2  # noqa: E402
 
-from benchmarks.compile_check import sig_of
+PTR_TYPES = {
+    # decode
+    "qrot_ptr": "*fp32", "pchan_ptr": "*i32", "vchan_ptr": "*i32", "theta_ptr": "*fp32", "offc_ptr": "*fp16",
+    "offs_ptr": "*fp16", "kc_ptr": "*i32", "vc_ptr": "*i32", "ktab_ptr": "*i32", "vtab_ptr": "*i32",
+    "kt16_ptr": "*fp16", "vt16_ptr": "*fp16", "kz_ptr": "*fp32", "ks_ptr": "*fp32", "vz_ptr": "*fp16",
+    "vs_ptr": "*fp16", "kov_ptr": "*fp16", "koi_ptr": "*u8", "vov_ptr": "*fp16", "voi_ptr": "*u8", "pos_ptr": "*i32",
+    "len_ptr": "*i32", "mask_ptr": "*u8", "sink_ptr": "*i64", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
+    "part_o_ptr": "*fp32", "uscr_ptr": "*fp32", "wk_ptr": "*fp16", "wv_ptr": "*fp16", "sk_ptr": "*fp16",
+    "sv_ptr": "*fp16", "out_ptr": "*fp16",
+    # append
+    "k_ptr": "*fp16", "v_ptr": "*fp16", "kchan_ptr": "*i32", "kb_ptr": "*fp32", "vb_ptr": "*fp32",
+    # dequant
+    "codes_ptr": "*i32", "src_ptr": "*i32", "table_ptr": "*fp32", "scale_ptr": "*fp16", "zero_ptr": "*fp16",
+    "ov_ptr": "*fp16", "oi_ptr": "*u8",
+}
+APPEND_OVERRIDES = {"ktab_ptr": "*fp32", "vtab_ptr": "*fp32", "kz_ptr": "*fp32", "ks_ptr": "*fp32", "kc_ptr": "*i32", "vc_ptr": "*i32"}
 
-PTRS = {"q_ptr": "*fp16", "qc_ptr": "*fp16", "qs_ptr": "*fp16", "kc_ptr": "*i32", "vc_ptr": "*i32", "vzero_ptr": "*fp16",
-        "vscale_ptr": "*fp16", "kev_ptr": "*fp16", "vov_ptr": "*fp16", "kec_ptr": "*i16", "voi_ptr": "*i16", "kbeg_ptr": "*i32", "knnz_ptr": "*i64", "pos_ptr": "*i32",
-        "sink_k_ptr": "*fp16", "sink_v_ptr": "*fp16", "sink_slot_ptr": "*i64", "win_k_ptr": "*fp16", "win_v_ptr": "*fp16", "mask_ptr": "*u8"}
+
+def compile_kernel(fn, constexprs: dict, num_warps: int, overrides=None):
+    types = {**PTR_TYPES, **(overrides or {})}
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = types.get(name, "*fp32")
+        else:
+            sig[name] = "i32"
+    div16 = [n for n in fn.arg_names if sig[n].startswith("*")] + [n for n in ("cap",) if n in sig]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+
+
+def sass_of(kernel) -> tuple[str, str]:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return sass, res
+
+
+LINE = re.compile(r"\s+/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z0-9_]+)")
+BRANCH = re.compile(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
+
+
+def loops(sass: str):
+    """(instructions, [loop bodies]) from SASS: a loop is a backward branch's range."""
+    instrs, bodies = [], []
+    for line in sass.splitlines():
+        m = LINE.match(line)
+        if m:
+            instrs.append((int(m.group(1), 16), m.group(2), line))
+    for addr, op, line in instrs:
+        if op == "BRA":
+            t = BRANCH.search(line)
+            if t and int(t.group(1), 16) < addr:
+                lo = int(t.group(1), 16)
+                bodies.append([o for a, o, _ in instrs if lo <= a <= addr])
+    return instrs, bodies
+
+
+def resources(res: str) -> dict:
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    return {"registers": int(regs.group(1)) if regs else None, "stack": int(stack.group(1)) if stack else None}
+
+
+def decode_variant(bits, s, g, d, block_n=64, warps=4):
+    gr = max(2, next_pow2(g))
+    const = dict(G=g, GR=gr, D=d, BITS=bits, S=s, SP=max(1, next_pow2(s)), N_SINK=1, BN=block_n, MASK_KIND=1,
+                 USE_ASM=True, FAST=True, SLOW_PATH=True)
+    k = compile_kernel(decode._decode_packed_kernel, const, warps)
+    sass, res = sass_of(k)
+    instrs, bodies = loops(sass)
+    big = [b for b in bodies if len(b) > 40]
+    per_elem = block_n * d / (32 * warps)  # elements one thread decodes per loop iteration
+    row = {"kernel": "decode", "bits": bits, "outliers": s, "groups": g, "head_dim": d, "block_n": block_n, "warps": warps,
+           "instructions": len(instrs), **resources(res)}
+    # the two main loops are the longest backward branches (key pass first, value pass second)
+    main = sorted(big, key=len, reverse=True)[:2]
+    order = [b for b in big if any(b is m for m in main)]
+    for name, body in zip(("key_pass", "value_pass"), order):
+        row[f"{name}_per_element"] = round(len(body) / per_elem, 2)
+        row[f"{name}_top"] = dict(Counter(body).most_common(6))
+    return row
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--groups", type=int, default=1)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--bits", type=int, default=3)
-    ap.add_argument("--outliers", action="store_true")
-    ap.add_argument("--block-n", type=int)
-    ap.add_argument("--warps", type=int)
-    ap.add_argument("--no-shfl", action="store_true", help="codebook lookups by table loads instead of warp shuffles")
-    a = ap.parse_args()
-    bn, warps = decode.decode_config(a.heads, a.groups, a.head_dim)
-    bn, warps = a.block_n or bn, a.warps or warps
-    fn = decode._decode_kernel
-    const = dict(H=a.heads, HP=next_pow2(a.heads), G=a.groups, GP=next_pow2(a.groups), D=a.head_dim, BITS=a.bits,
-                 W=packed_words(a.head_dim, a.bits), S_PAD=64 if a.outliers else 1, HAS_OUTLIERS=a.outliers, HAS_KEY_OUTLIERS=a.outliers, N_SINK=1, NS_PAD=1,
-                 MASK_KIND=0, BLOCK_N=bn, FAST_TRIG=True, VBN=decode.value_block(a.heads, a.head_dim, warps), SHFL=not a.no_shfl, KBN=decode.key_block(a.heads, a.head_dim, warps), MBN=max(1, 1024 // (next_pow2(a.heads) * next_pow2(a.groups))))
-    src = ASTSource(fn=fn, signature=sig_of(fn, PTRS, const), constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    pat = re.compile(r"\s+/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z0-9_]+)")
-    instrs = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines() if (m := pat.match(line))]
-    loops = []
-    for addr, op, line in instrs:
-        if op == "BRA":
-            t = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1])
-            if t and int(t.group(1), 16) < addr:
-                loops.append((int(t.group(1), 16), addr))
-    # The key and value passes give each thread one unit of 32 elements per iteration (key: 16 RoPE pairs of a
-    # (head, slot); value: a 32-channel group of a (head, slot)), so instructions per element = per-thread body / 32.
-    # Other loops (key-outlier entries: one entry per thread per iteration; the max pass; exact tokens) are listed
-    # with the same division, which is only meaningful for the two passes.
-    elements = 32 * warps * 32
-    print(f"decode H{a.heads} G{a.groups} D{a.head_dim} b{a.bits} outliers={a.outliers} BLOCK_N={bn} warps={warps}: {len(instrs)} instructions")
-    if os.environ.get("SASS_DUMP"):
-        open(os.environ["SASS_DUMP"], "w").write(sass)
-    for lo, hi in loops:
-        body = [op for addr, op, _ in instrs if lo <= addr <= hi]
-        if len(body) < 100:  # helper loops (e.g. a slow path), not a pass over slots
-            continue
-        per = len(body) * warps * 32 / elements
-        print(f"  loop {lo:#x}-{hi:#x}: {len(body)} per thread per iteration = {per:.1f} per element; "
-              + ", ".join(f"{o} {c}" for o, c in Counter(body).most_common(10)))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--quick", action="store_true", help="the benchmark shapes only")
+    args = ap.parse_args()
+    rows, failures = [], []
+    shapes = [(1, 128), (4, 128), (3, 64)] if args.quick else [(1, 128), (2, 128), (4, 128), (8, 128), (3, 64), (1, 64), (5, 64)]
+    for bits, s, (g, d) in itertools.product((2, 3, 4), (0, 1, 2, 3), shapes):
+        try:
+            row = decode_variant(bits, s, g, d)
+            rows.append(row)
+            print(f"decode b{bits} o{s} G{g} D{d}: regs {row['registers']} stack {row['stack']} "
+                  f"key {row.get('key_pass_per_element')} value {row.get('value_pass_per_element')} instr/elem", flush=True)
+        except Exception as e:  # noqa: BLE001 (report every failing variant, then fail)
+            failures.append(f"decode b{bits} o{s} G{g} D{d}: {str(e).splitlines()[-1][:200]}")
+            print("FAIL", failures[-1], flush=True)
+    for (g, d), n_sink in itertools.product(shapes, (0, 1, 4)):
+        const = dict(G=g, GR=max(2, next_pow2(g)), D=d, N_SINK=n_sink, NSP=max(2, next_pow2(max(n_sink, 1))), BW=16, MASK_KIND=1, FAST=True)
+        try:
+            k = compile_kernel(decode._decode_exact_kernel, const, 4)
+            rows.append({"kernel": "exact", "groups": g, "head_dim": d, "sink": n_sink, **resources(sass_of(k)[1])})
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"exact G{g} D{d} sink{n_sink}: {str(e).splitlines()[-1][:200]}")
+    for h, d, bits, s in itertools.product((3, 8, 32), (64, 128), (2, 3, 4), (0, 1, 2)):
+        const = dict(HP=max(2, next_pow2(h)), D=d, BITS=bits, SK=s, SV=s)
+        warps = 4 if h * d <= 2048 else 8
+        try:
+            k = compile_kernel(append._append_kernel, const, warps, APPEND_OVERRIDES)
+            sass, res = sass_of(k)
+            rows.append({"kernel": "append", "heads": h, "head_dim": d, "bits": bits, "outliers": s,
+                         "instructions": len(loops(sass)[0]), **resources(res)})
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"append H{h} D{d} b{bits} o{s}: {str(e).splitlines()[-1][:200]}")
+            print("FAIL", failures[-1], flush=True)
+    for d, bits, s, keys in itertools.product((64, 128), (2, 3, 4), (0, 2), (True, False)):
+        const = dict(W=d * bits // 32, D=d, S=s, BT=64, PER_CHANNEL=keys)
+        over = {"scale_ptr": "*fp32", "zero_ptr": "*fp32"} if keys else {}
+        try:
+            k = compile_kernel(dequant._dequant_kernel, const, 4, over)
+            rows.append({"kernel": "dequant", "head_dim": d, "bits": bits, "outliers": s, "keys": keys, **resources(sass_of(k)[1])})
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"dequant D{d} b{bits} o{s} keys={keys}: {str(e).splitlines()[-1][:200]}")
+            print("FAIL", failures[-1], flush=True)
+    print(f"{len(rows)} variants compiled, {len(failures)} failed", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"triton": triton.__version__, "rows": rows, "failures": failures}, indent=1))
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

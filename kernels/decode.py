@@ -7,7 +7,7 @@ Three launches, fixed shapes whatever the length (the length is read on the devi
    fixed table of in-block offsets while the query is rotated once per block to the block's base position, and
    scores the G query heads of the KV head in one tensor-core dot; key outliers enter as score corrections. Pass 2
    takes ``p = exp2(s - max)`` with the split's final max, folds the per-token value scale into ``p`` and the zero
-   point into a running sum, and accumulates ``V^T p`` in one dot; value outliers as a one-hot product.
+   point into a running sum, and accumulates ``V^T p`` in one dot; value outliers are added after it, atomically.
 2. ``_decode_exact_kernel``: the recent-window ring and the sink tokens, exact.
 3. ``_combine_kernel``: merges the partial softmaxes.
 
@@ -29,7 +29,6 @@ from .triton_common import (
     load_words,
     lookup,
     pad16,
-    pad_rows16,
     selectors,
     sincos,
     tile,
@@ -95,8 +94,6 @@ def _decode_packed_kernel(
     sinks = tl.load(sink_ptr + b * N_SINK + ns, mask=ns < N_SINK, other=-1)
     kc_row = kc_ptr + bh.to(tl.int64) * W * cap
     vc_row = vc_ptr + bh.to(tl.int64) * W * cap
-    NA: tl.constexpr = D // 16
-    MAV: tl.constexpr = max(GR * NA, 16)
     sbase = uscr_ptr + (bh * n_splits + split).to(tl.int64) * (max_split_blocks * BN) * GR  # per-program score scratch
     # ---------------------------------------------------------------- pass 1: keys -> raw scores (scratch)
     # Two passes instead of an online softmax: the key pass keeps a per-lane running max (no cross-warp reduction per
@@ -182,8 +179,6 @@ def _decode_packed_kernel(
     l_acc = tl.zeros((BN, GR), tl.float32)
     z_acc = tl.zeros((BN, GR), tl.float32)
     acc = tl.zeros((D, 16), tl.float32)
-    acc_v = tl.zeros((MAV, 16), tl.float32)
-    rows = tl.arange(0, MAV)
     vw_next = load_words(vc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
     for t0 in range(lo, hi, BN):
         vw = vw_next
@@ -200,20 +195,6 @@ def _decode_packed_kernel(
         v0, v1, v2, v3 = lookup(vsel, vt, vt16_ptr, BITS, USE_ASM)
         v = tile(v0, v1, v2, v3, BN, D)
         acc = tl.dot(tl.trans(v), pv, acc)
-        if S > 0:
-            # value outliers: out[g, 16a + c] += sum over items (t, e) of p[t, g] r[t, e] [a(t,e) == a][c(t,e) == c],
-            # a tensor-core product of two small one-hot factors instead of a scatter
-            ee = tl.arange(0, SP)[None, :]
-            em = live[:, None] & (ee < S)
-            vidx = tl.load(voi_ptr + (bh * S + ee) * cap + t[:, None], mask=em, other=0).to(tl.int32)  # [BN, SP]
-            vres = tl.load(vov_ptr + (bh * S + ee) * cap + t[:, None], mask=em, other=0.0).to(tl.float32)
-            va = vidx // 16
-            vcc = vidx % 16
-            wT = tl.permute(pR[:, None, :] * vres[:, :, None], (2, 0, 1))  # [GR, BN, S]
-            lhs = tl.where(va[None, None, :, :] == tl.arange(0, NA)[None, :, None, None], wT[:, None, :, :], 0.0)
-            lhs = pad_rows16(tl.reshape(lhs, (GR * NA, BN * SP)).to(tl.float16), GR * NA, BN * SP)
-            rhs = tl.reshape(tl.where(vcc[:, :, None] == tl.arange(0, 16)[None, None, :], 1.0, 0.0), (BN * SP, 16)).to(tl.float16)
-            acc_v = tl.dot(lhs, rhs, acc_v)
     l_i = tl.sum(l_acc, 0)
     zs = tl.sum(z_acc, 0)
     tl.store(part_m_ptr + part + gr, m_i)
@@ -227,14 +208,19 @@ def _decode_packed_kernel(
     out_ptrs = part_o_ptr + (part + col_g[None, :]) * D + vchan[:, None]
     tl.store(out_ptrs, acc + z16[None, :], mask=col_real[None, :])
     if S > 0:
+        # value outliers: each adds p[t, g] * residual at its channel of the partial output. Few (S per token and
+        # head), so atomic adds after the dense pass cost far less than any per-element work inside it.
         tl.debug_barrier()
-        real = rows % (MAV // (GR * NA)) == 0
-        rr = rows // (MAV // (GR * NA))
-        rg = rr // NA
-        ra = rr % NA
-        vptrs = part_o_ptr + (part + rg[:, None]) * D + ra[:, None] * 16 + tl.arange(0, 16)[None, :]
-        vm = (real & (rg < G))[:, None]
-        tl.store(vptrs, tl.load(vptrs, mask=vm, other=0.0) + acc_v, mask=vm)
+        ee = tl.arange(0, SP)[None, :, None]
+        g3 = gr[None, None, :]
+        for t0 in range(lo, hi, BN):
+            t = t0 + n
+            live = t < hi
+            pR = tl.exp2(tl.load(sbase + (t - lo)[:, None] * GR + gr[None, :]) - m_safe[None, :])  # [BN, GR]
+            em = live[:, None, None] & (ee < S)
+            vidx = tl.load(voi_ptr + (bh * S + ee) * cap + t[:, None, None], mask=em, other=0).to(tl.int32)  # [BN, SP, 1]
+            vres = tl.load(vov_ptr + (bh * S + ee) * cap + t[:, None, None], mask=em, other=0.0).to(tl.float32)
+            tl.atomic_add(part_o_ptr + (part + g3) * D + vidx, pR[:, None, :] * vres, mask=em & (g3 < G), sem="relaxed")
 
 
 @triton.jit
@@ -354,7 +340,7 @@ def default_splits(cache: PackedCache, block_n: int) -> int:
 
 @on_input_device
 def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, *, mask: torch.Tensor | None = None,
-                     sliding_window: int = 0, n_splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                     sliding_window: int = 0, n_splits: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Attention of one query per row over ``cache``.
 
     ``q_rot``: fp32 ``[B, Hq, D]``, RoPE'd at the query position and scaled by ``softmax_scale * log2(e)`` (and the
@@ -399,7 +385,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
         G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
-        num_warps=num_warps, num_stages=1,
+        num_warps=num_warps or (8 if cache.bits == 4 else 4), num_stages=1,  # 4 bits at 4 warps spill (sass_count.py)
     )
     _decode_exact_kernel[(b * h,)](
         q_rot, consts.inv_freq, window_k, window_v, sink_k, sink_v,
