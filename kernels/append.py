@@ -95,14 +95,15 @@ def _append_kernel(
     err = tl.abs(xn - cent)
     approx = cent * s + z
     for e in tl.static_range(SK):
+        # the largest error; among equal ones the lowest channel (the reference's stable sort)
         m = tl.max(err, 1)
-        pos = tl.min(tl.where(err == m[:, None], pk[None, :], D), 1)
-        res = _pick(x, pos, pk) - _pick(approx, pos, pk)
-        ch = tl.sum(tl.where(pk[None, :] == pos[:, None], chk[None, :], 0), 1)
+        ch = tl.min(tl.where(err == m[:, None], chk[None, :], D), 1)
+        hit = chk[None, :] == ch[:, None]
+        res = tl.sum(tl.where(hit, x - approx, 0.0), 1)
         o = ((b * H + hh) * SK + e).to(tl.int64) * cap + slot
         tl.store(kov_ptr + o, res.to(kov_ptr.dtype.element_ty), mask=hmask & ok)
         tl.store(koi_ptr + o, ch.to(tl.uint8), mask=hmask & ok)
-        err = tl.where(pk[None, :] == pos[:, None], -1.0, err)
+        err = tl.where(hit, -1.0, err)
 
     # ---------------------------------------------------------------- values (channels in order)
     x = tl.load(v_ptr + b * v_sb + hh[:, None] * v_sh + i * v_st + pk[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)

@@ -32,10 +32,11 @@ def split_extremes(v: torch.Tensor, s: int):
     """Drop ``s`` extremes of each vector (last dim): the split into low and high ones that leaves the smallest range.
 
     Returns the remaining max and min ``[...]`` and the dropped indices ``[..., s]`` (high ones first). Ties go to the
-    fewest low ones (the first minimum).
+    lower channel, and between splits to the fewest low ones (what the append kernel does).
     """
-    top_v, top_i = torch.topk(v, s + 1, dim=-1, largest=True)  # descending
-    bot_v, bot_i = torch.topk(v, s + 1, dim=-1, largest=False)  # ascending
+    top_v, top_i = torch.sort(v, dim=-1, descending=True, stable=True)
+    bot_v, bot_i = torch.sort(v, dim=-1, stable=True)
+    top_v, top_i, bot_v, bot_i = top_v[..., : s + 1], top_i[..., : s + 1], bot_v[..., : s + 1], bot_i[..., : s + 1]
     j = torch.arange(s + 1, device=v.device)
     ranges = top_v[..., s - j] - bot_v[..., j]  # j low and s - j high ones dropped
     low = ranges.argmin(-1, keepdim=True)
@@ -62,7 +63,8 @@ def quantize_keys(x, zero, scale, boundaries, table, slots: int):
     """Pre-RoPE keys ``[B, H, T, D]`` with calibrated per-channel ``zero``/``scale`` ``[H, D]``.
 
     Returns codes (uint8), and per (token, head) the ``slots`` channels of largest normalized error (out-of-range
-    elements saturate, so they come first) with their residuals ``x - dequantized`` (16-bit) ``[B, H, T, S]``.
+    elements saturate, so they come first; ties to the lower channel) with their residuals ``x - dequantized``
+    (16-bit) ``[B, H, T, S]``.
     """
     xf = x.float()
     z = zero.float().to(x.device)[None, :, None, :]
@@ -71,7 +73,8 @@ def quantize_keys(x, zero, scale, boundaries, table, slots: int):
     codes = encode(normalized, boundaries)
     centroid = table.float().to(x.device)[codes.long()]
     k = min(slots, x.shape[-1])
-    idx = (normalized - centroid).abs().topk(k, dim=-1).indices if k else codes.new_empty(*codes.shape[:3], 0, dtype=torch.long)
+    error = (normalized - centroid).abs()
+    idx = torch.sort(error, dim=-1, descending=True, stable=True).indices[..., :k]
     return codes, _residuals(xf, centroid * s + z, idx, half_dtype(x.dtype)), idx.to(torch.uint8)
 
 

@@ -24,7 +24,8 @@ def random_cache(
     seed: int = 0,
 ) -> PackedCache:
     """A cache of ``length`` written slots (capacity ``capacity`` or the next whole block): uniform random codes, random
-    sorted codebooks, ranges, ``outliers`` residuals per (token, head) for keys and values, exact window and sink.
+    sorted codebooks, ranges, ``outliers`` residuals per (token, head) for keys and values at random channels, exact
+    window and sink.
 
     ``pads[b]`` left-pad slots of row ``b`` (position 0, before the real tokens, whose positions start at 0, so the
     sink follows the real first token).
@@ -53,9 +54,8 @@ def random_cache(
     if outliers:
         for vals, idx in ((cache.key_outlier_values, cache.key_outlier_index), (cache.value_outlier_values, cache.value_outlier_index)):
             vals.copy_(rnd(*vals.shape, scale=2.0).to(half))
-            # distinct channels per (token, head); unused entries (residual 0) on some
-            order = torch.rand(batch, heads, cap, head_dim, generator=g, device=device).argsort(-1)[..., :outliers]
-            idx.copy_(order.permute(0, 1, 3, 2).to(torch.uint8))
+            # random channels (a repeated one adds up, in the kernels as in the reference); some unused (residual 0)
+            idx.copy_(torch.randint(0, head_dim, idx.shape, generator=g, device=device).to(torch.uint8))
             vals.masked_fill_(torch.rand(vals.shape, generator=g, device=device) < 0.2, 0.0)
     for r in range(batch):
         cache.positions[r, : pads[r]] = 0

@@ -75,3 +75,22 @@ def test_slots_past_the_capacity_are_never_written():
     assert not torch.equal(cache.key_codes[..., 126:], before["key_codes"][..., 126:])
     assert cache.key_codes.shape == before["key_codes"].shape
     assert torch.equal(cache.key_codes[..., :126], before["key_codes"][..., :126])
+
+
+def test_ties_go_to_the_lower_channel_in_both():
+    """Keys exactly at their range's edge (equal errors) and repeated values (equal extremes): the kernel and the
+    reference break ties alike (lower channel), so they store the same outliers."""
+    ref = random_cache(1, 2, 64, 3, 10, outliers=2, device=DEVICE, seed=4)
+    out = random_cache(1, 2, 64, 3, 10, outliers=2, device=DEVICE, seed=4)
+    k = (ref.key_zero + ref.key_scale)[None, :, None, :].repeat(1, 1, 2, 1).clone()  # every key at +1: all tie
+    k[:, :, 1, ::3] = (ref.key_zero - ref.key_scale)[None, :, ::3]
+    v = torch.zeros(1, 2, 2, 64)
+    v[..., 5] = v[..., 9] = v[..., 40] = 3.0  # three equal maxima per head
+    v[..., 7] = v[..., 8] = -2.0
+    k, v = k.to(DEVICE, torch.float16), v.to(DEVICE, torch.float16)
+    pos = torch.tensor([[10, 11]], dtype=torch.int32, device=DEVICE)
+    append_reference(ref, k, v, pos)
+    append_packed(out, k, v, pos)
+    for name in ("key_outlier_index", "value_outlier_index", "key_codes", "value_codes", "value_zero", "value_scale"):
+        assert torch.equal(ref.tensors()[name], out.tensors()[name]), name
+    assert ref.value_outlier_index[0, 0, :, 10].tolist() == [7, 8]  # dropping both lows leaves the smallest range

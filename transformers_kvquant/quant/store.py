@@ -367,9 +367,9 @@ class PackedStore(KVStore):
         elif self.host_length + n > self.capacity:
             self.reserve(max(self.host_length + n, self.capacity + self.capacity // 2))
         if self.uses_kernels():
-            from ..kernels.append import append_packed
+            from ..kernels import ops  # the Triton append as one custom operator (torch.compile does not trace it)
 
-            append_packed(self.cache, keys, values, positions)
+            ops.append(self.cache, keys, values, positions)
         else:
             from ..kernels.naive import append_reference
 
