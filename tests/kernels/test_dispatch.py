@@ -119,3 +119,27 @@ def test_launchers_switch_to_the_inputs_cuda_device(monkeypatch):
     seen.clear()
     launch(cache)
     assert seen == [1]
+
+
+def test_chunked_prefill_without_padding_takes_the_causal_kernel_path(monkeypatch):
+    """A prompt prefilled in chunks with no padding: the kernels' prefill attends with SDPA's bottom-right causal
+    pattern (no mask tensor); the result is the reference path's."""
+    from transformers_kvquant.integration import kernel_dispatch
+
+    calls = []
+    original = kernel_dispatch._causal_chunk
+    monkeypatch.setattr(kernel_dispatch, "_causal_chunk", lambda *a: calls.append(1) or original(*a))
+    model = tiny_llama(layers=1, heads=4, kv_heads=2, head_dim=64).to(DEVICE)
+    cfg = quick_config(model, bits=3, outlier_fraction=0.02)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    logits = {}
+    for backend in ("reference", "triton"):
+        cache = KVQuantCache(model, cfg, backend=backend, max_cache_len=64)
+        with torch.no_grad():
+            for a in range(0, 40, 16):
+                where = torch.arange(a, min(a + 16, 40), device=DEVICE)
+                out = model(ids[:, a : a + 16], attention_mask=torch.ones(1, int(where[-1]) + 1, dtype=torch.long, device=DEVICE),
+                            past_key_values=cache, cache_position=where, position_ids=where[None], use_cache=True)
+        logits[backend] = out.logits
+    assert torch.allclose(logits["reference"], logits["triton"], atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2  # the second and third chunks (the first has no prefix: transformers passes no mask)

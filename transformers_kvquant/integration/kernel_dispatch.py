@@ -114,6 +114,42 @@ def fused_attention(layer, module, query, attention_mask, ctx, inner, **kwargs):
     end = store.length  # a host value (in a static cache after compiled steps, one synchronization per prefill)
     k, v = store.read(begin, end)
     cos_k, sin_k = key_rotation(ctx.rotary, k, store.cache.positions[:, begin:end])
+    k = apply_rope(k, cos_k, sin_k)
     if isinstance(attention_mask, torch.Tensor):
         attention_mask = attention_mask[..., begin:end] if store.static else attention_mask[..., : end - begin]
-    return inner(module, q, apply_rope(k, cos_k, sin_k), v, attention_mask, **kwargs)
+        if window == 0 and _plain_causal(attention_mask):
+            # a chunk after a prefix without padding: the causal pattern aligned at the bottom right, which SDPA's
+            # flash and efficient kernels take without materializing a mask
+            return _causal_chunk(q, k, v, scaling), None
+    return inner(module, q, k, v, attention_mask, **kwargs)
+
+
+_VERDICT: list = [None, None]  # (weak reference to the last mask checked, whether it was plain causal)
+
+
+def _plain_causal(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` ``[B, 1, q, kv]`` is the bottom-right-aligned causal pattern in every row (checked once per
+    mask: every layer of a forward receives the same one)."""
+    import weakref
+
+    last = _VERDICT[0]() if _VERDICT[0] is not None else None
+    if last is mask:
+        return _VERDICT[1]
+    q, kv = mask.shape[-2], mask.shape[-1]
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    expected = torch.ones(q, kv, dtype=torch.bool, device=mask.device).tril(kv - q)
+    verdict = bool((allowed == expected).all())
+    _VERDICT[0], _VERDICT[1] = weakref.ref(mask), verdict
+    return verdict
+
+
+def _causal_chunk(q, k, v, scaling):
+    """Attention of a chunk of queries over keys that end with the chunk's own: [B, q, Hq, D]."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scaling)
+    return out.transpose(1, 2).contiguous()
