@@ -42,6 +42,8 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=256, rope_theta=10000.0),  # a CPU dry run of the same code
 }
 GIB = 2**30
+SKIP: set = set()  # --skip: rows ("name:eager" / "name:compiled") not to run
+BACKEND = "inductor"  # --compile-backend: "inductor" (mode="reduce-overhead") or "cudagraphs" (no kernel fusion)
 
 
 def make_model(shape: str):
@@ -160,8 +162,13 @@ def decode_ms(model, cache, batch: int, context: int, steps: int, compiled: bool
         key = id(cache)
         if key not in forward_cache:
             forward_cache.clear()
-            forward_cache[key] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True,
-                                               **({} if DEV == "cuda" else {"backend": "aot_eager"}))
+            if DEV != "cuda":
+                options = {"backend": "aot_eager"}
+            elif BACKEND == "inductor":
+                options = {"mode": "reduce-overhead"}
+            else:
+                options = {"backend": BACKEND}
+            forward_cache[key] = torch.compile(model.forward, fullgraph=True, **options)
         forward = forward_cache[key]
     else:
         forward = model.forward
@@ -280,10 +287,10 @@ def stage_decode(run, model, shape, contexts, steps, configs):
             guarded(run, {"shape": shape, "cache": "fp16-static", "compiled": True, "context": context}, lambda: fp16_static(context))
     for name, context in [("kvquant-3", c) for c in contexts] + [("fp16-dynamic", contexts[0]), ("quanto-int4", contexts[0]),
                                                                 ("quanto-int2", contexts[0])]:
-        if run.left() > 45:
+        if run.left() > 45 and f"{name}:eager" not in SKIP:
             guarded(run, {"shape": shape, "cache": name, "compiled": False, "context": context}, lambda: eager(name, context))
     for bits in (4, 2):
-        if run.left() > 120:
+        if run.left() > 120 and f"kvquant-{bits}:compiled" not in SKIP:
             guarded(run, {"shape": shape, "cache": f"kvquant-{bits}", "compiled": True}, lambda: kvquant_compiled(bits, contexts[:1]))
 
 
@@ -404,7 +411,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--capacity", default="nuq2:2080000,nuq3-1%:1250000")
     ap.add_argument("--budget", type=float, default=1e9)
+    ap.add_argument("--skip", default="", help="rows to leave out, e.g. quanto-int4:eager,kvquant-2:compiled")
+    ap.add_argument("--compile-backend", default="inductor", choices=("inductor", "cudagraphs"),
+                    help="cudagraphs: torch.compile's CUDA-graph backend without inductor (compiles in seconds)")
     args = ap.parse_args()
+    global BACKEND
+    BACKEND = args.compile_backend
+    SKIP.update(filter(None, args.skip.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
     run = Run(args.out, args.budget)
     contexts = [int(c) for c in args.contexts.split(",")]

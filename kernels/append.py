@@ -167,6 +167,11 @@ def _channels(head_dim: int, device: str) -> torch.Tensor:
     return torch.tensor(nibble_channels(head_dim, True), dtype=torch.int32, device=device)
 
 
+def prepare(head_dim: int, device) -> None:
+    """Make the kernel's device tables for ``head_dim`` now (call outside compiled or captured code)."""
+    _channels(head_dim, str(device))
+
+
 @on_input_device
 def append_codes(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Quantize and pack ``keys``/``values`` ``[B, H, T, D]`` into slots ``length .. length + T`` (codes, ranges,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..calibration.support import check_supported
+from ..calibration.support import check_supported, find_rotary
 from ..quant.memory import MemoryReport, store_report
 from . import kernel_dispatch
 from .patch import patch_model
@@ -33,10 +33,11 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         "transformers_kvquant.patch_model(model) first."
     )
 
-    def __init__(self, settings: CacheSettings, layer_idx: int):
+    def __init__(self, settings: CacheSettings, layer_idx: int, rotary=None):
         super().__init__()
         self.settings = settings
         self.layer_idx = layer_idx
+        self.rotary = rotary  # the model's rotary embedding (its frequencies go into the kernels' tables)
         self.store = None
         self._staged = None
         self._returned_begin = 0  # first slot of the keys returned by the last update
@@ -59,6 +60,14 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         if self.settings.max_length and not self.static:
             self.store.reserve(self.settings.max_length)
         self.is_initialized = True
+        try:
+            use = self.uses_kernels
+        except kernel_dispatch.KernelUnavailableError:
+            self._kernels = None  # raised again, where it belongs, when attention asks for the kernels
+            use = False
+        if use and self.rotary is not None:
+            # the kernels' tables now, outside any compiled step (a CUDA graph must not allocate what outlives it)
+            kernel_dispatch.prepare(self, self.rotary, key_states.device)
 
     def update(self, key_states, value_states, *args, **kwargs):
         positions = self.take_staged_positions(key_states.shape[-2])
@@ -171,8 +180,8 @@ class KVQuantSlidingWindowLayer(KVQuantLayer):
 
     is_sliding = True
 
-    def __init__(self, settings: CacheSettings, layer_idx: int, sliding_window: int):
-        super().__init__(settings, layer_idx)
+    def __init__(self, settings: CacheSettings, layer_idx: int, sliding_window: int, rotary=None):
+        super().__init__(settings, layer_idx, rotary)
         self.sliding_window = sliding_window
         self.record_past = False
 
@@ -244,12 +253,13 @@ class KVQuantCache(PreRopeCache):
         settings = resolve_settings(model, config, cache_config)
         patch_model(model)
         text = model.config.get_text_config(decoder=True)
+        rotary = find_rotary(model)
         layers = []
         for idx, (layer_type, kwargs) in enumerate(_layer_types(text)):
             if layer_type == "full_attention":
-                layers.append(KVQuantLayer(settings, idx))
+                layers.append(KVQuantLayer(settings, idx, rotary))
             elif layer_type == "sliding_attention":
-                layers.append(KVQuantSlidingWindowLayer(settings, idx, kwargs["sliding_window"]))
+                layers.append(KVQuantSlidingWindowLayer(settings, idx, kwargs["sliding_window"], rotary))
             else:
                 raise ValueError(f"layer {idx} has type {layer_type!r}; the KVQuant cache supports full and sliding attention")
         super().__init__(layers=layers)

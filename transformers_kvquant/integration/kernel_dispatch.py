@@ -64,12 +64,22 @@ def kernels_enabled(settings, store) -> bool:
     return packed and device.type == "cuda" and _triton_importable() and supported_head_dim(store.head_dim, store.bits)
 
 
+def prepare(layer, rotary, device) -> None:
+    """Make the layer's kernel tables (decode, append) once, when its store is created: never inside a compiled
+    step, where a CUDA graph would own tensors that outlive it."""
+    from ..kernels.append import prepare as prepare_append
+
+    prepare_append(layer.store.head_dim, device)
+    _constants(layer, rotary, device)
+
+
 def _constants(layer, rotary, device):
-    """The layer's decode tables (made once; remade when the store reallocates its tensors)."""
+    """The layer's decode tables: they depend on the codebooks and the frequencies only, so they stay valid when
+    the store regrows or reorders its rows (the codebook tensors travel unchanged)."""
     store = layer.store
     consts = getattr(layer, "_kernel_constants", None)
-    if consts is None or consts[0] is not store.cache:
-        consts = (store.cache, kernel_constants(store.cache, rotary.inv_freq.to(device), BLOCK_N))
+    if consts is None or consts[0] is not store.cache.key_table:
+        consts = (store.cache.key_table, kernel_constants(store.cache, rotary.inv_freq.to(device), BLOCK_N))
         layer._kernel_constants = consts
     return consts[1]
 
