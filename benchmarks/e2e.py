@@ -42,6 +42,7 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=256, rope_theta=10000.0),  # a CPU dry run of the same code
 }
 GIB = 2**30
+CAPACITY_STEP = 0.96  # --capacity-step: the next context tried when one does not fit
 SKIP: set = set()  # --skip: rows ("name:eager" / "name:compiled") not to run
 BACKEND = "inductor"  # --compile-backend: "inductor" (mode="reduce-overhead") or "cudagraphs" (no kernel fusion)
 
@@ -281,7 +282,8 @@ def stage_decode(run, model, shape, contexts, steps, configs):
             cache = fill_fp16(model, name, 1, context, context + steps + 8)
         timed_row(run, model, shape, name, False, cache, context, steps, {})
 
-    guarded(run, {"shape": shape, "cache": "kvquant-3", "compiled": True}, lambda: kvquant_compiled(3, contexts))
+    if "kvquant-3:compiled" not in SKIP:
+        guarded(run, {"shape": shape, "cache": "kvquant-3", "compiled": True}, lambda: kvquant_compiled(3, contexts))
     for context in contexts:
         if run.left() > 90:
             guarded(run, {"shape": shape, "cache": "fp16-static", "compiled": True, "context": context}, lambda: fp16_static(context))
@@ -301,7 +303,7 @@ def stage_ttft(run, model, shape, tokens, chunk, configs):
 
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), device=DEV)
     for name in ("fp16-dynamic", "kvquant-3"):
-        if run.left() < 40:
+        if run.left() < 40 or f"{name}:ttft" in SKIP:
             continue
         try:
             for attempt in range(2):  # the first run compiles the kernels
@@ -391,7 +393,7 @@ def stage_capacity(run, model, shape, configs, targets):
                 break
             except torch.OutOfMemoryError:
                 print(f"{name}: {context} tokens do not fit", flush=True)
-                context = int(context * 0.96) // 128 * 128
+                context = int(context * CAPACITY_STEP) // 128 * 128
             finally:
                 cache = None
                 free()
@@ -411,6 +413,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--capacity", default="nuq2:2080000,nuq3-1%:1250000")
     ap.add_argument("--budget", type=float, default=1e9)
+    ap.add_argument("--capacity-step", type=float, default=0.96)
     ap.add_argument("--skip", default="", help="rows to leave out, e.g. quanto-int4:eager,kvquant-2:compiled")
     ap.add_argument("--compile-backend", default="inductor", choices=("inductor", "cudagraphs"),
                     help="cudagraphs: torch.compile's CUDA-graph backend without inductor (compiles in seconds)")
@@ -418,6 +421,8 @@ def main() -> None:
     global BACKEND
     BACKEND = args.compile_backend
     SKIP.update(filter(None, args.skip.split(",")))
+    global CAPACITY_STEP
+    CAPACITY_STEP = args.capacity_step
     args.out.mkdir(parents=True, exist_ok=True)
     run = Run(args.out, args.budget)
     contexts = [int(c) for c in args.contexts.split(",")]
