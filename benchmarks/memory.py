@@ -1,17 +1,14 @@
 """KV-cache bytes against context length on SmolLM2-135M: fp16 DynamicCache, HF QuantizedCache, KVQuant 4/3/2.
 
 Every number is the real size of the tensors a filled cache holds: for ``KVQuantCache`` its ``memory_report()``
-(packed codes, per-token value ranges, value outliers, the row-wise CSR key outliers, int32 positions, the exact
-sink copies), checked against the bytes of every tensor reachable from each layer store (the slot buffers and the
-CSR entry buffers ``key_entry_values`` / ``key_entry_channels`` / ``key_nnz``); for transformers' caches the bytes
-of their key, value and quantized tensors. Nothing is estimated from a formula.
+(packed codes, per-token value ranges, bounded outliers, int32 positions, the device length, the exact sink
+copies), checked against the bytes of every tensor reachable from each layer store (its ``PackedCache``, the
+calibration constants aside); for transformers' caches the bytes of their key, value and quantized tensors.
+Nothing is estimated from a formula.
 
-Outliers: values keep exactly S = ceil(fraction x channels) outliers per token (a 16-bit value and an int16 channel
-index each). Keys keep *every* element outside its channel's calibrated range exactly, uncapped, in a row-wise CSR
-layout: an int32 begin per token (``key_outlier_begin``), a 16-bit value and an int16 channel per entry, and an
-int64 entry count per row (``key_nnz``). So the key-outlier bytes depend on the data, on how the stored keys fall
-against the calibrated ranges, not only on the shapes. The script reports the measured share of key elements kept
-exactly (from each layer store's ``key_outliers()``, checked against ``key_nnz``) next to the bytes.
+Outliers (the cache's bounded layout): S = ceil(fraction x head_dim) per token and KV head, for keys and for values
+(a 16-bit residual and a uint8 channel each), so bytes per token are a constant of the config; the share of key
+elements kept exactly is S / head_dim whatever the text.
 
 How the caches are filled: the pre-RoPE keys and values of SmolLM2 on the first ``--capture`` tokens of the
 shipped C4 calibration slice are taken from a ``bits=16`` KVQuantCache, cast to fp16 (the KV dtype of an fp16
@@ -63,6 +60,9 @@ def tensor_bytes(t) -> int:
     return sum(tensor_bytes(getattr(t, n)) for n in names)
 
 
+CONSTANTS = {"key_table", "value_table", "key_bounds", "value_bounds", "key_zero", "key_scale"}  # the config's, per layer
+
+
 def storage_bytes(obj, seen=None) -> int:
     """Bytes of the distinct storages of every tensor among ``obj``'s attributes (one level of containers).
 
@@ -77,6 +77,8 @@ def storage_bytes(obj, seen=None) -> int:
     for value in values:
         if hasattr(value, "tensors") and isinstance(value.tensors, dict):  # slot buffers
             values.extend(value.tensors.values())
+        elif hasattr(value, "key_codes") and callable(getattr(value, "tensors", None)):  # a PackedCache
+            values.extend(t for n, t in value.tensors().items() if n not in CONSTANTS)
     for value in values:
         if isinstance(value, torch.Tensor):
             storage = value.untyped_storage()
@@ -130,17 +132,10 @@ def kvquant_cache_bytes(model, config, keys, values, length) -> tuple[int, int, 
 
 
 def key_outlier_count(store) -> tuple[int, int]:
-    """(key elements kept exactly as CSR entries, key elements of the packed slots) of one layer store.
-
-    Read through the store's ``key_outliers()`` (the entries the attention path scatters back) and checked
-    against its per-row entry count ``key_nnz`` (no slot is evicted here, so every entry is live).
-    """
-    packed = store.packed_length - store.start
-    elements = store.batch * store.heads * store.head_dim * packed
-    entries = store.key_outliers().values.numel()
-    if entries != int(store.key_nnz.sum()):
-        raise AssertionError(f"key_outliers() has {entries} entries, key_nnz counts {int(store.key_nnz.sum())}")
-    return entries, elements
+    """(key elements kept exactly, key elements stored) of one layer store: S per token and head."""
+    c = store.cache
+    tokens = store.length
+    return store.batch * store.heads * c.key_outlier_index.shape[2] * tokens, store.batch * store.heads * store.head_dim * tokens
 
 
 def constant_bytes(config) -> int:
@@ -276,7 +271,7 @@ def measure(lengths, capture_tokens, calib_samples, calib_seqlen, config_source=
         "capture_tokens": keys[0].shape[2],
         "calibration_windows": windows,
         "calibration_constant_bytes": {_variant(b, f): constant_bytes(c) for (b, f), c in configs.items()},
-        "outlier_slots": {str(f): configs[(3, f)].slots for f in (0.01, 0.0)},  # str: the keys survive JSON
+        "outlier_slots": {str(f): configs[(3, f)].head_slots for f in (0.01, 0.0)},  # str: the keys survive JSON
         "quanto": quanto_problem,
         "torch": torch.__version__,
         "rows": rows,
@@ -442,9 +437,9 @@ def write_doc(result: dict) -> None:
             BEGIN,
             (
                 f"Generated by `{result['command']}` (torch {result['torch']}; batch 1; fp16 keys and values; "
-                f"sink {result['sink_tokens']} token; value outliers per token: {result['outlier_slots']['0.01']} at 1%, "
-                f"{result['outlier_slots']['0.0']} without; key outliers: every element outside its channel's calibrated "
-                "range, kept exactly as a CSR entry, at 1%; none without, where keys are clipped to the ranges)."
+                f"sink {result['sink_tokens']} token; outliers per token and KV head, for keys and for values: "
+                f"{result['outlier_slots']['0.01']} at 1%, {result['outlier_slots']['0.0']} without, where keys are "
+                "clipped to the ranges)."
             ),
             "",
             "**At 8,192 tokens**",

@@ -44,6 +44,17 @@ def environment() -> dict:
     return info
 
 
+def outlier_rows(model):
+    """(label, method): fp and every 1% config with the bounded outliers the cache stores and the paper's uncapped."""
+    from transformers_kvquant.evaluation.perplexity import make_method
+
+    rows = [("fp", None)]
+    for bits in (4, 3, 2):
+        for layout in ("bounded", "uncapped"):
+            rows.append((f"kvquant {bits}-bit 1% {layout}", make_method("kvquant", model, bits=bits, outlier_fraction=0.01, outliers=layout)))
+    return rows
+
+
 def ppl_rows(model):
     """(label, method) for every row of the table."""
     from transformers_kvquant.evaluation.perplexity import make_method
@@ -83,7 +94,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
         "c4": load_text(args.c4, parse_documents("150:")),
     }
     out = {}
-    rows = ppl_rows(model)
+    rows = outlier_rows(model) if args.rows == "outliers" else ppl_rows(model)
     partial = Path(args.out) / "ppl.partial.json"
     for name, text in datasets.items():
         windows = token_windows(tokenizer, text, 2048, args.windows)
@@ -145,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--c4", default=str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"))
     parser.add_argument("--windows", type=int, default=80)
+    parser.add_argument("--rows", default="table", choices=("table", "outliers"),
+                        help="ppl stage: the results table, or bounded vs uncapped outliers at every width")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--documents", type=int, default=8)

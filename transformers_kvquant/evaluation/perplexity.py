@@ -76,7 +76,8 @@ def evaluate_perplexity(model, windows: torch.Tensor, method: SimulatedMethod | 
 
 
 def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fraction: float | None = None, config=None,
-                ablation: str | None = None, recent_window: int | None = None, sink_tokens: int | None = None) -> SimulatedMethod | None:
+                ablation: str | None = None, recent_window: int | None = None, sink_tokens: int | None = None,
+                outliers: str = "bounded") -> SimulatedMethod | None:
     """Build an evaluation method. ``kvquant`` takes a config (object, path or repo) or finds the shipped one."""
     if kind == "fp":
         return None
@@ -113,7 +114,9 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
         cfg = with_uniform_codebooks(cfg)
     label = cfg.name + (f" ({ablation})" if ablation else "")
     sink = 0 if ablation == "no-sink" else sink_tokens
-    method = KVQuantMethod(cfg, sink_tokens=sink, recent_window=recent_window, label=label)
+    if outliers != "bounded":
+        label += f" ({outliers} outliers)"
+    method = KVQuantMethod(cfg, sink_tokens=sink, recent_window=recent_window, label=label, outliers=outliers)
     method.source = source
     return method
 

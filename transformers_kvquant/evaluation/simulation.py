@@ -27,6 +27,7 @@ from ..quant.codebook import uniform_codebook
 from ..quant.memory import store_report
 from ..quant.quantizer import TokenQuantizer, fake_quantize, half_dtype
 from ..quant.store import PackedStore
+from ..quant.uncapped_store import UncappedPackedStore
 
 
 class SimulatedMethod:
@@ -52,13 +53,18 @@ class SimulatedMethod:
 class KVQuantMethod(SimulatedMethod):
     """KVQuant from a calibrated config; ``codebook="uniform"``/``sink_tokens=0`` give two of the ablations."""
 
-    def __init__(self, config: KVQuantConfig, *, sink_tokens: int | None = None, recent_window: int | None = None, label: str | None = None):
+    def __init__(self, config: KVQuantConfig, *, sink_tokens: int | None = None, recent_window: int | None = None, label: str | None = None,
+                 outliers: str = "bounded"):
+        if outliers not in ("bounded", "uncapped"):
+            raise ValueError(f"outliers must be 'bounded' or 'uncapped', got {outliers!r}")
         self.config = config
+        self.outliers = outliers
         self.sink_tokens = config.sink_tokens if sink_tokens is None else sink_tokens
         self.window = config.recent_window if recent_window is None else recent_window
         self.post_rope = config.key_rope == "post"
-        self._key_q = [config.key_quantizer(i) for i in range(len(config.layers))]
-        self._value_q = [config.value_quantizer(i) for i in range(len(config.layers))]
+        bounded = outliers == "bounded"
+        self._key_q = [config.key_quantizer(i, bounded=bounded) for i in range(len(config.layers))]
+        self._value_q = [config.value_quantizer(i, bounded=bounded) for i in range(len(config.layers))]
         self.name = label or config.name
 
     def keys_pre_rope(self, layer, keys):
@@ -74,9 +80,11 @@ class KVQuantMethod(SimulatedMethod):
         """Bits per element of a real store holding ``tokens`` tokens of a 16-bit model (sink, window included).
 
         Keys are drawn so that the configured outlier fraction of them falls outside layer 0's calibrated ranges
-        (what the calibration aims for), since every out-of-range key element is stored exactly.
+        (what the calibration aims for): the uncapped layout stores every out-of-range key element exactly (the
+        bounded one a fixed number per token, whatever the keys).
         """
-        store = PackedStore(self._key_q[0], self._value_q[0], self.config.bits, self.sink_tokens, self.window)
+        kind = PackedStore if self.outliers == "bounded" else UncappedPackedStore
+        store = kind(self._key_q[0], self._value_q[0], self.config.bits, self.sink_tokens, self.window)
         g = torch.Generator().manual_seed(0)
         frac = self.config.outlier_fraction
         spread = 1 / torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - frac / 2)).item() if frac else 0.25
