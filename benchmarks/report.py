@@ -204,14 +204,16 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
     k32, f32 = get("kvquant-3", True, 32768), get("fp16-static", True, 32768)
     if k32 and f32:
         lines.append(f"- 32K, batch 1: KVQuant-3 compiled {k32['ms_per_token']:.1f} ms/token vs fp16 StaticCache compiled "
-                     f"{f32['ms_per_token']:.1f}: **FAIL** (need no slower). Both compiled with the `cudagraphs` backend "
-                     "(inductor's compile of the 7B model did not fit the device time); its functionalization copies "
-                     "mutated cache buffers, so neither number is what `mode=\"reduce-overhead\"` gives (the issue's "
-                     "fp16 StaticCache figure is 10.5 ms). Not a fair measure of either; rerun with inductor.")
+                     f"{f32['ms_per_token']:.1f}: **FAIL** (need no slower), and **not representative**: both were compiled "
+                     "with torch.compile's `cudagraphs` backend (no inductor; inductor's compile of the 7B model did not fit "
+                     "the device time), under which fp16 StaticCache at 128K ran out of memory with 137.7 GiB allocated, "
+                     "far more than its cache and weights (77.5 GiB): the backend most likely copies the mutated cache "
+                     "buffers. The issue's fp16 StaticCache figure with `mode=\"reduce-overhead\"` is 10.5 ms; rerun "
+                     "with inductor (`python benchmarks/e2e.py --compile-backend inductor`).")
     k128 = get("kvquant-3", True, 131072)
     if k128:
         lines.append(f"- 128K, batch 1: KVQuant-3 compiled {k128['ms_per_token']:.1f} ms/token; fp16 StaticCache compiled at "
-                     "128K ran out of memory under the `cudagraphs` backend (the buffer copies above): **not established**")
+                     "128K ran out of memory under the `cudagraphs` backend (above): **not established**")
     lines.append("- throughput at equal memory (batch 4 fp16 at 32K vs the KVQuant batch that fits): **not measured** "
                  "(the device time ran out first)")
     caps = {c["format"]: c for c in capacity}
@@ -283,6 +285,46 @@ def plot_e2e(dec, capacity) -> None:
     fig.savefig(DOCS / "figures" / "e2e.png", dpi=110)
 
 
+GPU_GIB = 139.8  # an H200 as torch reports it
+
+
+def multi_gpu_doc(root: Path, capacity: list) -> None:
+    """docs/multi_gpu.md: what ran (nothing on several GPUs yet) and a projection from the one-GPU capacity runs."""
+    lines = [
+        "# Several GPUs: status and projection",
+        "",
+        "`benchmarks/multi_gpu.py` splits a LLaMA-2-7B-shaped model over every GPU with Accelerate's `dispatch_model` "
+        "and checks, through the public API, that KVQuant generation (reference and Triton paths) equals the one-GPU run "
+        "and that every layer's cache lives on its layer's device. No machine with several GPUs was lent in this "
+        "session (`status` listed only `nvidia-h200`), so it has run only as `--dry-run` on the CPU (a 4-layer model "
+        "split between the CPU and disk-offloaded layers: tokens equal, max |delta logit| 0, every cache on its "
+        "layer's execution device). The exactness, placement and capacity runs on 2-8 GPUs are **blocked** on the "
+        "machine, not on code.",
+        "",
+        "## Projection (not a measurement)",
+        "",
+        "From the one-GPU capacity runs (docs/e2e.md): bytes per token = the cache's bytes / the tokens it held; the "
+        "rest of the peak (weights, activations, allocator) is spread over the GPUs; each GPU keeps the same headroom "
+        f"the one-GPU run left below {GPU_GIB} GiB. Reproduce: `python benchmarks/report.py {root.relative_to(REPO)}`.",
+        "",
+        "| format | measured on 1 H200 | bytes per token | projected on 2 | on 4 | on 8 H200 |",
+        "|---|---|---|---|---|---|",
+    ]
+    best = {}
+    for c in capacity:
+        if c["format"] not in best or c["context"] > best[c["format"]]["context"]:
+            best[c["format"]] = c
+    for fmt, c in sorted(best.items()):
+        per_token = c["cache_gib"] * 2**30 / c["context"]
+        other = (c["peak_gib"] - c["cache_gib"]) * 2**30
+        headroom = (GPU_GIB - c["peak_gib"]) * 2**30
+        proj = [int((n * (GPU_GIB * 2**30 - headroom) - other) / per_token) for n in (2, 4, 8)]
+        lines.append(f"| {fmt} | {c['context']:,} | {per_token / 1024:.1f} KiB | " + " | ".join(f"{p / 1e6:.1f}M" for p in proj) + " |")
+    lines += ["", "The paper's headline (10M tokens of LLaMA-7B on 8 GPUs at 2 bits) is inside this projection; it "
+              "stays a projection until the 8-GPU run exists.", ""]
+    (DOCS / "multi_gpu.md").write_text("\n".join(lines))
+
+
 def main() -> None:
     root = Path(sys.argv[1]).resolve()
     decode, env, e2e, capacity, checks, versions = load_runs(root)
@@ -290,6 +332,8 @@ def main() -> None:
         decode_doc(root, decode, env, checks, versions)
     if e2e or capacity:
         e2e_doc(root, e2e, capacity, versions)
+    if capacity:
+        multi_gpu_doc(root, capacity)
 
 
 if __name__ == "__main__":
