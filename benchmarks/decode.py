@@ -78,7 +78,6 @@ def copy_bandwidth(timer: Timer) -> float:
     a = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     us = timer(lambda: b.copy_(a))
-    del a, b
     return 2 * 2 * 2**30 / us / 1e3
 
 
@@ -97,39 +96,39 @@ def fp16_sdpa(hq, hkv, d, batch, context, timer):
         except RuntimeError:
             continue
         best = min(best, (us, backend.name))
-    nbytes = k.nbytes + v.nbytes
-    del q, k, v
-    torch.cuda.empty_cache()
-    return best[0], best[1], nbytes
+    return best[0], best[1], k.nbytes + v.nbytes
 
 
 def kvquant_decode(hq, hkv, d, batch, context, fmt, timer):
     """(µs, bytes) of the packed-cache decode (three launches) at ``context`` tokens."""
-    from transformers_kvquant.integration.kernel_dispatch import BLOCK_N
     from transformers_kvquant.kernels.decode import decode_attention
-    from transformers_kvquant.kernels.layout import kernel_constants, nbytes, outlier_slots
+    from transformers_kvquant.kernels.layout import (
+        kernel_constants,
+        nbytes,
+        outlier_slots,
+    )
     from transformers_kvquant.kernels.rope import rope_inv_freq
     from transformers_kvquant.kernels.synthetic import random_cache
+
+    from transformers_kvquant.integration.kernel_dispatch import BLOCK_N
 
     bits, fraction = parse_format(fmt)
     cache = random_cache(batch, hkv, d, bits, context, outliers=outlier_slots(d, fraction), sink_tokens=1, device="cuda", seed=1)
     consts = kernel_constants(cache, rope_inv_freq(d).cuda(), BLOCK_N)
     q = torch.randn(batch, hq, d, device="cuda") * 0.1
     us = timer(lambda: decode_attention(q, cache, consts))
-    read = sum(v for k, v in nbytes(cache, context).items() if k not in ("sink", "length"))
-    del cache, consts
-    torch.cuda.empty_cache()
-    return us, read
+    return us, sum(v for k, v in nbytes(cache, context).items() if k not in ("sink", "length"))
 
 
 def append_cost(hq, hkv, d, batch, context, fmt, timer):
     """(append µs, decode µs) of one new token per row into a cache of ``context`` tokens."""
-    from transformers_kvquant.integration.kernel_dispatch import BLOCK_N
     from transformers_kvquant.kernels.append import append_packed
     from transformers_kvquant.kernels.decode import decode_attention
     from transformers_kvquant.kernels.layout import kernel_constants, outlier_slots
     from transformers_kvquant.kernels.rope import rope_inv_freq
     from transformers_kvquant.kernels.synthetic import random_cache
+
+    from transformers_kvquant.integration.kernel_dispatch import BLOCK_N
 
     bits, fraction = parse_format(fmt)
     cache = random_cache(batch, hkv, d, bits, context, outliers=outlier_slots(d, fraction), capacity=context + 128,
@@ -146,8 +145,6 @@ def append_cost(hq, hkv, d, batch, context, fmt, timer):
     consts = kernel_constants(cache, rope_inv_freq(d).cuda(), BLOCK_N)
     q = torch.randn(batch, hq, d, device="cuda") * 0.1
     decode_us = timer(lambda: decode_attention(q, cache, consts))
-    del cache
-    torch.cuda.empty_cache()
     return append_us, decode_us
 
 
@@ -190,8 +187,10 @@ def main() -> None:
                     print(f"budget reached: skipping {shape} batch {batch} {context}", flush=True)
                     continue
                 fp_us, backend, fp_bytes = fp16_sdpa(hq, hkv, d, batch, context, timer)
+                torch.cuda.empty_cache()  # each case allocates its own tensors; give the last ones back
                 for fmt in formats:
                     us, read = kvquant_decode(hq, hkv, d, batch, context, fmt, timer)
+                    torch.cuda.empty_cache()
                     row = {
                         "shape": shape, "batch": batch, "context": context, "format": fmt,
                         "fp16_us": round(fp_us, 2), "kvquant_us": round(us, 2), "speedup": round(fp_us / us, 3),

@@ -185,7 +185,7 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
     }, indent=1))
     dec = [r for r in measured if r.get("ms_per_token")]
     ttft = [r for r in measured if r.get("ttft_s")]
-    get = lambda cache, compiled, ctx: next((r for r in dec if r["cache"] == cache and r["compiled"] == compiled and r["context"] == ctx), None)  # noqa: E731
+    get = lambda cache, compiled, ctx: next((r for r in dec if r["cache"] == cache and r["compiled"] == compiled and r["context"] == ctx), None)
     lines = [
         "# End to end: decode speed, time to first token and capacity (LLaMA-2-7B shape, random fp16 weights)",
         "",

@@ -30,8 +30,8 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers_kvquant.kernels import append, decode, dequant  # noqa: E402
-from transformers_kvquant.kernels.layout import next_pow2  # noqa: E402
+from transformers_kvquant.kernels import append, decode, dequant
+from transformers_kvquant.kernels.layout import next_pow2
 
 PTR_TYPES = {
     # decode

@@ -367,7 +367,9 @@ class PackedStore(KVStore):
         elif self.host_length + n > self.capacity:
             self.reserve(max(self.host_length + n, self.capacity + self.capacity // 2))
         if self.uses_kernels():
-            from ..kernels import ops  # the Triton append as one custom operator (torch.compile does not trace it)
+            from ..kernels import (
+                ops,  # the Triton append as one custom operator (torch.compile does not trace it)
+            )
 
             ops.append(self.cache, keys, values, positions)
         else:
