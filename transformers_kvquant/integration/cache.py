@@ -38,6 +38,7 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         self.settings = settings
         self.layer_idx = layer_idx
         self.rotary = rotary  # the model's rotary embedding (its frequencies go into the kernels' tables)
+        self.kernel_tables = None  # (the codebook they were made for, kernels.layout.KernelConstants)
         self.store = None
         self._staged = None
         self._returned_begin = 0  # first slot of the keys returned by the last update
@@ -100,6 +101,11 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
             self._kernels = kernel_dispatch.kernels_enabled(self.settings, self.store)
         return self._kernels
 
+    @property
+    def returned_begin(self) -> int:
+        """First slot of the keys the last update returned (the first slot this forward's queries may see)."""
+        return self._returned_begin
+
     def returned_positions(self) -> torch.Tensor:
         """RoPE positions of the keys the last update returned (their slots ``[returned begin, length)``)."""
         return self.store.positions(self._returned_begin)
@@ -160,6 +166,7 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         self.store = None
         self._staged = None
         self._kernels = None
+        self.kernel_tables = None
         self.is_initialized = False
 
     # ----------------------------------------------------------------------------- attention

@@ -77,11 +77,11 @@ def _constants(layer, rotary, device):
     """The layer's decode tables: they depend on the codebooks and the frequencies only, so they stay valid when
     the store regrows or reorders its rows (the codebook tensors travel unchanged)."""
     store = layer.store
-    consts = getattr(layer, "_kernel_constants", None)
-    if consts is None or consts[0] is not store.cache.key_table:
-        consts = (store.cache.key_table, kernel_constants(store.cache, rotary.inv_freq.to(device), BLOCK_N))
-        layer._kernel_constants = consts
-    return consts[1]
+    tables = layer.kernel_tables
+    if tables is None or tables[0] is not store.cache.key_table:
+        tables = (store.cache.key_table, kernel_constants(store.cache, rotary.inv_freq.to(device), BLOCK_N))
+        layer.kernel_tables = tables
+    return tables[1]
 
 
 def _slot_mask(mask, begin: int, width: int, batch: int):
@@ -115,12 +115,12 @@ def fused_attention(layer, module, query, attention_mask, ctx, inner, **kwargs):
         # the kernel rotates keys with the bare frequencies: the rotary's attention scaling goes into the query
         attention_scaling = float(getattr(ctx.rotary, "attention_scaling", 1.0))
         q_rot = q[:, :, 0].float() * (scaling * LOG2E * attention_scaling)
-        begin = 0 if store.static else layer._returned_begin
+        begin = 0 if store.static else layer.returned_begin
         mask = _slot_mask(attention_mask, begin, store.capacity, b)
         out = ops.decode(q_rot, store.cache, _constants(layer, ctx.rotary, q.device), mask, window)
         return out.to(query.dtype).unsqueeze(1), None
     # prefill: the packed prefix (this chunk included) for this layer, then the model's own attention
-    begin = layer._returned_begin
+    begin = layer.returned_begin
     end = store.length  # a host value (in a static cache after compiled steps, one synchronization per prefill)
     k, v = store.read(begin, end)
     cos_k, sin_k = key_rotation(ctx.rotary, k, store.cache.positions[:, begin:end])

@@ -25,7 +25,7 @@ _TOKEN_DIM = {  # dimension of the slot axis in each packed buffer
 }
 
 
-class _SlotBuffers:
+class SlotBuffers:
     """Named tensors that share a growable slot axis (amortized O(1) appends, in-place writes)."""
 
     def __init__(self):
@@ -93,7 +93,7 @@ class FullPrecisionStore(KVStore):
 
     def __init__(self):
         super().__init__()
-        self.buffers = _SlotBuffers()
+        self.buffers = SlotBuffers()
         self._offset = 0  # physical index of slot `start` is (start - _offset)
 
     def initialize(self, keys, values):
@@ -159,7 +159,7 @@ class FullPrecisionStore(KVStore):
         if not self.initialized:
             return {}
         k, v = self.keys_values()
-        return {"keys": _nbytes(k), "values": _nbytes(v), "positions": _nbytes(self.positions())}
+        return {"keys": tensor_bytes(k), "values": tensor_bytes(v), "positions": tensor_bytes(self.positions())}
 
 
 
@@ -464,5 +464,5 @@ def _triton_importable() -> bool:
     return True
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()

@@ -20,7 +20,7 @@ import torch
 
 from ..kernels.layout import pack, packed_words, unpack
 from .quantizer import QuantizedVectors, SparseOutliers
-from .store import KVStore, _nbytes, _SlotBuffers
+from .store import KVStore, SlotBuffers, tensor_bytes
 
 
 class UncappedPackedStore(KVStore):
@@ -34,7 +34,7 @@ class UncappedPackedStore(KVStore):
         self.bits = bits
         self.sink_tokens = sink_tokens
         self.recent_window = recent_window
-        self.buffers = _SlotBuffers()
+        self.buffers = SlotBuffers()
         self._offset = 0
         self.packed_length = 0  # slots [start, packed_length) are packed; [packed_length, length) are the window
 
@@ -310,10 +310,10 @@ class UncappedPackedStore(KVStore):
         out = {}
         for name in self.buffers.tensors:
             end = self.length if name == "positions" else self.packed_length
-            out[name] = _nbytes(self.packed_view(name, self.start, end))
+            out[name] = tensor_bytes(self.packed_view(name, self.start, end))
         live = self.key_nnz - self._evicted_entries()
         entry_bytes = self.key_entry_values.element_size() + self.key_entry_channels.element_size()
-        out["key_outlier_entries"] = int(live.sum()) * entry_bytes + _nbytes(self.key_nnz)
-        out["sink"] = _nbytes(self.sink_keys) + _nbytes(self.sink_values) + _nbytes(self.sink_slot)
-        out["recent_window"] = _nbytes(self.window_keys) + _nbytes(self.window_values)
+        out["key_outlier_entries"] = int(live.sum()) * entry_bytes + tensor_bytes(self.key_nnz)
+        out["sink"] = tensor_bytes(self.sink_keys) + tensor_bytes(self.sink_values) + tensor_bytes(self.sink_slot)
+        out["recent_window"] = tensor_bytes(self.window_keys) + tensor_bytes(self.window_values)
         return out
