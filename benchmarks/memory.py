@@ -299,7 +299,7 @@ def table(result: dict) -> str:
 
 
 def key_exact(row: dict, name: str) -> float | None:
-    """Share of the packed key elements kept exactly (CSR entries), None for results saved before it was kept."""
+    """Share of the packed key elements kept exactly (outlier slots), None for results saved before it was kept."""
     elements = row.get(name + ":key_elements")
     return row[name + ":key_exact"] / elements if elements else (0.0 if elements == 0 else None)
 
@@ -341,10 +341,11 @@ def headline(result: dict) -> str:
         per_layer = [y for _, _, by in shares if by for y in by]
         lines += [
             "",
-            "Key elements kept exactly at 1% (CSR entries over all packed key elements, all layers): "
+            "Key elements kept exactly at 1% (outlier slots over all packed key elements, all layers): "
             + ", ".join(f"{_share(x)} at {b} bits" for b, x, _ in shares)
             + (f"; by layer from {min(per_layer):.2%} to {max(per_layer):.2%}" if per_layer else "")
-            + f". Calibration aimed at {0.01:.0%} (the ranges are the per-channel 0.5% / 99.5% percentiles of the calibration keys).",
+            + ". The count is fixed: ceil(1% x head_dim) slots per token and KV head whatever the text (the largest"
+            " out-of-range elements; the rest are clipped to the calibrated ranges).",
         ]
     lines += ["", "Bytes per token and layer by component, at 8,192 tokens:", ""]
     variants = [_variant(b, f) for b, f in KVQUANT_VARIANTS]
@@ -450,7 +451,7 @@ def write_doc(result: dict) -> None:
             "",
             table(result),
             "",
-            "**Key elements kept exactly** (CSR key-outlier entries over the packed key elements, all layers)",
+            "**Key elements kept exactly** (key outlier slots over the packed key elements, all layers)",
             "",
             key_table(result),
             "",

@@ -96,10 +96,16 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
     out = {}
     rows = outlier_rows(model) if args.rows == "outliers" else ppl_rows(model)
     partial = Path(args.out) / "ppl.partial.json"
+    done = json.loads(partial.read_text()) if partial.exists() else {}  # a cut run goes on where it stopped
     for name, text in datasets.items():
         windows = token_windows(tokenizer, text, 2048, args.windows)
         out[name] = []
         for label, method in rows:
+            kept = [r for r in done.get(name, []) if r["label"] == label and r["windows"] == args.windows]
+            if kept:
+                out[name].append(kept[0])
+                log(f"{name:9s} {label:34s} ppl {kept[0]['ppl']:9.4f}  (kept from {partial})")
+                continue
             r = evaluate_perplexity(model, windows, method, batch_size=args.batch, progress=False)
             row = asdict(r)
             row["label"] = label
