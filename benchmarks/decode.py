@@ -120,6 +120,39 @@ def kvquant_decode(hq, hkv, d, batch, context, fmt, timer):
     return us, sum(v for k, v in nbytes(cache, context).items() if k not in ("sink", "length"))
 
 
+def splits_sweep(spec: str, counts: list[int], timer) -> list[dict]:
+    """µs of the decode at each split count in ``counts`` and at the launcher's own choice, for each case of ``spec``
+    (``shape:batch:context:format`` separated by commas): the data behind the split rule (docs/kernels.md)."""
+    from transformers_kvquant.integration.kernel_dispatch import BLOCK_N
+    from transformers_kvquant.kernels.decode import decode_attention, planned_splits
+    from transformers_kvquant.kernels.layout import kernel_constants, outlier_slots
+    from transformers_kvquant.kernels.rope import rope_inv_freq
+    from transformers_kvquant.kernels.synthetic import random_cache
+
+    rows = []
+    for case in spec.split(","):
+        shape, batch, context, fmt = case.split(":")
+        shape, batch, context = ALIASES.get(shape, shape), int(batch), int(context)
+        hq, hkv, d = SHAPES[shape]
+        bits, fraction = parse_format(fmt)
+        cache = random_cache(batch, hkv, d, bits, context, outliers=outlier_slots(d, fraction), sink_tokens=1, device="cuda", seed=1)
+        consts = kernel_constants(cache, rope_inv_freq(d).cuda(), BLOCK_N)
+        q = torch.randn(batch, hq, d, device="cuda") * 0.1
+        auto_us = timer(lambda: decode_attention(q, cache, consts))  # its first launch also sets the rule's occupancy
+        row = {"shape": shape, "batch": batch, "context": context, "format": fmt,
+               "auto_splits": planned_splits(cache, hq // hkv, BLOCK_N), "auto_us": round(auto_us, 2), "us_by_splits": {}}
+        for n in counts:
+            if n <= context // BLOCK_N:
+                row["us_by_splits"][n] = round(timer(lambda: decode_attention(q, cache, consts, n_splits=n)), 2)
+        best = min(row["us_by_splits"].items(), key=lambda kv: kv[1])
+        row["best_splits"], row["best_us"] = best
+        print("splits", json.dumps(row), flush=True)
+        rows.append(row)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
 def append_cost(hq, hkv, d, batch, context, fmt, timer):
     """(append µs, decode µs) of one new token per row into a cache of ``context`` tokens."""
     from transformers_kvquant.kernels.append import append_packed
@@ -157,6 +190,8 @@ def main() -> None:
     ap.add_argument("--formats", default="nuq4,nuq3,nuq3-1%,nuq2")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; later cases are skipped past it")
+    ap.add_argument("--sweep", default="", help="split-count sweep first: shape:batch:context:format,... (e.g. MHA:1:131072:nuq3-1%%)")
+    ap.add_argument("--sweep-splits", default="1,2,4,8,12,16,17,24,32,33,48,66,132")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -169,6 +204,10 @@ def main() -> None:
     print(json.dumps(env), flush=True)
     log = (args.out / "decode.jsonl").open("a")
     rows, appends = [], []
+    sweep = splits_sweep(args.sweep, [int(n) for n in args.sweep_splits.split(",")], timer) if args.sweep else []
+    for row in sweep:
+        log.write(json.dumps({"splits": row}) + "\n")
+    log.flush()
     shapes = [ALIASES.get(s, s) for s in args.shapes.split(",")]
     formats = args.formats.split(",")
     for shape in shapes:
@@ -204,7 +243,7 @@ def main() -> None:
                     log.flush()
                     print(f"{shape:20s} B{batch} {context:>7d} {fmt:8s} fp16 {fp_us:9.1f} us ({backend})  kvquant {us:9.1f} us"
                           f"  x{fp_us / us:.2f}  {read / us / 1e3:7.0f} GB/s", flush=True)
-    result = {"environment": env, "decode": rows, "append": appends, "seconds": round(time.time() - start, 1)}
+    result = {"environment": env, "decode": rows, "append": appends, "splits": sweep, "seconds": round(time.time() - start, 1)}
     (args.out / "decode.json").write_text(json.dumps(result, indent=1))
 
 

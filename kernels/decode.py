@@ -89,7 +89,6 @@ def _decode_packed_kernel(
     theta_a = tl.load(theta_ptr + ja); theta_b = tl.load(theta_ptr + jb)
     like = tl.zeros((BN, NS, 2), tl.int32)
     kt = lane_tables(ktab_ptr, like, BITS, USE_ASM)
-    vt = lane_tables(vtab_ptr, like, BITS, USE_ASM)
     ns = tl.arange(0, max(4, N_SINK))
     sinks = tl.load(sink_ptr + b * N_SINK + ns, mask=ns < N_SINK, other=-1)
     kc_row = kc_ptr + bh.to(tl.int64) * W * cap
@@ -101,13 +100,22 @@ def _decode_packed_kernel(
     m_lane = tl.full((BN, GR), float("-inf"), tl.float32)
     last = cap - BN  # the next block's prefetch never reads past the buffers
     kw_next = load_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
+    pos_next = tl.load(pos_ptr + b * cap + lo + n, mask=lo + n < hi, other=0)
+    # the block's RoPE base is taken from its last written slot (a scalar load, no reduction across the block)
+    t_last_next = tl.maximum(tl.minimum(lo + BN, hi) - 1, 0)
+    base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - lo)
     for t0 in range(lo, hi, BN):
-        # software prefetch: this iteration's words were loaded during the previous one
+        # software prefetch: this iteration's words and positions were loaded during the previous one (every load
+        # the block needs first is in flight a whole iteration ahead: the loop is latency-bound, not issue-bound)
         kw = kw_next
         kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
+        pos = pos_next
+        pos_next = tl.load(pos_ptr + b * cap + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
+        base = base_next
+        t_last_next = tl.minimum(t0 + 2 * BN, hi) - 1
+        base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - (t0 + BN))
         t = t0 + n
         live = t < hi
-        pos = tl.load(pos_ptr + b * cap + t, mask=live, other=0)
         allowed = live & (t >= length - window)
         for i in tl.static_range(N_SINK):
             allowed = allowed & (t != tl.sum(tl.where(ns == i, sinks, 0)))
@@ -116,10 +124,8 @@ def _decode_packed_kernel(
         bias = tl.where(allowed, 0.0, float("-inf"))
         if MASK_KIND == 2:
             bias = bias + tl.maximum(tl.load(mask_ptr + b * m_sb + t, mask=live, other=0.0).to(tl.float32), -1e30) * 1.4426950408889634
-        # the block's RoPE base: consecutive positions (the normal case) rotate the query once per block and the
-        # keys by fixed in-block offsets; otherwise every slot's own angle
-        t_ref = tl.max(tl.where(allowed, t, -1))
-        base = tl.sum(tl.where(t == t_ref, pos, 0)) - (t_ref - t0)
+        # consecutive positions (the normal case) rotate the query once per block to the base and the keys by fixed
+        # in-block offsets; otherwise (left padding, a crop: some attended slot is off the base) every slot's own angle
         ca = oca
         sa = osa
         cb = ocb
@@ -176,19 +182,28 @@ def _decode_packed_kernel(
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     tl.debug_barrier()
     # ---------------------------------------------------------------- pass 2: values with the final max
+    vt = lane_tables(vtab_ptr, like, BITS, USE_ASM)  # loaded here: nothing of pass 2 is live during pass 1
     l_acc = tl.zeros((BN, GR), tl.float32)
     z_acc = tl.zeros((BN, GR), tl.float32)
     acc = tl.zeros((D, 16), tl.float32)
     vw_next = load_words(vc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
+    sc_next = tl.load(sbase + n[:, None] * GR + gr[None, :], mask=(lo + n < hi)[:, None], other=float("-inf"))
+    vs_next = tl.load(vs_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
+    vz_next = tl.load(vz_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
     for t0 in range(lo, hi, BN):
         vw = vw_next
         vw_next = load_words(vc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
         t = t0 + n
         live = t < hi
-        pR = tl.exp2(tl.load(sbase + (t - lo)[:, None] * GR + gr[None, :]) - m_safe[None, :])  # [BN, GR]
+        tn = t + BN
+        sc = sc_next
+        vsc = vs_next.to(tl.float32)
+        vzr = vz_next.to(tl.float32)
+        sc_next = tl.load(sbase + (tn - lo)[:, None] * GR + gr[None, :], mask=(tn < hi)[:, None], other=float("-inf"))
+        vs_next = tl.load(vs_ptr + b * cap + tn, mask=tn < hi, other=0.0)
+        vz_next = tl.load(vz_ptr + b * cap + tn, mask=tn < hi, other=0.0)
+        pR = tl.exp2(sc - m_safe[None, :])  # [BN, GR]
         l_acc += pR
-        vsc = tl.load(vs_ptr + b * cap + t, mask=live, other=0.0).to(tl.float32)
-        vzr = tl.load(vz_ptr + b * cap + t, mask=live, other=0.0).to(tl.float32)
         z_acc += pR * vzr[:, None]
         pv = pad16((pR * vsc[:, None]).to(tl.float16), GR, BN)  # [BN, 16]
         vsel = selectors(vw, BITS, BN, NS)
@@ -326,16 +341,49 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_o_ptr, out_ptr, n_parts, H, o_s
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _device_limits(index: int) -> tuple[int, int, int, int]:
+    """(SMs, registers, shared bytes, threads) per SM of a CUDA device."""
+    p = torch.cuda.get_device_properties(index)
+    return (p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
+            getattr(p, "shared_memory_per_multiprocessor", 228 * 1024), getattr(p, "max_threads_per_multi_processor", 2048))
 
 
-def default_splits(cache: PackedCache, block_n: int) -> int:
-    """Splits of the sequence per (row, KV head): enough programs for ~4 per SM, at most one block each."""
+_RESIDENT: dict[tuple, int] = {}  # compiled variant -> programs that fit on one SM at once
+
+
+def programs_per_sm(registers: int, shared: int, warps: int, limits: tuple[int, int, int, int]) -> int:
+    """How many programs of a kernel are resident on one SM: registers are allocated per warp in units of 256,
+    shared memory per program with 1 KiB reserved; at most 32 programs."""
+    _, regs_sm, smem_sm, threads_sm = limits
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = regs_sm // (per_warp * warps)
+    by_smem = smem_sm // (shared + 1024) if shared else 32
+    return max(1, min(by_regs, by_smem, threads_sm // (32 * warps), 32))
+
+
+def default_warps(bits: int) -> int:
+    return 8 if bits == 4 else 4  # 4 bits at 4 warps spill (sass_count.py)
+
+
+def _variant(cache: PackedCache, groups: int, block_n: int, warps: int, unmasked: bool) -> tuple:
     dev = cache.key_codes.device
-    sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 4
+    return (dev.index, cache.bits, cache.key_outlier_index.shape[2], groups, cache.head_dim, block_n, warps, unmasked,
+            cache.sink_slot.shape[1])
+
+
+def planned_splits(cache: PackedCache, groups: int, block_n: int, *, masked: bool = False) -> int:
+    """The split count :func:`decode_attention` uses for ``cache`` (after the first launch of its variant)."""
+    variant = _variant(cache, groups, block_n, default_warps(cache.bits), not masked)
+    return default_splits(cache, block_n, _RESIDENT.get(variant, 2))
+
+
+def default_splits(cache: PackedCache, block_n: int, resident: int = 4) -> int:
+    """Splits of the sequence per (row, KV head): one wave of programs, ``resident`` per SM (a second, partial wave
+    would double the time of the last programs), at most one split per block."""
+    dev = cache.key_codes.device
+    sms = _device_limits(dev.index if dev.index is not None else torch.cuda.current_device())[0] if dev.type == "cuda" else 4
     programs = cache.batch * cache.heads
-    return max(1, min(cache.capacity // block_n, -(-4 * sms // programs)))
+    return max(1, min(cache.capacity // block_n, (sms * resident) // programs))
 
 
 @on_input_device
@@ -353,9 +401,13 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     gr = max(2, triton.next_power_of_2(g))  # GR=1 (MHA) hit a Triton 3.6 shared-memory fault with head_dim 128
     if cap % bn:
         raise ValueError(f"capacity {cap} is not a whole number of {bn}-slot blocks")
-    splits = n_splits or default_splits(cache, bn)
-    max_split_blocks = triton.cdiv(cap // bn, splits)
     dev = q_rot.device
+    use_asm = not interpreting()
+    s = cache.key_outlier_index.shape[2]
+    warps = num_warps or default_warps(cache.bits)
+    variant = _variant(cache, g, bn, warps, mask is None)
+    splits = n_splits or default_splits(cache, bn, _RESIDENT.get(variant, 2))
+    max_split_blocks = triton.cdiv(cap // bn, splits)
     parts = b * h * (splits + 1) * gr
     part_m = torch.empty(parts, device=dev, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
@@ -366,8 +418,6 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     m_sb = m.stride(0) if mask is not None else 0
     n_sink = cache.sink_slot.shape[1]
     window = sliding_window if sliding_window else 1 << 30
-    use_asm = not interpreting()
-    s = cache.key_outlier_index.shape[2]
     if cache.value_outlier_index.shape[2] != s:
         raise ValueError("the decode kernel takes as many value outliers as key outliers per (token, head)")
     # empty tensors (no sink, no outliers) are never read: any valid pointer stands in for them
@@ -377,7 +427,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     sink_k, sink_v = (cache.sink_keys, cache.sink_values) if n_sink else (cache.value_zero, cache.value_zero)
     kov, koi, vov, voi = ((cache.key_outlier_values, cache.key_outlier_index, cache.value_outlier_values, cache.value_outlier_index)
                           if s else (cache.value_zero, cache.key_codes, cache.value_zero, cache.key_codes))
-    _decode_packed_kernel[(splits, b * h)](
+    compiled = _decode_packed_kernel[(splits, b * h)](
         q_rot, consts.key_tile_channels, consts.value_tile_channels, consts.inv_freq, consts.offset_cos, consts.offset_sin,
         cache.key_codes, cache.value_codes, consts.key_lanes, consts.value_lanes, consts.key_table16, consts.value_table16,
         cache.key_zero, cache.key_scale, cache.value_zero, cache.value_scale,
@@ -385,8 +435,12 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
         G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
-        num_warps=num_warps or (8 if cache.bits == 4 else 4), num_stages=1,  # 4 bits at 4 warps spill (sass_count.py)
+        num_warps=warps, num_stages=1,
     )
+    if variant not in _RESIDENT and dev.type == "cuda" and getattr(compiled, "n_regs", None):
+        # the first launch of a variant uses 2 programs per SM; later ones how many its registers and shared
+        # memory really allow (an uneven last wave costs up to half the time: docs/kernels.md)
+        _RESIDENT[variant] = programs_per_sm(compiled.n_regs, compiled.metadata.shared, warps, _device_limits(dev.index))
     _decode_exact_kernel[(b * h,)](
         q_rot, consts.inv_freq, window_k, window_v, sink_k, sink_v,
         sink_slot, cache.positions, cache.length, m, part_m, part_l, part_o,
