@@ -44,6 +44,7 @@ def _decode_packed_kernel(
     H, cap, m_sb, max_split_blocks, n_splits, n_window, window,
     G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, N_SINK: tl.constexpr,
     BN: tl.constexpr, MASK_KIND: tl.constexpr, USE_ASM: tl.constexpr, FAST: tl.constexpr, SLOW_PATH: tl.constexpr = True,
+    PF: tl.constexpr = 1,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -86,7 +87,6 @@ def _decode_packed_kernel(
     nn = n[:, None, None]
     oca = tl.load(offc_ptr + nn * HALF + ja); osa = tl.load(offs_ptr + nn * HALF + ja)  # fp16 [BN, NS, 2]
     ocb = tl.load(offc_ptr + nn * HALF + jb); osb = tl.load(offs_ptr + nn * HALF + jb)
-    theta_a = tl.load(theta_ptr + ja); theta_b = tl.load(theta_ptr + jb)
     like = tl.zeros((BN, NS, 2), tl.int32)
     kt = lane_tables(ktab_ptr, like, BITS, USE_ASM)
     ns = tl.arange(0, max(4, N_SINK))
@@ -100,6 +100,7 @@ def _decode_packed_kernel(
     m_lane = tl.full((BN, GR), float("-inf"), tl.float32)
     last = cap - BN  # the next block's prefetch never reads past the buffers
     kw_next = load_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
+    kw_next2 = load_words(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, NS)  # PF = 2: two blocks in flight
     pos_next = tl.load(pos_ptr + b * cap + lo + n, mask=lo + n < hi, other=0)
     # the block's RoPE base is taken from its last written slot (a scalar load, no reduction across the block)
     t_last_next = tl.maximum(tl.minimum(lo + BN, hi) - 1, 0)
@@ -108,7 +109,11 @@ def _decode_packed_kernel(
         # software prefetch: this iteration's words and positions were loaded during the previous one (every load
         # the block needs first is in flight a whole iteration ahead: the loop is latency-bound, not issue-bound)
         kw = kw_next
-        kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
+        if PF == 2:
+            kw_next = kw_next2
+            kw_next2 = load_words(kc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
+        else:
+            kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
         pos = pos_next
         pos_next = tl.load(pos_ptr + b * cap + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
         base = base_next
@@ -124,25 +129,11 @@ def _decode_packed_kernel(
         bias = tl.where(allowed, 0.0, float("-inf"))
         if MASK_KIND == 2:
             bias = bias + tl.maximum(tl.load(mask_ptr + b * m_sb + t, mask=live, other=0.0).to(tl.float32), -1e30) * 1.4426950408889634
-        # consecutive positions (the normal case) rotate the query once per block to the base and the keys by fixed
-        # in-block offsets; otherwise (left padding, a crop: some attended slot is off the base) every slot's own angle
-        ca = oca
-        sa = osa
-        cb = ocb
-        sb = osb
-        angle0 = base.to(tl.float32)
-        if SLOW_PATH:
-            consecutive = tl.sum(tl.where(allowed & (pos != base + n), 1, 0)) == 0
-            if not consecutive:
-                pf = pos.to(tl.float32)[:, None, None]
-                ca32, sa32 = sincos(pf * theta_a, FAST)
-                cb32, sb32 = sincos(pf * theta_b, FAST)
-                ca = ca32.to(tl.float16)
-                sa = sa32.to(tl.float16)
-                cb = cb32.to(tl.float16)
-                sb = sb32.to(tl.float16)
-                angle0 = angle0 * 0.0
-        cq, sq = sincos(angle0 * ptheta, FAST)
+        # RoPE: the keys are rotated by a fixed table of in-block offsets n and the query once per block to the base,
+        # so a slot's score is right when its position is base + n: always, unless positions jump inside the block
+        # (a slot whose rel = pos - n differs from the base is scored again below with its own base)
+        rel = pos - n
+        cq, sq = sincos(base.to(tl.float32) * ptheta, FAST)
         u = tl.where(py[None, :], q_hi * cq[None, :] - q_lo * sq[None, :], q_lo * cq[None, :] + q_hi * sq[None, :])  # [GR, D]
         uT = pad16(tl.trans(u), GR, D).to(tl.float16)  # [D, 16]
         ksel = selectors(kw, BITS, BN, NS)
@@ -151,10 +142,10 @@ def _decode_packed_kernel(
         k_hi_a = hi_a * s_hi_a + z_hi_a
         k_lo_b = lo_b * s_lo_b + z_lo_b
         k_hi_b = hi_b * s_hi_b + z_hi_b
-        r_lo_a = k_lo_a * ca - k_hi_a * sa
-        r_hi_a = k_hi_a * ca + k_lo_a * sa
-        r_lo_b = k_lo_b * cb - k_hi_b * sb
-        r_hi_b = k_hi_b * cb + k_lo_b * sb
+        r_lo_a = k_lo_a * oca - k_hi_a * osa
+        r_hi_a = k_hi_a * oca + k_lo_a * osa
+        r_lo_b = k_lo_b * ocb - k_hi_b * osb
+        r_hi_b = k_hi_b * ocb + k_lo_b * osb
         kr = tile(r_lo_a, r_hi_a, r_lo_b, r_hi_b, BN, D)
         sacc = tl.zeros((BN, 16), tl.float32)
         if S > 0:
@@ -175,7 +166,23 @@ def _decode_packed_kernel(
             s3 = s1[:, :, None]
             sacc = pad16(tl.sum(res[:, :, None] * tl.where(hh[:, :, None], qh * c3 - ql * s3, ql * c3 + qh * s3), 1), GR, BN)
         sT = tl.dot(kr, uT, sacc)  # [BN, 16]
-        sR = tl.sum(tl.reshape(sT, (BN, GR, 16 // GR)), 2) + bias[:, None]
+        sR = tl.sum(tl.reshape(sT, (BN, GR, 16 // GR)), 2)
+        if SLOW_PATH:
+            # positions that jump inside the block (custom position ids): one more query rotation and dot per
+            # distinct base among the attended slots, never per-slot angles (their tables would cost registers in
+            # every block for a case that is rare)
+            pending = allowed & (rel != base)
+            n_pending = tl.sum(pending.to(tl.int32))
+            while n_pending > 0:
+                base2 = tl.max(tl.where(pending, rel, -2147483647))
+                cq2, sq2 = sincos(base2.to(tl.float32) * ptheta, FAST)
+                u2 = tl.where(py[None, :], q_hi * cq2[None, :] - q_lo * sq2[None, :], q_lo * cq2[None, :] + q_hi * sq2[None, :])
+                s2 = tl.sum(tl.reshape(tl.dot(kr, pad16(tl.trans(u2), GR, D).to(tl.float16), sacc), (BN, GR, 16 // GR)), 2)
+                hit = pending & (rel == base2)
+                sR = tl.where(hit[:, None], s2, sR)
+                pending = pending & (rel != base2)
+                n_pending = tl.sum(pending.to(tl.int32))
+        sR = sR + bias[:, None]
         tl.store(sbase + (t - lo)[:, None] * GR + gr[None, :], sR)
         m_lane = tl.maximum(m_lane, sR)
     m_i = tl.max(m_lane, 0)
@@ -187,12 +194,17 @@ def _decode_packed_kernel(
     z_acc = tl.zeros((BN, GR), tl.float32)
     acc = tl.zeros((D, 16), tl.float32)
     vw_next = load_words(vc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
+    vw_next2 = load_words(vc_row, cap, tl.minimum(lo + BN, last), BITS, BN, NS)
     sc_next = tl.load(sbase + n[:, None] * GR + gr[None, :], mask=(lo + n < hi)[:, None], other=float("-inf"))
     vs_next = tl.load(vs_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
     vz_next = tl.load(vz_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
     for t0 in range(lo, hi, BN):
         vw = vw_next
-        vw_next = load_words(vc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
+        if PF == 2:
+            vw_next = vw_next2
+            vw_next2 = load_words(vc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
+        else:
+            vw_next = load_words(vc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
         t = t0 + n
         live = t < hi
         tn = t + BN
@@ -388,7 +400,8 @@ def default_splits(cache: PackedCache, block_n: int, resident: int = 4) -> int:
 
 @on_input_device
 def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, *, mask: torch.Tensor | None = None,
-                     sliding_window: int = 0, n_splits: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                     sliding_window: int = 0, n_splits: int | None = None, num_warps: int | None = None,
+                     prefetch: int = 1) -> torch.Tensor:
     """Attention of one query per row over ``cache``.
 
     ``q_rot``: fp32 ``[B, Hq, D]``, RoPE'd at the query position and scaled by ``softmax_scale * log2(e)`` (and the
@@ -405,7 +418,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     use_asm = not interpreting()
     s = cache.key_outlier_index.shape[2]
     warps = num_warps or default_warps(cache.bits)
-    variant = _variant(cache, g, bn, warps, mask is None)
+    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch,)
     splits = n_splits or default_splits(cache, bn, _RESIDENT.get(variant, 2))
     max_split_blocks = triton.cdiv(cap // bn, splits)
     parts = b * h * (splits + 1) * gr
@@ -435,7 +448,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
         G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
-        num_warps=warps, num_stages=1,
+        PF=prefetch, num_warps=warps, num_stages=1,
     )
     if variant not in _RESIDENT and dev.type == "cuda" and getattr(compiled, "n_regs", None):
         # the first launch of a variant uses 2 programs per SM; later ones how many its registers and shared

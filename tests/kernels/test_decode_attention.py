@@ -34,13 +34,14 @@ def case_id(c):
     return f"B{b}-H{h}x{g}-D{d}-L{n}-b{bits}-o{s}"
 
 
-def run(cache, groups=1, mask=None, window=0, splits=3, seed=0):
+def run(cache, groups=1, mask=None, window=0, splits=3, seed=0, prefetch=1):
     g = torch.Generator().manual_seed(seed)
     b, h, d = cache.batch, cache.heads, cache.head_dim
     inv_freq = rope_inv_freq(d)
     q = (torch.randn(b, h * groups, d, generator=g) * 0.4).to(DEVICE)
     length = int(cache.length)
-    out = decode_attention(q, cache, kernel_constants(cache, inv_freq.to(DEVICE), BLOCK), mask=mask, sliding_window=window, n_splits=splits)
+    out = decode_attention(q, cache, kernel_constants(cache, inv_freq.to(DEVICE), BLOCK), mask=mask, sliding_window=window, n_splits=splits,
+                           prefetch=prefetch)
     ref = decode_reference(q, cache, inv_freq.to(DEVICE), length, mask=mask, sliding_window=window)
     return out, ref
 
@@ -52,6 +53,16 @@ def test_decode_matches_reference(c):
     out, ref = run(cache, groups=g)
     assert out.shape == (b, h * g, d) and out.dtype == torch.float32
     assert rel_err(out, ref) < TOL  # fp16 codebook lookups and key rotation in the kernel
+
+
+@pytest.mark.parametrize("c", [GRID[0], GRID[3], GRID[7]], ids=case_id)
+def test_two_blocks_in_flight(c):
+    """The launch option that keeps two blocks of code words in flight gives the same attention."""
+    b, h, g, d, n, bits, s = c
+    cache = random_cache(b, h, d, bits, n, outliers=s, sink_tokens=1, recent_window=2, pads=[0, 2, 5][:b], device=DEVICE, seed=n)
+    out, ref = run(cache, groups=g, prefetch=2, splits=2)
+    one, _ = run(cache, groups=g, prefetch=1, splits=2)
+    assert rel_err(out, ref) < TOL and torch.equal(out, one)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -103,6 +114,18 @@ def test_non_consecutive_positions_take_the_per_slot_rotation():
     cache.positions[:, 5:9] += 7  # a block whose positions are not its base plus offsets
     out, ref = run(cache)
     assert rel_err(out, ref) < TOL
+
+
+def test_every_slot_of_a_block_off_the_base():
+    """Positions shuffled inside the first blocks: each slot needs its own base (one round per distinct base)."""
+    cache = random_cache(2, 2, 64, 2, 45, outliers=2, device=DEVICE, seed=17)
+    g = torch.Generator().manual_seed(0)
+    cache.positions[:, :32] = (torch.randperm(32, generator=g) * 5 + 3).to(cache.positions)
+    out, ref = run(cache, groups=2)
+    assert rel_err(out, ref) < TOL
+    cache.positions[:, :32] = torch.arange(32).to(cache.positions)
+    moved, _ = run(cache, groups=2)
+    assert rel_err(moved, out) > 1e-2  # the positions really enter the scores
 
 
 def test_outliers_window_and_sink_change_the_output():
