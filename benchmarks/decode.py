@@ -110,11 +110,11 @@ def kvquant_decode(hq, hkv, d, batch, context, fmt, timer):
     from transformers_kvquant.kernels.rope import rope_inv_freq
     from transformers_kvquant.kernels.synthetic import random_cache
 
-    from transformers_kvquant.integration.kernel_dispatch import BLOCK_N
+    from transformers_kvquant.kernels.layout import block_size
 
     bits, fraction = parse_format(fmt)
     cache = random_cache(batch, hkv, d, bits, context, outliers=outlier_slots(d, fraction), sink_tokens=1, device="cuda", seed=1)
-    consts = kernel_constants(cache, rope_inv_freq(d).cuda(), BLOCK_N)
+    consts = kernel_constants(cache, rope_inv_freq(d).cuda(), block_size(bits))
     q = torch.randn(batch, hq, d, device="cuda") * 0.1
     us = timer(lambda: decode_attention(q, cache, consts))
     return us, sum(v for k, v in nbytes(cache, context).items() if k not in ("sink", "length"))
@@ -123,7 +123,7 @@ def kvquant_decode(hq, hkv, d, batch, context, fmt, timer):
 def splits_sweep(spec: str, counts: list[int], timer) -> list[dict]:
     """µs of the decode at each split count in ``counts`` and at the launcher's own choice, for each case of ``spec``
     (``shape:batch:context:format`` separated by commas): the data behind the split rule (docs/kernels.md)."""
-    from transformers_kvquant.integration.kernel_dispatch import BLOCK_N
+    from transformers_kvquant.kernels.layout import block_size
     from transformers_kvquant.kernels.decode import decode_attention, planned_splits
     from transformers_kvquant.kernels.layout import kernel_constants, outlier_slots
     from transformers_kvquant.kernels.rope import rope_inv_freq
@@ -136,13 +136,13 @@ def splits_sweep(spec: str, counts: list[int], timer) -> list[dict]:
         hq, hkv, d = SHAPES[shape]
         bits, fraction = parse_format(fmt)
         cache = random_cache(batch, hkv, d, bits, context, outliers=outlier_slots(d, fraction), sink_tokens=1, device="cuda", seed=1)
-        consts = kernel_constants(cache, rope_inv_freq(d).cuda(), BLOCK_N)
+        consts = kernel_constants(cache, rope_inv_freq(d).cuda(), block_size(bits))
         q = torch.randn(batch, hq, d, device="cuda") * 0.1
         auto_us = timer(lambda: decode_attention(q, cache, consts))  # its first launch also sets the rule's occupancy
         row = {"shape": shape, "batch": batch, "context": context, "format": fmt,
-               "auto_splits": planned_splits(cache, hq // hkv, BLOCK_N), "auto_us": round(auto_us, 2), "us_by_splits": {}}
+               "auto_splits": planned_splits(cache, hq // hkv, block_size(bits)), "auto_us": round(auto_us, 2), "us_by_splits": {}}
         for n in counts:
-            if n <= context // BLOCK_N:
+            if n <= context // block_size(bits):
                 row["us_by_splits"][n] = round(timer(lambda: decode_attention(q, cache, consts, n_splits=n)), 2)
         best = min(row["us_by_splits"].items(), key=lambda kv: kv[1])
         row["best_splits"], row["best_us"] = best
@@ -161,7 +161,7 @@ def append_cost(hq, hkv, d, batch, context, fmt, timer):
     from transformers_kvquant.kernels.rope import rope_inv_freq
     from transformers_kvquant.kernels.synthetic import random_cache
 
-    from transformers_kvquant.integration.kernel_dispatch import BLOCK_N
+    from transformers_kvquant.kernels.layout import block_size
 
     bits, fraction = parse_format(fmt)
     cache = random_cache(batch, hkv, d, bits, context, outliers=outlier_slots(d, fraction), capacity=context + 128,
@@ -175,7 +175,7 @@ def append_cost(hq, hkv, d, batch, context, fmt, timer):
         cache.length.sub_(1)  # stay at the same length: every replay appends the same slot
 
     append_us = timer(append)
-    consts = kernel_constants(cache, rope_inv_freq(d).cuda(), BLOCK_N)
+    consts = kernel_constants(cache, rope_inv_freq(d).cuda(), block_size(bits))
     q = torch.randn(batch, hq, d, device="cuda") * 0.1
     decode_us = timer(lambda: decode_attention(q, cache, consts))
     return append_us, decode_us

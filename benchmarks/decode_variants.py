@@ -26,15 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode import ALIASES, SHAPES, Timer, fp16_sdpa, parse_format  # noqa: E402
 
-# name: (block_n, warps or None for the launcher's, code-word blocks in flight, diagnostic module or None)
+# name: (block_n or None for block_size(bits), warps or None for the launcher's, code-word blocks in flight,
+# diagnostic module or None)
 VARIANTS = {
-    "BN64 default warps, 1 in flight": (64, None, 1, None),
-    "BN64 default warps, 2 in flight": (64, None, 2, None),
-    "BN32 4 warps, 2 in flight": (32, 4, 2, None),
-    "BN64 8 warps, 2 in flight": (64, 8, 2, None),
-    "BN128 8 warps, 2 in flight": (128, 8, 2, None),
-    "no key-outlier corrections (diagnostic)": (64, None, 2, "nokey"),
-    "no value-outlier pass (diagnostic)": (64, None, 2, "novalue"),
+    "default": (None, None, 1, None),
+    "2 blocks in flight": (None, None, 2, None),
+    "BN32 4 warps": (32, 4, 1, None),
+    "BN64 4 warps": (64, 4, 1, None),
+    "BN64 8 warps": (64, 8, 1, None),
+    "BN128 8 warps": (128, 8, 1, None),
+    "no key-outlier corrections (diagnostic)": (None, None, 1, "nokey"),
+    "no value-outlier adds (diagnostic)": (None, None, 1, "novalue"),
 }
 CASES = "MHA:1:131072:nuq3-1%,MHA:1:131072:nuq3,GQA:1:131072:nuq3-1%,GQA:1:131072:nuq3,MHA:8:32768:nuq3-1%,SmolLM2:1:131072:nuq3-1%,MHA:1:131072:nuq4,MHA:1:131072:nuq2"
 
@@ -47,7 +49,7 @@ def diagnostic_module(kind: str):
     if kind == "nokey":
         marker = "        if S > 0:\n            # key outliers as score corrections"
     else:
-        marker = "    if S > 0:\n        # value outliers:"
+        marker = "        if S > 0:\n            # value outliers:"
     if marker not in src:
         raise RuntimeError(f"diagnostic {kind}: the kernel source changed (marker not found)")
     src = src.replace(marker, marker.replace("if S > 0:", "if S < 0:"), 1)
@@ -64,7 +66,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9)
     args = ap.parse_args()
     from transformers_kvquant.kernels import decode
-    from transformers_kvquant.kernels.layout import kernel_constants, outlier_slots
+    from transformers_kvquant.kernels.layout import block_size, kernel_constants, outlier_slots
     from transformers_kvquant.kernels.rope import rope_inv_freq
     from transformers_kvquant.kernels.synthetic import random_cache
 
@@ -87,7 +89,7 @@ def main() -> None:
                 break
             if diag and not fraction:
                 continue
-            consts = kernel_constants(cache, rope_inv_freq(d).cuda(), bn)
+            consts = kernel_constants(cache, rope_inv_freq(d).cuda(), bn or block_size(bits))
             fn = modules[diag].decode_attention
             try:
                 us = timer(lambda: fn(q, cache, consts, num_warps=warps, prefetch=pf))

@@ -102,6 +102,10 @@ def _decode_packed_kernel(
     kw_next = load_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
     kw_next2 = load_words(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, NS)  # PF = 2: two blocks in flight
     pos_next = tl.load(pos_ptr + b * cap + lo + n, mask=lo + n < hi, other=0)
+    ee = tl.arange(0, SP)[None, :]
+    if S > 0:
+        koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0)
+        kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0.0)
     # the block's RoPE base is taken from its last written slot (a scalar load, no reduction across the block)
     t_last_next = tl.maximum(tl.minimum(lo + BN, hi) - 1, 0)
     base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - lo)
@@ -116,6 +120,12 @@ def _decode_packed_kernel(
             kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
         pos = pos_next
         pos_next = tl.load(pos_ptr + b * cap + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
+        if S > 0:
+            koi = koi_next
+            kov = kov_next
+            em_next = ((t0 + BN + n) < hi)[:, None] & (ee < S)
+            koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0)
+            kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0.0)
         base = base_next
         t_last_next = tl.minimum(t0 + 2 * BN, hi) - 1
         base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - (t0 + BN))
@@ -152,10 +162,8 @@ def _decode_packed_kernel(
             # key outliers as score corrections: a residual r at channel j of the pre-RoPE key adds r times the
             # query's component there rotated to the slot's position (one sin/cos per item, none per element); fed to
             # the dot as its accumulator
-            ee = tl.arange(0, SP)[None, :]
-            em = live[:, None] & (ee < S)
-            idx = tl.load(koi_ptr + (bh * S + ee) * cap + t[:, None], mask=em, other=0).to(tl.int32)  # [BN, SP]
-            res = tl.load(kov_ptr + (bh * S + ee) * cap + t[:, None], mask=em, other=0.0).to(tl.float32)
+            idx = koi.to(tl.int32)  # [BN, SP], loaded a block ahead (masked slots: residual 0)
+            res = kov.to(tl.float32)
             j = idx % HALF
             hh = idx >= HALF
             c1, s1 = sincos(pos.to(tl.float32)[:, None] * tl.load(theta_ptr + j), FAST)
@@ -198,6 +206,11 @@ def _decode_packed_kernel(
     sc_next = tl.load(sbase + n[:, None] * GR + gr[None, :], mask=(lo + n < hi)[:, None], other=float("-inf"))
     vs_next = tl.load(vs_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
     vz_next = tl.load(vz_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
+    e3 = tl.arange(0, SP)[None, :, None]
+    g3 = gr[None, None, :]
+    if S > 0:
+        voi_next = tl.load(voi_ptr + (bh * S + e3) * cap + (lo + n)[:, None, None], mask=((lo + n) < hi)[:, None, None] & (e3 < S), other=0)
+        vov_next = tl.load(vov_ptr + (bh * S + e3) * cap + (lo + n)[:, None, None], mask=((lo + n) < hi)[:, None, None] & (e3 < S), other=0.0)
     for t0 in range(lo, hi, BN):
         vw = vw_next
         if PF == 2:
@@ -215,6 +228,16 @@ def _decode_packed_kernel(
         vs_next = tl.load(vs_ptr + b * cap + tn, mask=tn < hi, other=0.0)
         vz_next = tl.load(vz_ptr + b * cap + tn, mask=tn < hi, other=0.0)
         pR = tl.exp2(sc - m_safe[None, :])  # [BN, GR]
+        if S > 0:
+            # value outliers: each adds p[t, g] * residual at its channel of the partial output. Few (S per token and
+            # head), so fire-and-forget atomic adds (the partial starts at zero) cost far less than any per-element
+            # work in the dense dot; their indices and residuals were loaded a block ahead.
+            vidx = voi_next.to(tl.int32)  # [BN, SP, 1]
+            vres = vov_next.to(tl.float32)
+            em3 = (tn < hi)[:, None, None] & (e3 < S)
+            voi_next = tl.load(voi_ptr + (bh * S + e3) * cap + tn[:, None, None], mask=em3, other=0)
+            vov_next = tl.load(vov_ptr + (bh * S + e3) * cap + tn[:, None, None], mask=em3, other=0.0)
+            tl.atomic_add(part_o_ptr + (part + g3) * D + vidx, pR[:, None, :] * vres, mask=(vres != 0.0) & (g3 < G), sem="relaxed")
         l_acc += pR
         z_acc += pR * vzr[:, None]
         pv = pad16((pR * vsc[:, None]).to(tl.float16), GR, BN)  # [BN, 16]
@@ -233,21 +256,10 @@ def _decode_packed_kernel(
     z16 = tl.sum(tl.where(tl.arange(0, GR)[None, :] == col_g[:, None], zs[None, :], 0.0), 1)
     vchan = tl.load(vchan_ptr + dd)
     out_ptrs = part_o_ptr + (part + col_g[None, :]) * D + vchan[:, None]
-    tl.store(out_ptrs, acc + z16[None, :], mask=col_real[None, :])
     if S > 0:
-        # value outliers: each adds p[t, g] * residual at its channel of the partial output. Few (S per token and
-        # head), so atomic adds after the dense pass cost far less than any per-element work inside it.
-        tl.debug_barrier()
-        ee = tl.arange(0, SP)[None, :, None]
-        g3 = gr[None, None, :]
-        for t0 in range(lo, hi, BN):
-            t = t0 + n
-            live = t < hi
-            pR = tl.exp2(tl.load(sbase + (t - lo)[:, None] * GR + gr[None, :]) - m_safe[None, :])  # [BN, GR]
-            em = live[:, None, None] & (ee < S)
-            vidx = tl.load(voi_ptr + (bh * S + ee) * cap + t[:, None, None], mask=em, other=0).to(tl.int32)  # [BN, SP, 1]
-            vres = tl.load(vov_ptr + (bh * S + ee) * cap + t[:, None, None], mask=em, other=0.0).to(tl.float32)
-            tl.atomic_add(part_o_ptr + (part + g3) * D + vidx, pR[:, None, :] * vres, mask=em & (g3 < G), sem="relaxed")
+        tl.atomic_add(out_ptrs, acc + z16[None, :], mask=col_real[None, :], sem="relaxed")  # the outliers added theirs
+    else:
+        tl.store(out_ptrs, acc + z16[None, :], mask=col_real[None, :])
 
 
 @triton.jit
@@ -374,7 +386,7 @@ def programs_per_sm(registers: int, shared: int, warps: int, limits: tuple[int, 
 
 
 def default_warps(bits: int) -> int:
-    return 8 if bits == 4 else 4  # 4 bits at 4 warps spill (sass_count.py)
+    return 4  # with block_size(bits): 8 warps (and 128-slot blocks) were slower on an H200 (docs/kernels.md)
 
 
 def _variant(cache: PackedCache, groups: int, block_n: int, warps: int, unmasked: bool) -> tuple:

@@ -446,6 +446,12 @@ class KernelConstants:
     inv_freq: torch.Tensor  # [D/2] fp32
 
 
+def block_size(bits: int) -> int:
+    """Slots per block of the decode kernel: 64, and 32 at 4 bits (whose two-level lookup needs the registers).
+    Measured on an H200 with benchmarks/decode_variants.py (docs/kernels.md)."""
+    return 32 if bits == 4 else 64
+
+
 def kernel_constants(cache: PackedCache, inv_freq: torch.Tensor, block_n: int) -> KernelConstants:
     dev = cache.key_codes.device
     d = cache.head_dim

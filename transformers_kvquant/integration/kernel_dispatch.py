@@ -15,13 +15,12 @@ import os
 
 import torch
 
-from ..kernels.layout import kernel_constants, supported_head_dim
+from ..kernels.layout import block_size, kernel_constants, supported_head_dim
 from ..kernels.naive import LOG2E
 from ..kernels.rope import apply_rope
 from ..quant.store import PackedStore
 from .prerope import key_rotation
 
-BLOCK_N = 64  # slots per block of the decode kernel (64 x 4 warps: measured fastest on an H200, docs/kernels.md)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -79,7 +78,7 @@ def _constants(layer, rotary, device):
     store = layer.store
     tables = layer.kernel_tables
     if tables is None or tables[0] is not store.cache.key_table:
-        tables = (store.cache.key_table, kernel_constants(store.cache, rotary.inv_freq.to(device), BLOCK_N))
+        tables = (store.cache.key_table, kernel_constants(store.cache, rotary.inv_freq.to(device), block_size(store.cache.bits)))
         layer.kernel_tables = tables
     return tables[1]
 
