@@ -447,9 +447,9 @@ class KernelConstants:
 
 
 def block_size(bits: int) -> int:
-    """Slots per block of the decode kernel: 64, and 32 at 4 bits (whose two-level lookup needs the registers).
-    Measured on an H200 with benchmarks/decode_variants.py (docs/kernels.md)."""
-    return 32 if bits == 4 else 64
+    """Slots per block of the decode kernel: 64 at every width (with 4 warps; 32- and 128-slot blocks and 8 warps
+    were slower on an H200 at 2, 3 and 4 bits: benchmarks/decode_variants.py, docs/kernels.md)."""
+    return 64
 
 
 def kernel_constants(cache: PackedCache, inv_freq: torch.Tensor, block_n: int) -> KernelConstants:
