@@ -107,7 +107,7 @@ def decode_variant(bits, s, g, d, block_n=64, warps=None):
     """Registers and instructions per element of the decode kernel's two passes. The key pass holds a branch for
     blocks whose positions are not consecutive (per-slot sin/cos), taken only under left padding or after a crop:
     it is counted twice, with that branch compiled in (``*_static``) and out (the path every other block runs)."""
-    warps = warps or (8 if bits == 4 else 4)  # what the launcher picks
+    warps = warps or 4  # what the launcher picks (decode.default_warps)
     gr = max(2, next_pow2(g))
     per_elem = block_n * d / (32 * warps)  # elements (of K, or of V) one thread decodes per loop iteration
     row = {"kernel": "decode", "bits": bits, "outliers": s, "groups": g, "head_dim": d, "block_n": block_n, "warps": warps}
