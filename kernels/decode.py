@@ -1,4 +1,4 @@
-"""Decode attention over the packed cache: one query per row, memory-bound.
+"""Decode attention over the packed cache: one query per row.
 
 Three launches, fixed shapes whatever the length (the length is read on the device, so a CUDA graph replays them):
 
@@ -7,7 +7,8 @@ Three launches, fixed shapes whatever the length (the length is read on the devi
    fixed table of in-block offsets while the query is rotated once per block to the block's base position, and
    scores the G query heads of the KV head in one tensor-core dot; key outliers enter as score corrections. Pass 2
    takes ``p = exp2(s - max)`` with the split's final max, folds the per-token value scale into ``p`` and the zero
-   point into a running sum, and accumulates ``V^T p`` in one dot; value outliers are added after it, atomically.
+   point into a running sum, and accumulates ``V^T p`` in one dot; value outliers are added in the same loop, with
+   atomics. What a block needs first is loaded a block ahead; the split count fills one wave of programs.
 2. ``_decode_exact_kernel``: the recent-window ring and the sink tokens, exact.
 3. ``_combine_kernel``: merges the partial softmaxes.
 
@@ -218,9 +219,7 @@ def _decode_packed_kernel(
             vw_next2 = load_words(vc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
         else:
             vw_next = load_words(vc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
-        t = t0 + n
-        live = t < hi
-        tn = t + BN
+        tn = t0 + n + BN  # the next block's slots
         sc = sc_next
         vsc = vs_next.to(tl.float32)
         vzr = vz_next.to(tl.float32)
