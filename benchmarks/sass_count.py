@@ -105,8 +105,8 @@ def resources(res: str) -> dict:
 
 def decode_variant(bits, s, g, d, block_n=64, warps=None):
     """Registers and instructions per element of the decode kernel's two passes. The key pass holds a branch for
-    blocks whose positions are not consecutive (per-slot sin/cos), taken only under left padding or after a crop:
-    it is counted twice, with that branch compiled in (``*_static``) and out (the path every other block runs)."""
+    blocks whose attended positions jump (one more query rotation and dot per distinct base), taken only with custom
+    position ids: it is counted twice, with that branch compiled in (``*_static``) and out (the path every other block runs)."""
     warps = warps or 4  # what the launcher picks (decode.default_warps)
     gr = max(2, next_pow2(g))
     per_elem = block_n * d / (32 * warps)  # elements (of K, or of V) one thread decodes per loop iteration
@@ -142,7 +142,7 @@ def main() -> None:
             rows.append(row)
             print(f"decode b{bits} o{s} G{g} D{d}: regs {row['registers']} stack {row['stack']} "
                   f"key {row.get('key_pass_per_element')} value {row.get('value_pass_per_element')} instr/elem "
-                  f"(with the per-slot branch: key {row.get('key_pass_per_element_static')})", flush=True)
+                  f"(with the jump branch: key {row.get('key_pass_per_element_static')})", flush=True)
         except Exception as e:  # noqa: BLE001 (report every failing variant, then fail)
             failures.append(f"decode b{bits} o{s} G{g} D{d}: {str(e).splitlines()[-1][:200]}")
             print("FAIL", failures[-1], flush=True)
