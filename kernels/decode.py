@@ -107,6 +107,8 @@ def _decode_packed_kernel(
     if S > 0:
         koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0)
         kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0.0)
+    if MASK_KIND != 0:  # the attention mask by slot (a compiled static cache always has one), a block ahead too
+        mk_next = tl.load(mask_ptr + b * m_sb + lo + n, mask=lo + n < hi, other=0)
     # the block's RoPE base is taken from its last written slot (a scalar load, no reduction across the block)
     t_last_next = tl.maximum(tl.minimum(lo + BN, hi) - 1, 0)
     base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - lo)
@@ -127,6 +129,9 @@ def _decode_packed_kernel(
             em_next = ((t0 + BN + n) < hi)[:, None] & (ee < S)
             koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0)
             kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0.0)
+        if MASK_KIND != 0:
+            mk = mk_next
+            mk_next = tl.load(mask_ptr + b * m_sb + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
         base = base_next
         t_last_next = tl.minimum(t0 + 2 * BN, hi) - 1
         base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - (t0 + BN))
@@ -136,10 +141,10 @@ def _decode_packed_kernel(
         for i in tl.static_range(N_SINK):
             allowed = allowed & (t != tl.sum(tl.where(ns == i, sinks, 0)))
         if MASK_KIND == 1:
-            allowed = allowed & (tl.load(mask_ptr + b * m_sb + t, mask=live, other=0) != 0)
+            allowed = allowed & (mk != 0)
         bias = tl.where(allowed, 0.0, float("-inf"))
         if MASK_KIND == 2:
-            bias = bias + tl.maximum(tl.load(mask_ptr + b * m_sb + t, mask=live, other=0.0).to(tl.float32), -1e30) * 1.4426950408889634
+            bias = bias + tl.maximum(mk.to(tl.float32), -1e30) * 1.4426950408889634
         # RoPE: the keys are rotated by a fixed table of in-block offsets n and the query once per block to the base,
         # so a slot's score is right when its position is base + n: always, unless positions jump inside the block
         # (a slot whose rel = pos - n differs from the base is scored again below with its own base)
