@@ -144,3 +144,18 @@ def test_outliers_window_and_sink_change_the_output():
         changed, changed_ref = run(other)
         assert rel_err(changed, changed_ref) < TOL
         assert rel_err(changed, out) > 1e-3, edit
+
+
+def test_split_rule_fills_one_wave():
+    """Programs per SM follow registers (per warp, in units of 256) and shared memory; the splits fill one wave."""
+    from transformers_kvquant.kernels.decode import default_splits, programs_per_sm
+
+    h200 = (132, 65536, 233472, 2048)  # SMs, registers, shared bytes, threads per SM
+    assert programs_per_sm(255, 22528, 4, h200) == 2
+    assert programs_per_sm(128, 22528, 4, h200) == 4
+    assert programs_per_sm(64, 100_000, 4, h200) == 2  # shared memory binds
+    assert programs_per_sm(32, 0, 1, h200) == 32  # at most 32 programs
+    cache = random_cache(1, 2, 64, 3, 40, capacity=4096, device="cpu", seed=1)
+    assert default_splits(cache, 64, resident=2) == 4  # CPU stands for 4 SMs: 4 x 2 programs over 2 (row, head)
+    small = random_cache(1, 2, 64, 3, 40, capacity=128, device="cpu", seed=1)
+    assert default_splits(small, 64, resident=8) == 2  # never more splits than blocks
