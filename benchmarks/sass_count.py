@@ -6,7 +6,7 @@ For the decode kernel's two loops (the key pass and the value pass), prints the 
 element the iteration decodes (a thread's share of a ``BLOCK_N x head_dim`` tile): the number that decides whether
 decode is memory-bound (docs/kernels.md has the budget). For the append, dequantize, exact-window and combine
 kernels, the total instructions and registers. A compile error fails here instead of on device time.
-Run it with the Triton version of the GPU image (3.6), e.g. in a venv that has it.
+Run it with the Triton version of the GPU image (3.6): `make test` builds `.venv-min` with it.
 """
 
 from __future__ import annotations
@@ -25,47 +25,12 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers_kvquant.kernels import append, decode, dequant
+from transformers_kvquant.kernels.offline import APPEND_OVERRIDES, compile_kernel
 from transformers_kvquant.kernels.layout import next_pow2
-
-PTR_TYPES = {
-    # decode
-    "qrot_ptr": "*fp32", "pchan_ptr": "*i32", "vchan_ptr": "*i32", "theta_ptr": "*fp32", "offc_ptr": "*fp16",
-    "offs_ptr": "*fp16", "kc_ptr": "*i32", "vc_ptr": "*i32", "ktab_ptr": "*i32", "vtab_ptr": "*i32",
-    "kt16_ptr": "*fp16", "vt16_ptr": "*fp16", "kz_ptr": "*fp32", "ks_ptr": "*fp32", "vz_ptr": "*fp16",
-    "vs_ptr": "*fp16", "kov_ptr": "*fp16", "koi_ptr": "*u8", "vov_ptr": "*fp16", "voi_ptr": "*u8", "pos_ptr": "*i32",
-    "len_ptr": "*i32", "mask_ptr": "*u8", "sink_ptr": "*i64", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
-    "part_o_ptr": "*fp32", "uscr_ptr": "*fp32", "wk_ptr": "*fp16", "wv_ptr": "*fp16", "sk_ptr": "*fp16",
-    "sv_ptr": "*fp16", "out_ptr": "*fp16",
-    # append
-    "k_ptr": "*fp16", "v_ptr": "*fp16", "kchan_ptr": "*i32", "kb_ptr": "*fp32", "vb_ptr": "*fp32",
-    # dequant
-    "codes_ptr": "*i32", "src_ptr": "*i32", "table_ptr": "*fp32", "scale_ptr": "*fp16", "zero_ptr": "*fp16",
-    "ov_ptr": "*fp16", "oi_ptr": "*u8",
-}
-APPEND_OVERRIDES = {"ktab_ptr": "*fp32", "vtab_ptr": "*fp32", "kz_ptr": "*fp32", "ks_ptr": "*fp32", "kc_ptr": "*i32", "vc_ptr": "*i32"}
-
-
-def compile_kernel(fn, constexprs: dict, num_warps: int, overrides=None):
-    types = {**PTR_TYPES, **(overrides or {})}
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = types.get(name, "*fp32")
-        else:
-            sig[name] = "i32"
-    div16 = [n for n in fn.arg_names if sig[n].startswith("*")] + [n for n in ("cap",) if n in sig]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
-
 
 def sass_of(kernel) -> tuple[str, str]:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
