@@ -295,21 +295,56 @@ def outlier_section(folder: Path) -> list[str]:
     return lines
 
 
+WINDOW_MARKS = ("<!-- exact windows: begin -->", "<!-- exact windows: end -->")
+
+
+def window_section(folder: Path) -> list[str]:
+    """The shipped 3- and 2-bit 1% configs with an exact recent window (``smollm2_results.py --rows windows``)."""
+    done = _load(folder, "ppl")
+    data = done["result"] if done else json.loads((folder / "ppl.partial.json").read_text())
+    env = done["environment"] if done else None
+    first = next(iter(data.values()), [])
+    windows = first[0].get("windows") if first else "?"
+    lines = [WINDOW_MARKS[0], "## Exact recent window (toward presets)", "",
+             "The newest `window` tokens kept exact beside the sink (`cache_config={\"recent_window\": N}`), on the "
+             "shipped 1% configs with bounded outliers; average bits count the window's fp16 copies over a 2,048-token "
+             "window of text, so a window costs more bits at shorter contexts.", "",
+             f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages ppl --rows windows --windows "
+             f"{windows}` then `python benchmarks/make_results_doc.py --windows {folder}`. "
+             + (f"Measured on {_env_line(env)}." if env else "**Partial**: the run had not finished when this was written."), "",
+             "| rows | wikitext2 ppl | Δ% | bits | c4 ppl | Δ% | bits |", "|---|---|---|---|---|---|---|"]
+    by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
+    for label in dict.fromkeys(r["label"] for rows in data.values() for r in rows):
+        cells = []
+        for name in ("wikitext2", "c4"):
+            r, fp = by.get(name, {}).get(label), by.get(name, {}).get("fp")
+            cells += (["—"] * 3 if r is None else
+                      [f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp['ppl'] - 1):+.2f}" if fp else "—", f"{r['avg_bits']:.2f}"])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"{windows} windows of 2,048 tokens per dataset" + (" (a CPU run)." if windows != 40 else "."), WINDOW_MARKS[1]]
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?")
     parser.add_argument("--docs", default=str(REPO / "docs"))
     parser.add_argument("--outliers", default=None, help="a --rows outliers run: (re)write its section of results.md only")
+    parser.add_argument("--windows", default=None, help="a --rows windows run: (re)write its section of results.md only")
     args = parser.parse_args(argv)
     docs = Path(args.docs)
-    if args.outliers:
+    if args.outliers or args.windows:
         path = docs / "results.md"
         text = path.read_text()
-        section = "\n".join(outlier_section(Path(args.outliers)))
-        if MARK_BEGIN in text:
-            text = text[: text.index(MARK_BEGIN)] + section + text[text.index(MARK_END) + len(MARK_END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        for folder, make, (begin, end) in ((args.outliers, outlier_section, (MARK_BEGIN, MARK_END)),
+                                           (args.windows, window_section, WINDOW_MARKS)):
+            if folder is None:
+                continue
+            section = "\n".join(make(Path(folder)))
+            if begin in text:
+                text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+            else:
+                text = text.rstrip("\n") + "\n\n" + section + "\n"
         path.write_text(text)
         return 0
     folder = Path(args.folder)

@@ -55,6 +55,18 @@ def outlier_rows(model):
     return rows
 
 
+def window_rows(model):
+    """(label, method): fp and the shipped 3- and 2-bit 1% configs (bounded outliers) with an exact recent window of
+    0-128 tokens beside the sink: what a window buys at each width, for choosing presets."""
+    from transformers_kvquant.evaluation.perplexity import make_method
+
+    rows = [("fp", None)]
+    for bits in (3, 2):
+        for window in (0, 16, 32, 64, 128):
+            rows.append((f"kvquant {bits}-bit 1% + window {window}", make_method("kvquant", model, bits=bits, outlier_fraction=0.01, recent_window=window)))
+    return rows
+
+
 def ppl_rows(model):
     """(label, method) for every row of the table."""
     from transformers_kvquant.evaluation.perplexity import make_method
@@ -94,7 +106,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
         "c4": load_text(args.c4, parse_documents("150:")),
     }
     out = {}
-    rows = outlier_rows(model) if args.rows == "outliers" else ppl_rows(model)
+    rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows}[args.rows](model)
     partial = Path(args.out) / "ppl.partial.json"
     done = json.loads(partial.read_text()) if partial.exists() else {}  # a cut run goes on where it stopped
     for name, text in datasets.items():
@@ -162,8 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--c4", default=str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"))
     parser.add_argument("--windows", type=int, default=80)
-    parser.add_argument("--rows", default="table", choices=("table", "outliers"),
-                        help="ppl stage: the results table, or bounded vs uncapped outliers at every width")
+    parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows"),
+                        help="ppl stage: the results table, bounded vs uncapped outliers at every width, or exact windows")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--documents", type=int, default=8)
