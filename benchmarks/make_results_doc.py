@@ -307,8 +307,10 @@ def window_section(folder: Path) -> list[str]:
     windows = first[0].get("windows") if first else "?"
     lines = [WINDOW_MARKS[0], "## Exact recent window (toward presets)", "",
              "The newest `window` tokens kept exact beside the sink (`cache_config={\"recent_window\": N}`), on the "
-             "shipped 1% configs with bounded outliers; average bits count the window's fp16 copies over a 2,048-token "
-             "window of text, so a window costs more bits at shorter contexts.", "",
+             "shipped 1% configs with bounded outliers. Average bits count the ring as allocated, the window plus 64 spare "
+             "slots (kept so a crop leaves the window exact) in fp16, over a 2,048-token window of text: a window of W "
+             "tokens adds 16·(W + 64)/2048 bits here, but only 16·(W + 64)/131072 (0.01–0.02) at a 128K context, where "
+             "the memory matters.", "",
              f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages ppl --rows windows --windows "
              f"{windows}` then `python benchmarks/make_results_doc.py --windows {folder}`. "
              + (f"Measured on {_env_line(env)}." if env else "**Partial**: the run had not finished when this was written."), "",
