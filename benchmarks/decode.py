@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; later cases are skipped past it")
     ap.add_argument("--sweep", default="", help="split-count sweep first: shape:batch:context:format,... (e.g. MHA:1:131072:nuq3-1%%)")
+    ap.add_argument("--append-only", action="store_true", help="the append rows only (no decode grid)")
     ap.add_argument("--sweep-splits", default="1,2,4,8,12,16,17,24,32,33,48,66,132")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +222,7 @@ def main() -> None:
                 log.write(json.dumps({"append": row}) + "\n")
                 log.flush()
                 print("append", row, flush=True)
-            for context in (int(c) for c in args.contexts.split(",")):
+            for context in ([] if args.append_only else (int(c) for c in args.contexts.split(","))):
                 if time.time() - start > args.budget:
                     print(f"budget reached: skipping {shape} batch {batch} {context}", flush=True)
                     continue

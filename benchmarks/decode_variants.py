@@ -27,16 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import ALIASES, SHAPES, Timer, fp16_sdpa, parse_format  # noqa: E402
 
 # name: (block_n or None for block_size(bits), warps or None for the launcher's, code-word blocks in flight,
-# diagnostic module or None)
+# diagnostic module or None, register cap or None, with a bool attention mask by slot)
 VARIANTS = {
-    "default": (None, None, 1, None),
-    "2 blocks in flight": (None, None, 2, None),
-    "BN32 4 warps": (32, 4, 1, None),
-    "BN64 4 warps": (64, 4, 1, None),
-    "BN64 8 warps": (64, 8, 1, None),
-    "BN128 8 warps": (128, 8, 1, None),
-    "no key-outlier corrections (diagnostic)": (None, None, 1, "nokey"),
-    "no value-outlier adds (diagnostic)": (None, None, 1, "novalue"),
+    "default": (None, None, 1, None, None, False),
+    "bool mask": (None, None, 1, None, None, True),
+    "168 registers": (None, None, 1, None, 168, False),
+    "128 registers": (None, None, 1, None, 128, False),
+    "2 blocks in flight": (None, None, 2, None, None, False),
+    "BN32 4 warps": (32, 4, 1, None, None, False),
+    "BN128 8 warps": (128, 8, 1, None, None, False),
+    "no key-outlier corrections (diagnostic)": (None, None, 1, "nokey", None, False),
+    "no value-outlier adds (diagnostic)": (None, None, 1, "novalue", None, False),
 }
 CASES = "MHA:1:131072:nuq3-1%,MHA:1:131072:nuq3,GQA:1:131072:nuq3-1%,GQA:1:131072:nuq3,MHA:8:32768:nuq3-1%,SmolLM2:1:131072:nuq3-1%,MHA:1:131072:nuq4,MHA:1:131072:nuq2"
 
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--cases", default=CASES)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--budget", type=float, default=1e9)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
     args = ap.parse_args()
     from transformers_kvquant.kernels import decode
     from transformers_kvquant.kernels.layout import block_size, kernel_constants, outlier_slots
@@ -84,7 +86,10 @@ def main() -> None:
         cache = random_cache(batch, hkv, d, bits, context, outliers=outlier_slots(d, fraction), sink_tokens=1, device="cuda", seed=1)
         q = torch.randn(batch, hq, d, device="cuda") * 0.1
         row = {"shape": shape, "batch": batch, "context": context, "format": fmt, "fp16_us": round(fp_us, 2), "variants": {}}
-        for name, (bn, warps, pf, diag) in VARIANTS.items():
+        mask = torch.ones(batch, cache.capacity, dtype=torch.bool, device="cuda")
+        for name, (bn, warps, pf, diag, maxnreg, masked) in VARIANTS.items():
+            if name not in args.variants.split(","):
+                continue
             if time.time() - start > args.budget:
                 break
             if diag and not fraction:
@@ -92,7 +97,8 @@ def main() -> None:
             consts = kernel_constants(cache, rope_inv_freq(d).cuda(), bn or block_size(bits))
             fn = modules[diag].decode_attention
             try:
-                us = timer(lambda: fn(q, cache, consts, num_warps=warps, prefetch=pf))
+                kw = {"maxnreg": maxnreg} if maxnreg else {}
+                us = timer(lambda: fn(q, cache, consts, num_warps=warps, prefetch=pf, mask=mask if masked else None, **kw))
             except Exception as e:  # noqa: BLE001 (a variant that does not compile or fit is reported, not fatal)
                 row["variants"][name] = f"failed: {str(e).splitlines()[0][:160]}"
                 continue

@@ -1,7 +1,7 @@
 """End-to-end decode speed, time to first token and capacity of a LLaMA-shaped model (random fp16 weights).
 
     python benchmarks/e2e.py --out runs/e2e [--shapes LLaMA-2-7B,Llama-3-8B] [--contexts 32768,131072]
-        [--stages decode,ttft,throughput,capacity] [--budget 400]
+        [--stages decode,ttft,throughput,capacity,profile] [--budget 400]
 
 decode: a context of ``--contexts`` tokens is written into each cache directly (random fp16 K/V for the fp16
 caches, random packed codes for KVQuant: the decode cost does not depend on the values), then ``--steps`` greedy
@@ -14,6 +14,7 @@ ttft: a real prompt of ``--ttft-tokens`` tokens prefilled through the cache (KVQ
 ``--chunk``-token chunks that attend over the packed prefix), against fp16 prefill with ``DynamicCache``.
 throughput: at 32K, the cache memory of fp16 at batch 4, and the largest KVQuant-3 batch that fits in it.
 capacity: the longest context each KVQuant format holds beside the model, proven by decode steps.
+profile: the GPU time of a compiled decode step by kernel (torch.profiler), KVQuant-3 against fp16 StaticCache.
 
 Writes ``e2e.jsonl`` as it goes and ``e2e.json``: ``{"rows": [{"shape", "cache", "compiled", "context", "batch",
 "ms_per_token", "tokens_per_s", "ttft_s", "peak_gib", "cache_gib"}], "capacity": [...]}``.
@@ -211,7 +212,7 @@ def free():
 class Run:
     def __init__(self, out: Path, budget: float):
         self.out, self.budget, self.start = out, budget, time.time()
-        self.rows, self.capacity = [], []
+        self.rows, self.capacity, self.profile = [], [], []
         self.log = (out / "e2e.jsonl").open("a")
 
     def left(self) -> float:
@@ -225,7 +226,7 @@ class Run:
         self.save()
 
     def save(self):
-        (self.out / "e2e.json").write_text(json.dumps({"rows": self.rows, "capacity": self.capacity,
+        (self.out / "e2e.json").write_text(json.dumps({"rows": self.rows, "capacity": self.capacity, "profile": self.profile,
                                                        "seconds": round(time.time() - self.start, 1)}, indent=1))
 
 
@@ -294,6 +295,41 @@ def stage_decode(run, model, shape, contexts, steps, configs):
     for bits in (4, 2):
         if run.left() > 120 and f"kvquant-{bits}:compiled" not in SKIP:
             guarded(run, {"shape": shape, "cache": f"kvquant-{bits}", "compiled": True}, lambda: kvquant_compiled(bits, contexts[:1]))
+
+
+def stage_profile(run, model, shape, context, steps, configs):
+    """Where a compiled decode step's GPU time goes: torch.profiler over ``steps`` steps of KVQuant-3 and of fp16
+    StaticCache (both compiled, after warm-up), the kernels by total GPU time -> ``profile_<cache>_<context>.txt``."""
+    import torch._dynamo
+    from torch.profiler import ProfilerActivity, profile
+
+    def one(name, cache):
+        torch._dynamo.reset()
+        forwards: dict = {}
+        decode_ms(model, cache, 1, context, 3, True, forwards)  # compile and warm up
+        forward = next(iter(forwards.values()))
+        token = torch.full((1, 1), 5, device=DEV, dtype=torch.long)
+        pos = context + 8
+        gpu = DEV == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof, torch.no_grad():
+            for _ in range(steps):
+                where = torch.tensor([pos], device=DEV)
+                out = forward(input_ids=token, past_key_values=cache, cache_position=where, position_ids=where[None],
+                              use_cache=True)
+                token = out.logits[:, -1:].argmax(-1).clone()
+                pos += 1
+            sync()
+        table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=40,
+                                          max_name_column_width=90)
+        total = sum(e.self_device_time_total if gpu else e.self_cpu_time_total for e in prof.key_averages()) / steps / 1000
+        (run.out / f"profile_{name}_{context}.txt").write_text(f"{shape} {name} compiled, context {context}, "
+                                                              f"{steps} steps: {total:.3f} ms of GPU time per step\n{table}\n")
+        run.add({"shape": shape, "cache": name, "context": context, "gpu_ms_per_step": round(total, 3)}, "profile")
+
+    guarded(run, {"shape": shape, "cache": "kvquant-3", "stage": "profile"},
+            lambda: one("kvquant-3", fill_kvquant(model, configs[3], 1, context, context + 64, static=True)))
+    guarded(run, {"shape": shape, "cache": "fp16-static", "stage": "profile"},
+            lambda: one("fp16-static", fill_fp16(model, "fp16-static", 1, context, context + 64)))
 
 
 def stage_ttft(run, model, shape, tokens, chunk, configs):
@@ -437,6 +473,8 @@ def main() -> None:
                 break
             if stage == "decode":
                 stage_decode(run, model, shape, contexts, args.steps, configs)
+            elif stage == "profile":
+                stage_profile(run, model, shape, contexts[0], 4, configs)
             elif stage == "ttft":
                 stage_ttft(run, model, shape, args.ttft_tokens, args.chunk, configs)
             elif stage == "throughput":

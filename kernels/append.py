@@ -1,11 +1,14 @@
-"""Append: quantize new tokens and pack them into the cache, one launch for keys and values of every head.
+"""Append: quantize new tokens and pack them into the cache, one launch for everything a token writes.
 
-One program per (token, row) quantizes all KV heads of the token (the value range spans every head): keys with the
-calibrated per-channel ranges, values with the token's range after each head drops its outliers; codes are found
-by counting decision boundaries (what ``torch.bucketize`` does), the bounded outliers by repeated arg-max, and the
-codes are packed into the reader layout in registers. The slot is the device length plus the token's index, so no
-host value is needed; slots past the capacity are never written. The positions, the exact window and sink copies
-and the length are written by :func:`~.naive.write_exact`. The PyTorch reference is :func:`~.naive.append_reference`.
+One program per (token, row, KV head): keys with the calibrated per-channel ranges; values with the token's range,
+which spans every head after each head drops its outliers (each program of the token finds it; a second launch
+would cost more than the repeated reductions); codes by counting decision boundaries (what ``torch.bucketize``
+does), the bounded outliers by repeated arg-max, the codes packed into the reader layout in registers; then what
+is kept exactly (position, recent-window ring, sink: :func:`~.naive.write_exact`'s work). The slot is the device
+length plus the token's index, so no host value is needed; slots past the capacity are never written. Only the
+length is advanced by a tensor op after the launch (the programs read it). At batch 1 this is what made the append
+cheap: one program per token and row walked every head in turn, and write_exact's dozen small tensor ops each cost
+a launch. The PyTorch reference is :func:`~.naive.append_reference`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import triton
 import triton.language as tl
 
 from .layout import PackedCache, nibble_channels, on_input_device
-from .naive import write_exact
 
 
 @triton.jit
@@ -62,36 +64,41 @@ def _pick(x, pos, col):
 
 @triton.jit
 def _append_kernel(
-    k_ptr, v_ptr, k_sb, k_sh, k_st, v_sb, v_sh, v_st,
+    k_ptr, v_ptr, p_ptr, k_sb, k_sh, k_st, v_sb, v_sh, v_st,
     kchan_ptr, kz_ptr, ks_ptr, kb_ptr, ktab_ptr, vb_ptr, vtab_ptr,
     kc_ptr, vc_ptr, vz_ptr, vs_ptr, kov_ptr, koi_ptr, vov_ptr, voi_ptr, len_ptr,
-    H, cap,
+    pos_ptr, wk_ptr, wv_ptr, sk_ptr, sv_ptr, sslot_ptr,
+    H, cap, n_new, ring,
     HP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+    N_SINK: tl.constexpr, EXACT: tl.constexpr,
 ):
     i = tl.program_id(0)
     b = tl.program_id(1)
+    h = tl.program_id(2)
     slot = tl.sum(tl.load(len_ptr + tl.arange(0, 1)), 0) + i
-    hh = tl.arange(0, HP)
-    ok = (slot + 0 * hh) < cap  # per head (slots past the capacity are never written)
     one = tl.arange(0, 1)
     NB: tl.constexpr = (1 << BITS) - 1
     NS: tl.constexpr = D // 8
     W: tl.constexpr = D * BITS // 32
     NW: tl.constexpr = NS if BITS == 3 else (NS // 2 if BITS == 2 else NS)
+    hh = tl.arange(0, HP)
     hmask = hh < H
+    mine = hh == h  # this program's head among the rows of the [HP, D] tiles
     pk = tl.arange(0, D)  # nibble-order position
 
-    # ---------------------------------------------------------------- keys
+    # ---------------------------------------------------------------- keys of head h
     chk = tl.load(kchan_ptr + pk)  # the channel at each nibble position
-    x = tl.load(k_ptr + b * k_sb + hh[:, None] * k_sh + i * k_st + chk[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-    z = tl.load(kz_ptr + hh[:, None] * D + chk[None, :], mask=hmask[:, None], other=0.0)
-    s = tl.load(ks_ptr + hh[:, None] * D + chk[None, :], mask=hmask[:, None], other=1.0)
+    x = tl.load(k_ptr + b * k_sb + h * k_sh + i * k_st + chk[None, :]).to(tl.float32)  # [1, D]: the helpers' [heads, D]
+    z = tl.load(kz_ptr + h * D + chk[None, :])
+    s = tl.load(ks_ptr + h * D + chk[None, :])
+    one_h = tl.arange(0, 1)
+    ok1 = (slot + 0 * one_h) < cap  # [1]
     xn = tl.math.div_rn(x - z, s)
-    code = tl.zeros((HP, D), tl.int32)
+    code = tl.zeros((1, D), tl.int32)
     for j in tl.static_range(NB):
         code += (xn > tl.load(kb_ptr + j)).to(tl.int32)
     cent = tl.load(ktab_ptr + code)
-    _store_words(kc_ptr, _pack_words(code, HP, NS, BITS), hh, hmask, slot, ok, H, cap, b, W, NW, BITS)
+    _store_words(kc_ptr, _pack_words(code, 1, NS, BITS), h + one_h, ok1, slot, ok1, H, cap, b, W, NW, BITS)
     err = tl.abs(xn - cent)
     approx = cent * s + z
     for e in tl.static_range(SK):
@@ -100,12 +107,13 @@ def _append_kernel(
         ch = tl.min(tl.where(err == m[:, None], chk[None, :], D), 1)
         hit = chk[None, :] == ch[:, None]
         res = tl.sum(tl.where(hit, x - approx, 0.0), 1)
-        o = ((b * H + hh) * SK + e).to(tl.int64) * cap + slot
-        tl.store(kov_ptr + o, res.to(kov_ptr.dtype.element_ty), mask=hmask & ok)
-        tl.store(koi_ptr + o, ch.to(tl.uint8), mask=hmask & ok)
+        o = ((b * H + h + one_h) * SK + e).to(tl.int64) * cap + slot
+        tl.store(kov_ptr + o, res.to(kov_ptr.dtype.element_ty), mask=ok1)
+        tl.store(koi_ptr + o, ch.to(tl.uint8), mask=ok1)
         err = tl.where(hit, -1.0, err)
 
-    # ---------------------------------------------------------------- values (channels in order)
+    # ---------------------------------------------------------------- values: the token's range spans every head
+    # (every program of the token finds it again: cheaper than a second launch, and the heads' codes run in parallel)
     x = tl.load(v_ptr + b * v_sb + hh[:, None] * v_sh + i * v_st + pk[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
     SV1: tl.constexpr = SV + 1
     SVP: tl.constexpr = 2 if SV1 <= 2 else (4 if SV1 <= 4 else (8 if SV1 <= 8 else 16))
@@ -141,25 +149,59 @@ def _append_kernel(
     zero = ((vmax + vmin) / 2).to(vz_ptr.dtype.element_ty)
     scale = ((vmax - vmin) / 2).to(vs_ptr.dtype.element_ty)
     scale = tl.where(scale > 0, scale, 1.0).to(vs_ptr.dtype.element_ty)
-    tl.store(vz_ptr + b * cap + slot + one, zero + tl.zeros((1,), zero.dtype), mask=(slot + one) < cap)
-    tl.store(vs_ptr + b * cap + slot + one, scale + tl.zeros((1,), scale.dtype), mask=(slot + one) < cap)
+    first = (h + one == 0) & (slot + one < cap)  # one program of the token writes what is per token
+    tl.store(vz_ptr + b * cap + slot + one, zero + tl.zeros((1,), zero.dtype), mask=first)
+    tl.store(vs_ptr + b * cap + slot + one, scale + tl.zeros((1,), scale.dtype), mask=first)
     z32 = zero.to(tl.float32)
     s32 = scale.to(tl.float32)
-    xn = tl.math.div_rn(x - z32, s32)
-    code = tl.zeros((HP, D), tl.int32)
+    xh = tl.sum(tl.where(mine[:, None], x, 0.0), 0)[None, :]  # [1, D] this head's values
+    xn = tl.math.div_rn(xh - z32, s32)
+    code = tl.zeros((1, D), tl.int32)
     for j in tl.static_range(NB):
         code += (xn > tl.load(vb_ptr + j)).to(tl.int32)
-    _store_words(vc_ptr, _pack_words(code, HP, NS, BITS), hh, hmask, slot, ok, H, cap, b, W, NW, BITS)
+    _store_words(vc_ptr, _pack_words(code, 1, NS, BITS), h + one_h, ok1, slot, ok1, H, cap, b, W, NW, BITS)
     approx = tl.load(vtab_ptr + code) * s32 + z32
+    high_h = tl.sum(tl.where(mine, high, 0), 0) + 0 * one_h
+    top_h = tl.sum(tl.where(mine[:, None], top_i, 0), 0)[None, :]  # [1, SVP]
+    bot_h = tl.sum(tl.where(mine[:, None], bot_i, 0), 0)[None, :]
     for e in tl.static_range(SV):
-        from_top = e < high
-        ti = tl.sum(tl.where(col[None, :] == e, top_i, 0), 1)
-        bi = tl.sum(tl.where(col[None, :] == (e - high)[:, None], bot_i, 0), 1)
+        from_top = e < high_h
+        ti = tl.sum(tl.where(col[None, :] == e, top_h, 0), 1)
+        bi = tl.sum(tl.where(col[None, :] == (e - high_h)[:, None], bot_h, 0), 1)
         pos = tl.where(from_top, ti, bi)
-        res = _pick(x, pos, pk) - _pick(approx, pos, pk)
-        o = ((b * H + hh) * SV + e).to(tl.int64) * cap + slot
-        tl.store(vov_ptr + o, res.to(vov_ptr.dtype.element_ty), mask=hmask & ok)
-        tl.store(voi_ptr + o, pos.to(tl.uint8), mask=hmask & ok)
+        res = _pick(xh, pos, pk) - _pick(approx, pos, pk)
+        o = ((b * H + h + one_h) * SV + e).to(tl.int64) * cap + slot
+        tl.store(vov_ptr + o, res.to(vov_ptr.dtype.element_ty), mask=ok1)
+        tl.store(voi_ptr + o, pos.to(tl.uint8), mask=ok1)
+
+    # ---------------------------------------------------------------- what is kept exactly (naive.write_exact)
+    p_tok = tl.load(p_ptr + b * n_new + i)
+    tl.store(pos_ptr + b * cap + slot + one, p_tok + 0 * one, mask=(h + one == 0) & ok1)
+    if EXACT:
+        # the recent-window ring: only the newest `ring` tokens of this append fit (the others would collide)
+        kx = tl.load(k_ptr + b * k_sb + h * k_sh + i * k_st + pk)  # channel order
+        vx = tl.load(v_ptr + b * v_sb + h * v_sh + i * v_st + pk)
+        dst = ((b * H + h) * ring + slot % ring).to(tl.int64) * D + pk
+        keep = (i + 0 * pk) >= n_new - ring  # [D]
+        tl.store(wk_ptr + dst, kx.to(wk_ptr.dtype.element_ty), mask=keep)
+        tl.store(wv_ptr + dst, vx.to(wv_ptr.dtype.element_ty), mask=keep)
+    if N_SINK > 0:
+        # the sink: a token at position p < N is copied, unless a later token of this append has the same position
+        # (left padding gives pad slots position 0 before the real first token: the last one wins)
+        is_sink = (p_tok >= 0) & (p_tok < N_SINK)
+        later = p_tok * 0
+        if is_sink:
+            for j0 in range(i + 1, n_new, 128):
+                jj = j0 + tl.arange(0, 128)
+                pj = tl.load(p_ptr + b * n_new + jj, mask=jj < n_new, other=-1)
+                later += tl.sum((pj == p_tok).to(tl.int32), 0)
+        take = ((p_tok + 0 * pk) >= 0) & ((p_tok + 0 * pk) < N_SINK) & ((later + 0 * pk) == 0)  # [D]
+        kx = tl.load(k_ptr + b * k_sb + h * k_sh + i * k_st + pk)
+        vx = tl.load(v_ptr + b * v_sb + h * v_sh + i * v_st + pk)
+        dst = ((b * H + h) * N_SINK + p_tok).to(tl.int64) * D + pk
+        tl.store(sk_ptr + dst, kx.to(sk_ptr.dtype.element_ty), mask=take)
+        tl.store(sv_ptr + dst, vx.to(sv_ptr.dtype.element_ty), mask=take)
+        tl.store(sslot_ptr + b * N_SINK + p_tok + one, slot.to(tl.int64) + 0 * one, mask=(h + one == 0) & (tl.max(take.to(tl.int32), 0) + one > 0))
 
 
 @functools.cache
@@ -173,9 +215,10 @@ def prepare(head_dim: int, device) -> None:
 
 
 @on_input_device
-def append_codes(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Quantize and pack ``keys``/``values`` ``[B, H, T, D]`` into slots ``length .. length + T`` (codes, ranges,
-    outliers; nothing else)."""
+def append_slots(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    """Quantize and pack ``keys``/``values`` ``[B, H, T, D]`` into slots ``length .. length + T``: codes, ranges,
+    outliers, positions, the recent-window ring and the sink, in one launch of a program per (token, row, KV head).
+    The length is not advanced (the programs read it)."""
     b, h, n, d = keys.shape
     if n == 0:
         return
@@ -183,19 +226,23 @@ def append_codes(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor) -
     sv = cache.value_outlier_index.shape[2]
     kov, koi = (cache.key_outlier_values, cache.key_outlier_index) if sk else (cache.value_zero, cache.key_codes)
     vov, voi = (cache.value_outlier_values, cache.value_outlier_index) if sv else (cache.value_zero, cache.key_codes)
-    _append_kernel[(n, b)](
-        keys, values, *keys.stride()[:3], *values.stride()[:3],
+    ring = cache.window_keys.shape[2] if cache.recent_window else 0
+    _append_kernel[(n, b, h)](
+        keys, values, positions.to(torch.int32).contiguous(), *keys.stride()[:3], *values.stride()[:3],
         _channels(d, str(keys.device)), cache.key_zero, cache.key_scale, cache.key_bounds, cache.key_table,
         cache.value_bounds, cache.value_table,
         cache.key_codes, cache.value_codes, cache.value_zero, cache.value_scale, kov, koi, vov, voi, cache.length,
-        h, cache.capacity,
-        HP=max(2, triton.next_power_of_2(h)), D=d, BITS=cache.bits, SK=sk, SV=sv, num_warps=4 if h * d <= 2048 else 8,
+        cache.positions, cache.window_keys, cache.window_values, cache.sink_keys, cache.sink_values, cache.sink_slot,
+        h, cache.capacity, n, max(ring, 1),
+        HP=max(2, triton.next_power_of_2(h)), D=d, BITS=cache.bits, SK=sk, SV=sv, N_SINK=cache.sink_slot.shape[1],
+        EXACT=ring > 0, num_warps=4 if h * d <= 4096 else 8,
     )
 
 
 def append_packed(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-    """The whole append of new tokens (the Triton path of :func:`~.naive.append_reference`)."""
+    """The whole append of new tokens (the Triton path of :func:`~.naive.append_reference`): one launch, then the
+    device length advanced."""
     if keys.shape[2] == 0:
         return
-    append_codes(cache, keys, values)
-    write_exact(cache, keys, values, positions)
+    append_slots(cache, keys, values, positions)
+    cache.length.add_(keys.shape[2])

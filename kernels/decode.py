@@ -417,12 +417,14 @@ def default_splits(cache: PackedCache, block_n: int, resident: int = 4) -> int:
 @on_input_device
 def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, *, mask: torch.Tensor | None = None,
                      sliding_window: int = 0, n_splits: int | None = None, num_warps: int | None = None,
-                     prefetch: int = 1) -> torch.Tensor:
+                     prefetch: int = 1, maxnreg: int | None = None) -> torch.Tensor:
     """Attention of one query per row over ``cache``.
 
     ``q_rot``: fp32 ``[B, Hq, D]``, RoPE'd at the query position and scaled by ``softmax_scale * log2(e)`` (and the
     rotary's attention scaling). ``mask``: ``[B, >= length]`` bool (True: attend) or additive float, by slot, or None.
-    ``sliding_window``: attend to the newest that many slots only (0: all). Returns fp32 ``[B, Hq, D]``.
+    ``sliding_window``: attend to the newest that many slots only (0: all). ``maxnreg``: a register cap for the
+    packed kernel (more resident programs per SM, paid in spills; None: the compiler's choice). Returns fp32
+    ``[B, Hq, D]``.
     """
     b, hq, d = q_rot.shape
     h, cap, bn = cache.heads, cache.capacity, consts.block_n
@@ -434,7 +436,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     use_asm = not interpreting()
     s = cache.key_outlier_index.shape[2]
     warps = num_warps or default_warps(cache.bits)
-    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch,)
+    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch, maxnreg)
     splits = n_splits or default_splits(cache, bn, _RESIDENT.get(variant, 2))
     max_split_blocks = triton.cdiv(cap // bn, splits)
     parts = b * h * (splits + 1) * gr
@@ -464,7 +466,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
         G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
-        PF=prefetch, num_warps=warps, num_stages=1,
+        PF=prefetch, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if variant not in _RESIDENT and dev.type == "cuda" and getattr(compiled, "n_regs", None):
         # the first launch of a variant uses 2 programs per SM; later ones how many its registers and shared

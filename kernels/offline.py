@@ -19,7 +19,7 @@ PTR_TYPES = {
     "part_o_ptr": "*fp32", "uscr_ptr": "*fp32", "wk_ptr": "*fp16", "wv_ptr": "*fp16", "sk_ptr": "*fp16",
     "sv_ptr": "*fp16", "out_ptr": "*fp16",
     # append
-    "k_ptr": "*fp16", "v_ptr": "*fp16", "kchan_ptr": "*i32", "kb_ptr": "*fp32", "vb_ptr": "*fp32",
+    "k_ptr": "*fp16", "v_ptr": "*fp16", "p_ptr": "*i32", "sslot_ptr": "*i64", "kchan_ptr": "*i32", "kb_ptr": "*fp32", "vb_ptr": "*fp32",
     # dequant
     "codes_ptr": "*i32", "src_ptr": "*i32", "table_ptr": "*fp32", "scale_ptr": "*fp16", "zero_ptr": "*fp16",
     "ov_ptr": "*fp16", "oi_ptr": "*u8",

@@ -38,34 +38,24 @@ def _(q_rot, cache_tensors, constants, mask, bits, recent_window, sliding_window
     return torch.empty_like(q_rot)
 
 
-@torch.library.custom_op(
-    "kvquant::append_codes",
-    mutates_args=("key_codes", "value_codes", "value_zero", "value_scale", "key_outlier_values", "key_outlier_index",
-                  "value_outlier_values", "value_outlier_index"),
-)
-def _append_codes(keys: torch.Tensor, values: torch.Tensor, key_codes: torch.Tensor, value_codes: torch.Tensor,
-                  value_zero: torch.Tensor, value_scale: torch.Tensor, key_outlier_values: torch.Tensor,
-                  key_outlier_index: torch.Tensor, value_outlier_values: torch.Tensor, value_outlier_index: torch.Tensor,
-                  others: list[torch.Tensor], bits: int, recent_window: int) -> None:
-    from .append import append_codes
-
-    named = dict(zip(_CACHE_TENSORS, [None] * len(_CACHE_TENSORS)))
-    named.update(key_codes=key_codes, value_codes=value_codes, value_zero=value_zero, value_scale=value_scale,
-                 key_outlier_values=key_outlier_values, key_outlier_index=key_outlier_index,
-                 value_outlier_values=value_outlier_values, value_outlier_index=value_outlier_index)
-    rest = [n for n in _CACHE_TENSORS if named[n] is None]
-    named.update(zip(rest, others))
-    append_codes(PackedCache(bits=bits, recent_window=recent_window, **named), keys, values)
-
-
-@_append_codes.register_fake
-def _(keys, values, key_codes, value_codes, value_zero, value_scale, key_outlier_values, key_outlier_index,
-      value_outlier_values, value_outlier_index, others, bits, recent_window):
-    return None
-
-
 _MUTATED = ("key_codes", "value_codes", "value_zero", "value_scale", "key_outlier_values", "key_outlier_index",
-            "value_outlier_values", "value_outlier_index")
+            "value_outlier_values", "value_outlier_index", "positions", "window_keys", "window_values", "sink_keys",
+            "sink_values", "sink_slot")
+
+
+@torch.library.custom_op("kvquant::append", mutates_args=("mutated",))
+def _append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, mutated: list[torch.Tensor],
+            others: list[torch.Tensor], bits: int, recent_window: int) -> None:
+    from .append import append_slots
+
+    named = dict(zip(_MUTATED, mutated))
+    named.update(zip([n for n in _CACHE_TENSORS if n not in _MUTATED], others))
+    append_slots(PackedCache(bits=bits, recent_window=recent_window, **named), keys, values, positions)
+
+
+@_append.register_fake
+def _(keys, values, positions, mutated, others, bits, recent_window):
+    return None
 
 
 def decode(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, mask: torch.Tensor | None = None,
@@ -76,11 +66,9 @@ def decode(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, mas
 
 
 def append(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-    """:func:`~.append.append_packed` with the Triton part as one operator (the rest is plain tensor ops)."""
-    from .naive import write_exact
-
+    """:func:`~.append.append_packed` with the launch as one operator and the length advanced as a tensor op."""
     if keys.shape[2] == 0:
         return
-    others = [getattr(cache, n) for n in _CACHE_TENSORS if n not in _MUTATED]
-    _append_codes(keys, values, *[getattr(cache, n) for n in _MUTATED], others, cache.bits, cache.recent_window)
-    write_exact(cache, keys, values, positions)
+    _append(keys, values, positions, [getattr(cache, n) for n in _MUTATED],
+            [getattr(cache, n) for n in _CACHE_TENSORS if n not in _MUTATED], cache.bits, cache.recent_window)
+    cache.length.add_(keys.shape[2])

@@ -68,10 +68,10 @@ def test_outliers_are_kept():
 def test_slots_past_the_capacity_are_never_written():
     cache = random_cache(1, 2, 64, 3, 126, outliers=1, capacity=128, device=DEVICE, seed=2)
     before = {n: t.clone() for n, t in cache.tensors().items()}
-    k, v, _ = inputs(1, 2, 64, 4, torch.float16)
-    from transformers_kvquant.kernels.append import append_codes
+    k, v, pos = inputs(1, 2, 64, 4, torch.float16)
+    from transformers_kvquant.kernels.append import append_slots
 
-    append_codes(cache, k, v)  # slots 126..129 of 128: two fit
+    append_slots(cache, k, v, pos)  # slots 126..129 of 128: two fit
     assert not torch.equal(cache.key_codes[..., 126:], before["key_codes"][..., 126:])
     assert cache.key_codes.shape == before["key_codes"].shape
     assert torch.equal(cache.key_codes[..., :126], before["key_codes"][..., :126])
@@ -94,3 +94,21 @@ def test_ties_go_to_the_lower_channel_in_both():
     for name in ("key_outlier_index", "value_outlier_index", "key_codes", "value_codes", "value_zero", "value_scale"):
         assert torch.equal(ref.tensors()[name], out.tensors()[name]), name
     assert ref.value_outlier_index[0, 0, :, 10].tolist() == [7, 8]  # dropping both lows leaves the smallest range
+
+
+@pytest.mark.parametrize("n, window", [(3, 0), (133, 4)], ids=["decode-batch", "long-chunk"])
+def test_sink_and_window_under_left_padding(n, window):
+    """Left padding gives several slots position 0 before the real first token: the last of them is the sink in the
+    kernel as in the reference, in an append longer than one scan of the later positions (128); the ring keeps the
+    newest tokens only."""
+    b, h, d = 2, 3, 64
+    ref = random_cache(b, h, d, 3, 0, outliers=1, recent_window=window, sink_tokens=2, capacity=256, device=DEVICE, seed=3)
+    out = random_cache(b, h, d, 3, 0, outliers=1, recent_window=window, sink_tokens=2, capacity=256, device=DEVICE, seed=3)
+    k, v, _ = inputs(b, h, d, n, torch.float16)
+    pad = torch.tensor([2, 0])  # row 0: two pad tokens at position 0 before the real ones
+    pos = torch.stack([torch.clamp(torch.arange(n) - int(p), min=0) for p in pad]).to(torch.int32).to(DEVICE)
+    append_reference(ref, k, v, pos)
+    append_packed(out, k, v, pos)
+    for name in ("sink_keys", "sink_values", "sink_slot", "positions", "length", "window_keys", "window_values", "key_codes"):
+        assert torch.equal(ref.tensors()[name], out.tensors()[name]), name
+    assert out.sink_slot[0].tolist() == ([2, 3] if n > 3 else [2, -1]) and out.sink_slot[1].tolist() == [0, 1]
