@@ -1,0 +1,39 @@
+"""The launchers as custom operators: a step traced by ``torch.compile`` (one graph, ``fullgraph=True``) writes the
+same cache and returns the same attention as the eager launchers (under the Triton interpreter on CPU, compiled on
+a GPU with KVQUANT_TEST_COMPILED=1): the operators' schemas (a list of mutated cache tensors) trace, and two steps
+in a row see each other's writes."""
+
+from __future__ import annotations
+
+import torch
+from transformers_kvquant.kernels import ops
+from transformers_kvquant.kernels.layout import block_size, kernel_constants
+from transformers_kvquant.kernels.rope import rope_inv_freq
+from transformers_kvquant.kernels.synthetic import random_cache
+
+from tests.kernels.common import DEVICE
+
+
+def _step(cache, consts, k, v, pos, q):
+    ops.append(cache, k, v, pos)
+    return ops.decode(q, cache, consts)
+
+
+def test_compiled_step_equals_eager():
+    b, h, g, d, bits = 2, 2, 2, 64, 3
+    caches = [random_cache(b, h, d, bits, 60, outliers=1, recent_window=4, sink_tokens=1, capacity=128, device=DEVICE,
+                           seed=7) for _ in range(2)]
+    consts = kernel_constants(caches[0], rope_inv_freq(d).to(DEVICE), block_size(bits))
+    gen = torch.Generator().manual_seed(3)
+    compiled = torch.compile(_step, fullgraph=True, backend="aot_eager")
+    for step in range(2):  # two steps: the second reads what the first appended
+        k = torch.randn(b, h, 1, d, generator=gen).to(DEVICE, torch.float16)
+        v = torch.randn(b, h, 1, d, generator=gen).to(DEVICE, torch.float16)
+        q = (torch.randn(b, h * g, d, generator=gen) * 0.3).to(DEVICE)
+        pos = torch.full((b, 1), 60 + step, dtype=torch.int32, device=DEVICE)
+        eager = _step(caches[0], consts, k, v, pos, q)
+        traced = compiled(caches[1], consts, k, v, pos, q)
+        assert torch.equal(eager, traced)
+    for name, t in caches[0].tensors().items():
+        assert torch.equal(t, caches[1].tensors()[name]), name
+    assert int(caches[1].length) == 62
