@@ -80,9 +80,8 @@ def decode_doc(root: Path, decode: dict, env: dict, checks, versions: str, extra
         "(a 4 GiB device-to-device copy, bytes read plus written).",
         "",
         "Reproduce: `bash benchmarks/device_session.sh` on the GPU (its decode stage is `python benchmarks/decode.py --out OUT "
-        "--contexts 4096,8192,32768,131072,524288`), then `python benchmarks/report.py docs/gpu_runs/h200-2026-12-01 "
-        f"{root.relative_to(REPO)}` here. Raw results and logs: `{root.relative_to(REPO)}/call*/` (the nuq4 rows are from "
-        "call2, after the 4-bit block size was set to 64 slots; every row names its call in docs/benchmarks.json).",
+        f"--contexts 4096,8192,32768,131072,524288`), then `{REPORT_CMD}` here. Raw results and logs: "
+        "`docs/gpu_runs/<root>/<call>/`; every row names its root and call in docs/benchmarks.json.",
         "",
         "One attention layer, one query per row, each call captured in a CUDA graph and timed alone after an L2 flush "
         "(median of 15). fp16: `scaled_dot_product_attention` over fp16 K/V, the fastest backend that runs the shape "
@@ -140,7 +139,7 @@ def decode_doc(root: Path, decode: dict, env: dict, checks, versions: str, extra
         lines.append("")
     if checks:
         lines += ["## Correctness on the GPU (same session)", "",
-                  f"`python benchmarks/gpu_checks.py` ({root.relative_to(REPO)}/call1/gpu_checks.json): bits=16 against "
+                  f"`python benchmarks/gpu_checks.py` (docs/gpu_runs/{checks['source']}/gpu_checks.json): bits=16 against "
                   "transformers' caches on CUDA, max |Δlogit| per comparison:", ""]
         for name, v in (checks.get("exactness") or {}).items():
             if isinstance(v, dict) and "max_abs_dlogit" in v:
@@ -155,8 +154,8 @@ def decode_doc(root: Path, decode: dict, env: dict, checks, versions: str, extra
                       f"tests/kernels/test_dequant.py tests/kernels/test_dispatch.py`: **{tests[0].strip('= ')}** "
                       f"(`{tests[1]}/kernel_tests.log`; append and packing tests ran compiled in earlier calls)."]
         lines.append("")
-    sass = root / "sass.json"
-    if sass.exists():
+    sass = next((r / "sass.json" for r in reversed(ROOTS) if (r / "sass.json").exists()), None)
+    if sass:
         data = json.loads(sass.read_text())
         lines += ["## SASS instructions per element (offline, sm_90)", "",
                   f"`python benchmarks/sass_count.py --quick --out {sass.relative_to(REPO)}` (Triton {data['triton']}, no GPU). "
@@ -218,13 +217,14 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
     dec = [r for r in measured if r.get("ms_per_token")]
     ttft = [r for r in measured if r.get("ttft_s")]
     get = lambda shape, cache, compiled, ctx: next((r for r in dec if r["shape"] == shape and r["cache"] == cache
-                                                    and r["compiled"] == compiled and r["context"] == ctx), None)
+                                                    and r["compiled"] == compiled and r["context"] == ctx
+                                                    and (r.get("batch") or 1) == 1 and not r.get("equal_memory")), None)
     lines = [
         "# End to end: decode speed, time to first token and capacity (LLaMA-2-7B and Llama-3-8B shapes, random fp16 weights)",
         "",
         f"H200, {versions}. Reproduce: `python benchmarks/e2e.py --out OUT --stages decode --contexts 32768,131072 "
         "--compile-backend inductor [--shapes Llama-3-8B]` on the GPU (the TTFT and capacity rows: `--stages ttft,capacity`), "
-        f"then `python benchmarks/report.py docs/gpu_runs/h200-2026-12-01 {root.relative_to(REPO)}`. Every row names the "
+        f"then `{REPORT_CMD}`. Every row names the "
         "call it comes from; the TTFT and capacity rows were measured in the earlier session (h200-2026-12-01: the "
         "prefill path and the layout have not changed since; the decode kernel has).",
         "",
@@ -232,7 +232,8 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
         "depend on the values), then greedy decode steps of the whole model, median ms per token after warm-up. "
         "*Eager*: `model.forward` per step. *Compiled*: `torch.compile(model.forward, mode=\"reduce-overhead\", "
         "fullgraph=True)` (inductor, CUDA graphs) over the static caches: the gpt-fast loop, and what generate does for "
-        "a compileable cache. Batch 1.",
+        "a compileable cache. Batch 1, except the equal-memory rows (`--stages throughput`: fp16 at batch 4 against "
+        "the KVQuant-3 batch whose cache fits in the same bytes).",
         "",
         "## Acceptance (issue: compiled decoding)",
         "",
@@ -245,8 +246,16 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
                 lines.append(f"- {shape}, {ctx // 1024}K, batch 1: KVQuant-3 compiled {k['ms_per_token']:.1f} ms/token vs fp16 "
                              f"StaticCache compiled {f['ms_per_token']:.1f} = ×{x:.2f} (need {label}): "
                              f"**{'PASS' if x >= need else 'FAIL'}**" + ("" if shape == "LLaMA-2-7B" else " (the issue's bar is for LLaMA-2-7B)"))
-    lines.append("- throughput at equal memory (batch 4 fp16 at 32K vs the KVQuant batch that fits): **not measured** "
-                 "(the session's device time ran out)")
+    equal = {r["cache"]: r for r in dec if r.get("equal_memory") and r["shape"] == "LLaMA-2-7B"}
+    if "fp16-static" in equal and "kvquant-3" in equal:
+        f, k = equal["fp16-static"], equal["kvquant-3"]
+        x = k["tokens_per_s"] / f["tokens_per_s"]
+        lines.append(f"- throughput at equal memory, LLaMA-2-7B, 32K: fp16 StaticCache batch {f['batch']} ({f['cache_gib']:.1f} "
+                     f"GiB of cache) {f['tokens_per_s']:.0f} tokens/s; KVQuant-3 at the batch that fits in those bytes, "
+                     f"{k['batch']} ({k['cache_gib']:.1f} GiB), {k['tokens_per_s']:.0f} tokens/s = ×{x:.2f} (need ≥ 3): "
+                     f"**{'PASS' if x >= 3 else 'FAIL'}** ({k['source']})")
+    else:
+        lines.append("- throughput at equal memory (batch 4 fp16 at 32K vs the KVQuant batch that fits): **not measured**")
     caps = {c["format"]: c for c in capacity}
     for fmt, need in (("nuq2", 2_000_000), ("nuq3-1%", 1_100_000)):
         best = max((c for c in capacity if c["format"] == fmt), key=lambda c: c["context"], default=None)
@@ -262,12 +271,20 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
             lines.append(f"- TTFT, 32K prompt, KVQuant-3 ({r['prefill']}): {r['ttft_s']:.2f} s vs fp16 {fp_ttft['ttft_s']:.2f} s = "
                          f"×{ratio:.2f} (need ≤ 1.3): {'PASS' if ratio <= 1.3 else 'FAIL'}; peak {r['peak_gib']:.1f} vs "
                          f"{fp_ttft['peak_gib']:.1f} GiB")
-    lines.append("- not measured (device time): batches above 1, the quanto rows, KVQuant-4/2 compiled at 128K, "
-                 "Llama-3-8B capacity")
-    lines += ["", "## Decode", "", "| shape | cache | compiled | context | ms/token | tokens/s | peak GiB | cache GiB | source |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(dec, key=lambda r: (r["shape"], r["context"], r["cache"], r["compiled"])):
+    missing = []
+    if not any(r["cache"].startswith("quanto") for r in dec):
+        missing.append("the quanto rows")
+    if not any(r["cache"] in ("kvquant-4", "kvquant-2") and r["compiled"] and r["context"] == 131072 for r in dec):
+        missing.append("KVQuant-4/2 compiled at 128K")
+    if not any(c.get("shape", "LLaMA-2-7B") == "Llama-3-8B" for c in capacity):
+        missing.append("Llama-3-8B capacity")
+    if missing:
+        lines.append("- not measured (device time): " + ", ".join(missing))
+    lines += ["", "## Decode", "", "| shape | cache | compiled | context | batch | ms/token | tokens/s | peak GiB | cache GiB | source |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(dec, key=lambda r: (r["shape"], r["context"], r.get("batch") or 1, r["cache"], r["compiled"])):
         lines.append(f"| {r['shape']} | {r['cache']} | {'yes' if r['compiled'] else 'no'} | {r['context'] // 1024}K | "
+                     f"{r.get('batch') or 1}{' (equal memory)' if r.get('equal_memory') else ''} | "
                      f"{r['ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.1f} | {r.get('cache_gib', '')} | {r['source']} |")
     lines += ["", "KVQuant-3 is nuq3-1% (bounded outliers), with codebooks fitted from one forward pass of the random model. "
               "The compiled KVQuant-3 rows share one static cache of 128K+ capacity (its kernels read up to the length), "
@@ -339,7 +356,7 @@ def multi_gpu_doc(root: Path, capacity: list) -> None:
         "",
         "From the one-GPU capacity runs (docs/e2e.md): bytes per token = the cache's bytes / the tokens it held; the "
         "rest of the peak (weights, activations, allocator) is spread over the GPUs; each GPU keeps the same headroom "
-        f"the one-GPU run left below {GPU_GIB} GiB. Reproduce: `python benchmarks/report.py {root.relative_to(REPO)}`.",
+        f"the one-GPU run left below {GPU_GIB} GiB. Reproduce: `{REPORT_CMD}`.",
         "",
         "| format | measured on 1 H200 | bytes per token | projected on 2 | on 4 | on 8 H200 |",
         "|---|---|---|---|---|---|",
@@ -359,8 +376,15 @@ def multi_gpu_doc(root: Path, capacity: list) -> None:
     (DOCS / "multi_gpu.md").write_text("\n".join(lines))
 
 
+ROOTS: list = []  # the result roots of this report, oldest first
+REPORT_CMD = ""  # the command that regenerates the documents
+
+
 def main() -> None:
+    global REPORT_CMD
     roots = [Path(a).resolve() for a in sys.argv[1:]]
+    ROOTS[:] = roots
+    REPORT_CMD = "python benchmarks/report.py " + " ".join(str(r.relative_to(REPO)) for r in roots)
     root = roots[-1]
     decode, env, e2e, capacity, checks, versions, extra = load_runs(roots)
     if decode:
