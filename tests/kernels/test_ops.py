@@ -33,7 +33,9 @@ def test_compiled_step_equals_eager():
         pos = torch.full((b, 1), 60 + step, dtype=torch.int32, device=DEVICE)
         eager = _step(caches[0], consts, k, v, pos, q)
         traced = compiled(caches[1], consts, k, v, pos, q)
-        assert torch.equal(eager, traced)
+        # the value outliers reach the output through atomic adds, whose order a GPU does not fix: the last bits of
+        # the output may differ between two launches, the cache's bytes may not
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step}: {m}")
     for name, t in caches[0].tensors().items():
         assert torch.equal(t, caches[1].tensors()[name]), name
     assert int(caches[1].length) == 62
