@@ -27,22 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import ALIASES, SHAPES, Timer, fp16_sdpa, parse_format  # noqa: E402
 
 # name: (block_n or None for block_size(bits), warps or None for the launcher's, code-word blocks in flight,
-# diagnostic module or None, register cap or None, with a bool attention mask by slot, compiler pipeline stages)
+# diagnostic module or None, register cap or None, with a bool attention mask by slot)
 VARIANTS = {
-    "default": (None, None, 1, None, None, False, 1),
-    "bool mask": (None, None, 1, None, None, True, 1),
-    "168 registers": (None, None, 1, None, 168, False, 1),
-    "128 registers": (None, None, 1, None, 128, False, 1),
-    "2 blocks in flight": (None, None, 2, None, None, False, 1),
-    "BN32 4 warps": (32, 4, 1, None, None, False, 1),
-    "BN128 8 warps": (128, 8, 1, None, None, False, 1),
-    "no key-outlier corrections (diagnostic)": (None, None, 1, "nokey", None, False, 1),
-    "no value-outlier adds (diagnostic)": (None, None, 1, "novalue", None, False, 1),
-    "pipeline 2": (None, None, 1, None, None, False, 2),
-    "pipeline 3": (None, None, 1, None, None, False, 3),
-    "pipeline 4": (None, None, 1, None, None, False, 4),
-    "pipeline 3 + 128 registers": (None, None, 1, None, 128, False, 3),
-    "pipeline 3 + bool mask": (None, None, 1, None, None, True, 3),
+    "default": (None, None, 1, None, None, False),
+    "bool mask": (None, None, 1, None, None, True),
+    "168 registers": (None, None, 1, None, 168, False),
+    "128 registers": (None, None, 1, None, 128, False),
+    "2 blocks in flight": (None, None, 2, None, None, False),
+    "BN32 4 warps": (32, 4, 1, None, None, False),
+    "BN128 8 warps": (128, 8, 1, None, None, False),
+    "no key-outlier corrections (diagnostic)": (None, None, 1, "nokey", None, False),
+    "no value-outlier adds (diagnostic)": (None, None, 1, "novalue", None, False),
 }
 CASES = "MHA:1:131072:nuq3-1%,MHA:1:131072:nuq3,GQA:1:131072:nuq3-1%,GQA:1:131072:nuq3,MHA:8:32768:nuq3-1%,SmolLM2:1:131072:nuq3-1%,MHA:1:131072:nuq4,MHA:1:131072:nuq2"
 
@@ -92,7 +87,7 @@ def main() -> None:
         q = torch.randn(batch, hq, d, device="cuda") * 0.1
         row = {"shape": shape, "batch": batch, "context": context, "format": fmt, "fp16_us": round(fp_us, 2), "variants": {}}
         mask = torch.ones(batch, cache.capacity, dtype=torch.bool, device="cuda")
-        for name, (bn, warps, pf, diag, maxnreg, masked, pipe) in VARIANTS.items():
+        for name, (bn, warps, pf, diag, maxnreg, masked) in VARIANTS.items():
             if name not in args.variants.split(","):
                 continue
             if time.time() - start > args.budget:
@@ -102,7 +97,7 @@ def main() -> None:
             consts = kernel_constants(cache, rope_inv_freq(d).cuda(), bn or block_size(bits))
             fn = modules[diag].decode_attention
             try:
-                kw = ({"maxnreg": maxnreg} if maxnreg else {}) | ({"pipeline": pipe} if pipe > 1 else {})
+                kw = {"maxnreg": maxnreg} if maxnreg else {}
                 us = timer(lambda: fn(q, cache, consts, num_warps=warps, prefetch=pf, mask=mask if masked else None, **kw))
             except Exception as e:  # noqa: BLE001 (a variant that does not compile or fit is reported, not fatal)
                 row["variants"][name] = f"failed: {str(e).splitlines()[0][:160]}"

@@ -45,7 +45,7 @@ def _decode_packed_kernel(
     H, cap, m_sb, max_split_blocks, n_splits, n_window, window,
     G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, N_SINK: tl.constexpr,
     BN: tl.constexpr, MASK_KIND: tl.constexpr, USE_ASM: tl.constexpr, FAST: tl.constexpr, SLOW_PATH: tl.constexpr = True,
-    PF: tl.constexpr = 1, PIPE: tl.constexpr = 1,
+    PF: tl.constexpr = 1,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -112,43 +112,29 @@ def _decode_packed_kernel(
     # the block's RoPE base is taken from its last written slot (a scalar load, no reduction across the block)
     t_last_next = tl.maximum(tl.minimum(lo + BN, hi) - 1, 0)
     base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - lo)
-    for t0 in tl.range(lo, hi, BN, num_stages=PIPE):
-        if PIPE > 1:
-            # the compiler's pipeline: asynchronous copies PIPE - 1 blocks ahead into shared memory (no registers
-            # held for the next block)
-            kw = load_words(kc_row, cap, t0, BITS, BN, NS)
-            pos = tl.load(pos_ptr + b * cap + t0 + n, mask=t0 + n < hi, other=0)
-            if S > 0:
-                em = ((t0 + n) < hi)[:, None] & (ee < S)
-                koi = tl.load(koi_ptr + (bh * S + ee) * cap + (t0 + n)[:, None], mask=em, other=0)
-                kov = tl.load(kov_ptr + (bh * S + ee) * cap + (t0 + n)[:, None], mask=em, other=0.0)
-            if MASK_KIND != 0:
-                mk = tl.load(mask_ptr + b * m_sb + t0 + n, mask=t0 + n < hi, other=0)
-            t_last = tl.minimum(t0 + BN, hi) - 1
-            base = tl.load(pos_ptr + b * cap + t_last) - (t_last - t0)
+    for t0 in range(lo, hi, BN):
+        # software prefetch: this iteration's words and positions were loaded during the previous one (every load
+        # the block needs first is in flight a whole iteration ahead: the loop is latency-bound, not issue-bound)
+        kw = kw_next
+        if PF == 2:
+            kw_next = kw_next2
+            kw_next2 = load_words(kc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
         else:
-            # software prefetch: this iteration's words and positions were loaded during the previous one (every
-            # load the block needs first is in flight a whole iteration ahead: the loop is latency-bound)
-            kw = kw_next
-            if PF == 2:
-                kw_next = kw_next2
-                kw_next2 = load_words(kc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
-            else:
-                kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
-            pos = pos_next
-            pos_next = tl.load(pos_ptr + b * cap + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
-            if S > 0:
-                koi = koi_next
-                kov = kov_next
-                em_next = ((t0 + BN + n) < hi)[:, None] & (ee < S)
-                koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0)
-                kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0.0)
-            if MASK_KIND != 0:
-                mk = mk_next
-                mk_next = tl.load(mask_ptr + b * m_sb + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
-            base = base_next
-            t_last_next = tl.minimum(t0 + 2 * BN, hi) - 1
-            base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - (t0 + BN))
+            kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
+        pos = pos_next
+        pos_next = tl.load(pos_ptr + b * cap + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
+        if S > 0:
+            koi = koi_next
+            kov = kov_next
+            em_next = ((t0 + BN + n) < hi)[:, None] & (ee < S)
+            koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0)
+            kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0.0)
+        if MASK_KIND != 0:
+            mk = mk_next
+            mk_next = tl.load(mask_ptr + b * m_sb + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
+        base = base_next
+        t_last_next = tl.minimum(t0 + 2 * BN, hi) - 1
+        base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - (t0 + BN))
         t = t0 + n
         live = t < hi
         allowed = live & (t >= length - window)
@@ -231,42 +217,30 @@ def _decode_packed_kernel(
     if S > 0:
         voi_next = tl.load(voi_ptr + (bh * S + e3) * cap + (lo + n)[:, None, None], mask=((lo + n) < hi)[:, None, None] & (e3 < S), other=0)
         vov_next = tl.load(vov_ptr + (bh * S + e3) * cap + (lo + n)[:, None, None], mask=((lo + n) < hi)[:, None, None] & (e3 < S), other=0.0)
-    for t0 in tl.range(lo, hi, BN, num_stages=PIPE):
-        tn = t0 + n + BN  # the next block's slots
-        if PIPE > 1:
-            tc = t0 + n
-            vw = load_words(vc_row, cap, t0, BITS, BN, NS)
-            sc = tl.load(sbase + (tc - lo)[:, None] * GR + gr[None, :], mask=(tc < hi)[:, None], other=float("-inf"))
-            vsc = tl.load(vs_ptr + b * cap + tc, mask=tc < hi, other=0.0).to(tl.float32)
-            vzr = tl.load(vz_ptr + b * cap + tc, mask=tc < hi, other=0.0).to(tl.float32)
+    for t0 in range(lo, hi, BN):
+        vw = vw_next
+        if PF == 2:
+            vw_next = vw_next2
+            vw_next2 = load_words(vc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
         else:
-            vw = vw_next
-            if PF == 2:
-                vw_next = vw_next2
-                vw_next2 = load_words(vc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
-            else:
-                vw_next = load_words(vc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
-            sc = sc_next
-            vsc = vs_next.to(tl.float32)
-            vzr = vz_next.to(tl.float32)
-            sc_next = tl.load(sbase + (tn - lo)[:, None] * GR + gr[None, :], mask=(tn < hi)[:, None], other=float("-inf"))
-            vs_next = tl.load(vs_ptr + b * cap + tn, mask=tn < hi, other=0.0)
-            vz_next = tl.load(vz_ptr + b * cap + tn, mask=tn < hi, other=0.0)
+            vw_next = load_words(vc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
+        tn = t0 + n + BN  # the next block's slots
+        sc = sc_next
+        vsc = vs_next.to(tl.float32)
+        vzr = vz_next.to(tl.float32)
+        sc_next = tl.load(sbase + (tn - lo)[:, None] * GR + gr[None, :], mask=(tn < hi)[:, None], other=float("-inf"))
+        vs_next = tl.load(vs_ptr + b * cap + tn, mask=tn < hi, other=0.0)
+        vz_next = tl.load(vz_ptr + b * cap + tn, mask=tn < hi, other=0.0)
         pR = tl.exp2(sc - m_safe[None, :])  # [BN, GR]
         if S > 0:
             # value outliers: each adds p[t, g] * residual at its channel of the partial output. Few (S per token and
             # head), so fire-and-forget atomic adds (the partial starts at zero) cost far less than any per-element
             # work in the dense dot; their indices and residuals were loaded a block ahead.
-            if PIPE > 1:
-                emc = (tc < hi)[:, None, None] & (e3 < S)
-                vidx = tl.load(voi_ptr + (bh * S + e3) * cap + tc[:, None, None], mask=emc, other=0).to(tl.int32)
-                vres = tl.load(vov_ptr + (bh * S + e3) * cap + tc[:, None, None], mask=emc, other=0.0).to(tl.float32)
-            else:
-                vidx = voi_next.to(tl.int32)  # [BN, SP, 1]
-                vres = vov_next.to(tl.float32)
-                em3 = (tn < hi)[:, None, None] & (e3 < S)
-                voi_next = tl.load(voi_ptr + (bh * S + e3) * cap + tn[:, None, None], mask=em3, other=0)
-                vov_next = tl.load(vov_ptr + (bh * S + e3) * cap + tn[:, None, None], mask=em3, other=0.0)
+            vidx = voi_next.to(tl.int32)  # [BN, SP, 1]
+            vres = vov_next.to(tl.float32)
+            em3 = (tn < hi)[:, None, None] & (e3 < S)
+            voi_next = tl.load(voi_ptr + (bh * S + e3) * cap + tn[:, None, None], mask=em3, other=0)
+            vov_next = tl.load(vov_ptr + (bh * S + e3) * cap + tn[:, None, None], mask=em3, other=0.0)
             tl.atomic_add(part_o_ptr + (part + g3) * D + vidx, pR[:, None, :] * vres, mask=(vres != 0.0) & (g3 < G), sem="relaxed")
         l_acc += pR
         z_acc += pR * vzr[:, None]
@@ -443,15 +417,13 @@ def default_splits(cache: PackedCache, block_n: int, resident: int = 4) -> int:
 @on_input_device
 def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, *, mask: torch.Tensor | None = None,
                      sliding_window: int = 0, n_splits: int | None = None, num_warps: int | None = None,
-                     prefetch: int = 1, maxnreg: int | None = None, pipeline: int = 1) -> torch.Tensor:
+                     prefetch: int = 1, maxnreg: int | None = None) -> torch.Tensor:
     """Attention of one query per row over ``cache``.
 
     ``q_rot``: fp32 ``[B, Hq, D]``, RoPE'd at the query position and scaled by ``softmax_scale * log2(e)`` (and the
     rotary's attention scaling). ``mask``: ``[B, >= length]`` bool (True: attend) or additive float, by slot, or None.
     ``sliding_window``: attend to the newest that many slots only (0: all). ``maxnreg``: a register cap for the
-    packed kernel (more resident programs per SM, paid in spills; None: the compiler's choice). ``pipeline``: above 1,
-    the passes' loops are software-pipelined by the compiler (asynchronous copies ``pipeline - 1`` blocks ahead
-    into shared memory) instead of the register prefetch of ``prefetch``. Returns fp32
+    packed kernel (more resident programs per SM, paid in spills; None: the compiler's choice). Returns fp32
     ``[B, Hq, D]``.
     """
     b, hq, d = q_rot.shape
@@ -464,7 +436,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     use_asm = not interpreting()
     s = cache.key_outlier_index.shape[2]
     warps = num_warps or default_warps(cache.bits)
-    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch, maxnreg, pipeline)
+    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch, maxnreg)
     splits = n_splits or default_splits(cache, bn, _RESIDENT.get(variant, 2))
     max_split_blocks = triton.cdiv(cap // bn, splits)
     parts = b * h * (splits + 1) * gr
@@ -494,7 +466,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
         G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
-        PF=prefetch, PIPE=pipeline, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PF=prefetch, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if variant not in _RESIDENT and dev.type == "cuda" and getattr(compiled, "n_regs", None):
         # the first launch of a variant uses 2 programs per SM; later ones how many its registers and shared

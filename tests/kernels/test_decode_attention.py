@@ -34,14 +34,14 @@ def case_id(c):
     return f"B{b}-H{h}x{g}-D{d}-L{n}-b{bits}-o{s}"
 
 
-def run(cache, groups=1, mask=None, window=0, splits=3, seed=0, prefetch=1, pipeline=1):
+def run(cache, groups=1, mask=None, window=0, splits=3, seed=0, prefetch=1):
     g = torch.Generator().manual_seed(seed)
     b, h, d = cache.batch, cache.heads, cache.head_dim
     inv_freq = rope_inv_freq(d)
     q = (torch.randn(b, h * groups, d, generator=g) * 0.4).to(DEVICE)
     length = int(cache.length)
     out = decode_attention(q, cache, kernel_constants(cache, inv_freq.to(DEVICE), BLOCK), mask=mask, sliding_window=window, n_splits=splits,
-                           prefetch=prefetch, pipeline=pipeline)
+                           prefetch=prefetch)
     ref = decode_reference(q, cache, inv_freq.to(DEVICE), length, mask=mask, sliding_window=window)
     return out, ref
 
@@ -63,19 +63,6 @@ def test_two_blocks_in_flight(c):
     out, ref = run(cache, groups=g, prefetch=2, splits=2)
     one, _ = run(cache, groups=g, prefetch=1, splits=2)
     assert rel_err(out, ref) < TOL and rel_err(out, one) < 1e-5  # compiled, the two schedules may round apart
-
-
-@pytest.mark.parametrize("c", [GRID[0], GRID[1], GRID[3], GRID[7]], ids=case_id)
-def test_compiler_pipelined_loops(c):
-    """The schedule whose loads the compiler pipelines (each block loaded in its own iteration) gives the same
-    attention as the register prefetch, with outliers, masks and odd lengths."""
-    b, h, g, d, n, bits, s = c
-    cache = random_cache(b, h, d, bits, n, outliers=s, sink_tokens=1, recent_window=2, pads=[0, 2, 5][:b], device=DEVICE, seed=n)
-    keep = torch.ones(b, cache.capacity, dtype=torch.bool)
-    keep[0, 3] = False
-    out, ref = run(cache, groups=g, mask=keep.to(DEVICE), pipeline=3, splits=2)
-    one, _ = run(cache, groups=g, mask=keep.to(DEVICE), pipeline=1, splits=2)
-    assert rel_err(out, ref) < TOL and rel_err(out, one) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
