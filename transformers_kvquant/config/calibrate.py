@@ -76,8 +76,8 @@ def calibrate(
 
 def with_uniform_codebooks(config: KVQuantConfig) -> KVQuantConfig:
     """Ablation: the same ranges with uniform codebooks (plain integer grids)."""
-    book = uniform_codebook(config.bits)
-    layers = [LayerCalibration(book, book, l.key_zero, l.key_scale) for l in config.layers]
+    books = [uniform_codebook(config.layer_width(i)) for i in range(len(config.layers))]
+    layers = [LayerCalibration(b, b, l.key_zero, l.key_scale) for b, l in zip(books, config.layers)]
     data = dict(config.__dict__)
     data.update(layers=layers, codebook_kind="uniform", qnorm=False)
     return KVQuantConfig(**data)
