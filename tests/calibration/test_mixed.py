@@ -166,3 +166,129 @@ def test_save_refuses_a_config_with_bad_widths(mixed_config, tmp_path):
 def test_schema_copy_in_docs_is_the_package_schema():
     assert json.loads((REPO / "docs" / "kvquant_config.schema.json").read_text()) == schema()
     assert schema()["properties"]["format_version"]["enum"] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------- the knapsack
+def _brute_force(errors, costs, budget):
+    best = None
+    for choice in itertools.product(*[sorted(e) for e in errors]):
+        cost = sum(c[w] for c, w in zip(costs, choice))
+        if cost <= budget:
+            err = sum(e[w] for e, w in zip(errors, choice))
+            if best is None or (err, cost) < best[:2]:
+                best = (err, cost, list(choice))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_allocation_is_exact_against_brute_force(seed):
+    from transformers_kvquant.calibration.mixed import allocate_bits
+
+    g = torch.Generator().manual_seed(seed)
+    layers = 1 + seed % 6
+    errors, costs = [], []
+    for _ in range(layers):
+        # errors fall with width, costs rise; random magnitudes so layers differ in sensitivity and size
+        e = sorted((torch.rand(3, generator=g) * 10 ** float(torch.rand(1, generator=g) * 3)).tolist(), reverse=True)
+        c = sorted(torch.randint(1, 50, (3,), generator=g).tolist())
+        errors.append(dict(zip((2, 3, 4), e)))
+        costs.append(dict(zip((2, 3, 4), c)))
+    lo, hi = sum(c[2] for c in costs), sum(c[4] for c in costs)
+    for budget in {lo, (lo + hi) // 2, lo + (hi - lo) // 3, hi, hi + 5}:
+        chosen = allocate_bits(errors, costs, budget)
+        expected = _brute_force(errors, costs, budget)
+        assert sum(c[w] for c, w in zip(costs, chosen)) <= budget
+        assert sum(e[w] for e, w in zip(errors, chosen)) == pytest.approx(expected[0], rel=1e-12)
+
+
+def test_allocation_extremes_and_infeasible_budget():
+    from transformers_kvquant.calibration.mixed import allocate_bits
+
+    errors = [{2: 9.0, 3: 4.0, 4: 1.0}, {2: 100.0, 3: 10.0, 4: 1.0}]
+    costs = [{2: 2, 3: 3, 4: 4}, {2: 2, 3: 3, 4: 4}]
+    assert allocate_bits(errors, costs, 8) == [4, 4]
+    assert allocate_bits(errors, costs, 4) == [2, 2]
+    assert allocate_bits(errors, costs, 6) == [2, 4]  # the sensitive layer gets the bits
+    assert allocate_bits(errors, costs, 7) == [3, 4]
+    with pytest.raises(ValueError, match="below the cheapest allocation"):
+        allocate_bits(errors, costs, 3)
+
+
+# ------------------------------------------------------------------------------------------------- calibration
+@pytest.fixture(scope="module")
+def stories_stats(stories):
+    from transformers_kvquant.calibration import collect_statistics
+
+    model, _ = stories
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randint(3, model.config.vocab_size, (2, 128), generator=g)
+    return collect_statistics(model, samples, progress=False)
+
+
+# stories260K's head_dim of 8 packs 2 and 4 bits into the same int32 word per head, and 3 bits into more (8.14 and
+# 16.14 stored bits per element at 128 tokens with 1% outliers): so its mixtures are of 2 and 3 bits.
+LOW, MIDDLE, HIGH = 8.2, 12.0, 17.0
+
+
+@pytest.fixture(scope="module")
+def mixed_fits(stories_stats):
+    """Mixed 2/3-bit configs of stories260K at a low, a middle and a high budget (1% outliers)."""
+    from transformers_kvquant.config.calibrate import fit_mixed_config
+
+    return {avg: fit_mixed_config(stories_stats, average_bits=avg, outlier_fraction=0.01, widths=(2, 3), progress=False)
+            for avg in (LOW, MIDDLE, HIGH)}
+
+
+def test_mixed_calibration_respects_the_budget_and_spends_it(mixed_fits, stories_stats):
+    from transformers_kvquant.calibration.mixed import stored_bytes
+
+    fp = stories_stats.fingerprint
+    tokens = stories_stats.keys[0].shape[1]
+    elements = 2 * fp.num_key_value_heads * fp.head_dim * tokens * fp.num_layers
+    totals = {}
+    for avg, config in mixed_fits.items():
+        meta = config.calibration["mixed_precision"]
+        stored = sum(stored_bytes(layer, config.layer_width(i), 0.01, fp.num_key_value_heads, fp.head_dim, tokens)
+                     for i, layer in enumerate(config.layers)) * 8 / elements
+        assert stored <= avg and stored == pytest.approx(meta["stored_bits"], abs=1e-5)
+        # the allocation is optimal for the measured errors: brute force over the 3**5 allocations agrees
+        errors = [{int(w): e for w, e in le.items()} for le in meta["layer_errors"]]
+        costs = [{w: stored_bytes(layer, w, 0.01, fp.num_key_value_heads, fp.head_dim, tokens) for w in (2, 3)}
+                 for layer in config.layers]
+        assert meta["total_error"] == pytest.approx(_brute_force(errors, costs, int(avg * elements / 8))[0], rel=1e-9)
+        totals[avg] = meta["total_error"]
+        assert config.bits == max(config.layer_bits) and config.format_version == 2
+        for i, w in enumerate(config.layer_bits):
+            assert config.layers[i].key_codebook.bits == w == config.layers[i].value_codebook.bits
+    assert totals[LOW] > totals[MIDDLE] > totals[HIGH]  # more bits err less
+    assert mixed_fits[LOW].layer_bits == [2] * 5 and mixed_fits[HIGH].layer_bits == [3] * 5
+    assert sorted(set(mixed_fits[MIDDLE].layer_bits)) == [2, 3]  # a budget between widths mixes them
+
+
+def test_errors_fall_with_width(mixed_fits):
+    for le in mixed_fits[MIDDLE].calibration["mixed_precision"]["layer_errors"]:
+        assert le["2"] > le["3"] > 0
+
+
+def test_all_widths_pick_the_cheaper_and_better_four_bits_at_head_dim_8(stories_stats):
+    """At head_dim 8, 4 bits cost what 2 bits cost and less than 3: the allocation gives every layer 4 bits."""
+    from transformers_kvquant.config.calibrate import fit_mixed_config
+
+    config = fit_mixed_config(stories_stats, average_bits=LOW, outlier_fraction=0.01, progress=False)
+    assert config.layer_bits == [4] * 5
+    for le in config.calibration["mixed_precision"]["layer_errors"]:
+        assert le["2"] > le["3"] > le["4"] > 0
+
+
+def test_budget_below_the_cheapest_allocation(stories_stats):
+    from transformers_kvquant.config.calibrate import fit_mixed_config
+
+    with pytest.raises(ValueError, match="below the lowest average"):
+        fit_mixed_config(stories_stats, average_bits=1.0, outlier_fraction=0.01, progress=False)
+
+
+def test_mixed_config_round_trips(mixed_fits, tmp_path):
+    config = mixed_fits[MIDDLE]
+    config.save_pretrained(tmp_path)
+    assert read_config_json(tmp_path)["layer_bits"] == config.layer_bits
+    assert KVQuantConfig.from_pretrained(tmp_path) == config
