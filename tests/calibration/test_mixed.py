@@ -292,3 +292,114 @@ def test_mixed_config_round_trips(mixed_fits, tmp_path):
     config.save_pretrained(tmp_path)
     assert read_config_json(tmp_path)["layer_bits"] == config.layer_bits
     assert KVQuantConfig.from_pretrained(tmp_path) == config
+
+
+# ------------------------------------------------------------------------------------------------- cache and harness
+def _teacher_forced(model, ids, cache):
+    with torch.no_grad():
+        return model(ids, past_key_values=cache, use_cache=True).logits
+
+
+@pytest.fixture(scope="module")
+def text_ids(stories):
+    from tests.helpers import WIKITEXT
+    from transformers_kvquant.evaluation.datasets import load_text
+    from transformers_kvquant.evaluation.perplexity import token_windows
+
+    _, tok = stories
+    return token_windows(tok, load_text(WIKITEXT)[:20000], 200, 2)
+
+
+def test_each_layer_store_packs_with_its_own_width(stories, mixed_fits, text_ids):
+    from transformers_kvquant import KVQuantCache
+
+    model, _ = stories
+    config = mixed_fits[MIDDLE]
+    cache = KVQuantCache(model, config)
+    _teacher_forced(model, text_ids, cache)
+    assert [layer.store.bits for layer in cache.layers] == config.layer_bits
+    assert [layer.store.cache.bits for layer in cache.layers] == config.layer_bits
+    for layer, w in zip(cache.layers, config.layer_bits):
+        assert layer.store.key_quantizer.codebook.bits == w and layer.store.value_quantizer.codebook.bits == w
+
+
+def test_cache_agrees_with_the_simulation_and_between_its_widths(stories, mixed_fits, text_ids):
+    """Teacher forcing through the real cache equals the harness's simulation; the mixed config's logits lie
+    between the all-2-bit and all-3-bit configs' in error against fp (a fit with the same statistics)."""
+    from transformers_kvquant import KVQuantCache
+    from transformers_kvquant.evaluation.simulation import KVQuantMethod, SimulationCache
+
+    model, _ = stories
+    plain = _teacher_forced(model, text_ids, None)
+    errs = {}
+    for avg, config in mixed_fits.items():
+        sim = _teacher_forced(model, text_ids, SimulationCache(model, KVQuantMethod(config)))
+        real = _teacher_forced(model, text_ids, KVQuantCache(model, config))
+        torch.testing.assert_close(real, sim, rtol=0, atol=1e-6)
+        errs[avg] = (sim - plain).square().mean().item()
+    assert errs[LOW] > errs[HIGH] > 0
+    assert errs[LOW] > errs[MIDDLE]
+
+
+def test_harness_bits_are_the_cache_bytes_and_the_calibration_budget(stories, mixed_fits):
+    """The harness's average bits of a mixed config sum every layer's own width, equal what calibration budgeted,
+    and equal the real cache's bytes (16-bit model, same token count)."""
+    from transformers_kvquant import KVQuantCache
+    from transformers_kvquant.evaluation.simulation import KVQuantMethod
+
+    model, _ = stories
+    config = mixed_fits[MIDDLE]
+    method = KVQuantMethod(config)
+    bits = method.avg_bits(4, 8, 128)
+    assert bits == pytest.approx(config.calibration["mixed_precision"]["stored_bits"], abs=1e-6)
+    assert LOW < bits <= MIDDLE
+    half = model.to(torch.float16)
+    try:
+        cache = KVQuantCache(half, config)
+        with torch.no_grad():
+            half(torch.randint(3, 500, (1, 128)), past_key_values=cache, use_cache=True)
+        assert cache.memory_report().avg_bits == pytest.approx(bits, abs=1e-9)
+    finally:
+        model.to(torch.float32)
+
+
+def test_mixed_config_generates(stories, mixed_fits, tmp_path):
+    import transformers_kvquant  # noqa: F401  (registers cache_implementation="kvquant")
+
+    model, tok = stories
+    mixed_fits[MIDDLE].save_pretrained(tmp_path)
+    inputs = tok(["Once upon a time"], return_tensors="pt")
+    for static in (False, True):
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, cache_implementation="kvquant",
+                             cache_config={"config": str(tmp_path), "static": static, **({"max_cache_len": 64} if static else {})})
+        text = tok.decode(out[0, inputs.input_ids.shape[1]:])
+        assert out.shape[1] == inputs.input_ids.shape[1] + 20 and len(text.split()) > 3
+
+
+def test_bits_16_ignores_the_widths(stories, text_ids):
+    """bits=16 (no config) stays exact, whatever configs exist: layers untouched."""
+    from transformers_kvquant import KVQuantCache
+
+    model, _ = stories
+    real = _teacher_forced(model, text_ids, KVQuantCache(model, bits=16))
+    torch.testing.assert_close(real, _teacher_forced(model, text_ids, None), rtol=0, atol=1e-5)
+
+
+def test_kernel_dispatch_sees_each_layer_width(stories, mixed_fits, monkeypatch):
+    """The kernels are chosen per layer from that layer's store: the width asked of supported_head_dim is the
+    layer's own."""
+    from transformers_kvquant import KVQuantCache
+    from transformers_kvquant.integration import kernel_dispatch
+
+    model, _ = stories
+    config = mixed_fits[MIDDLE]
+    seen = []
+    monkeypatch.setattr(kernel_dispatch, "supported_head_dim", lambda d, bits: seen.append(bits) or False)
+    monkeypatch.setattr(kernel_dispatch, "_triton_importable", lambda: True)
+    cache = KVQuantCache(model, config)
+    for layer in cache.layers:
+        layer.store = cache.settings.make_store(layer.layer_idx, torch.float32)
+        layer.store.device = torch.device("cuda")  # only read by the dispatch decision
+        layer.store.head_dim = 8
+        assert kernel_dispatch.kernels_enabled(cache.settings, layer.store) is False
+    assert seen == config.layer_bits
