@@ -353,14 +353,13 @@ def test_harness_bits_are_the_cache_bytes_and_the_calibration_budget(stories, mi
     bits = method.avg_bits(4, 8, 128)
     assert bits == pytest.approx(config.calibration["mixed_precision"]["stored_bits"], abs=1e-6)
     assert LOW < bits <= MIDDLE
-    half = model.to(torch.float16)
-    try:
-        cache = KVQuantCache(half, config)
-        with torch.no_grad():
-            half(torch.randint(3, 500, (1, 128)), past_key_values=cache, use_cache=True)
-        assert cache.memory_report().avg_bits == pytest.approx(bits, abs=1e-9)
-    finally:
-        model.to(torch.float32)
+    import copy
+
+    half = copy.deepcopy(model).to(torch.float16)  # a copy: the session's model stays fp32
+    cache = KVQuantCache(half, config)
+    with torch.no_grad():
+        half(torch.randint(3, 500, (1, 128)), past_key_values=cache, use_cache=True)
+    assert cache.memory_report().avg_bits == pytest.approx(bits, abs=1e-9)
 
 
 def test_mixed_config_generates(stories, mixed_fits, tmp_path):
@@ -403,3 +402,57 @@ def test_kernel_dispatch_sees_each_layer_width(stories, mixed_fits, monkeypatch)
         layer.store.head_dim = 8
         assert kernel_dispatch.kernels_enabled(cache.settings, layer.store) is False
     assert seen == config.layer_bits
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_cli_calibrate_mixed_precision_and_info(tmp_path, capsys):
+    from tests.helpers import STORIES
+    from transformers_kvquant.cli import main as cli
+
+    out = tmp_path / "cfg"
+    code = cli(["calibrate", str(STORIES), "--mixed-precision", "9", "--outliers", "0.01", "--nsamples", "2", "--seqlen", "64",
+                "-o", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    config = KVQuantConfig.from_pretrained(out)
+    # head_dim 8: 4 bits cost what 2 bits cost, so every layer gets 4 (see above)
+    assert config.layer_bits == [4] * 5 and config.format_version == 2
+    stored = config.calibration["mixed_precision"]["stored_bits"]
+    assert stored <= 9 and config.calibration["mixed_precision"]["tokens"] == 64
+    assert "layer bits: 4 4 4 4 4" in printed
+    assert cli(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "layer bits:   4 4 4 4 4 (layers 0-4; 5 at 4)" in shown and "format:       version 2" in shown
+    assert "layer_errors" not in shown  # the per-layer errors stay in the file, not on the screen
+    assert cli(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layer_bits"] == [4] * 5
+
+
+def test_cli_info_of_a_single_width_config_shows_no_widths(capsys):
+    from transformers_kvquant.cli import main as cli
+
+    assert cli(["info", str(REPO / "hub_configs" / "smollm2-135m-instruct" / "nuq3-1pct")]) == 0
+    shown = capsys.readouterr().out
+    assert "layer bits" not in shown and "version 1" in shown
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bits", "3", "--mixed-precision", "3"], "not allowed with argument"),
+        ([], "one of the arguments --bits --mixed-precision is required"),
+        (["--mixed-precision", "1.5", "--nsamples", "1", "--seqlen", "32"], "below the lowest average"),
+        (["--mixed-precision", "3", "--key-rope", "post"], "--mixed-precision serves the cache"),
+    ],
+)
+def test_cli_mixed_precision_errors(tmp_path, capsys, args, message):
+    from tests.helpers import STORIES
+    from transformers_kvquant.cli import main as cli
+
+    try:
+        code = cli(["calibrate", str(STORIES), *args, "-o", str(tmp_path / "x")])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
