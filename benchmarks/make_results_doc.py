@@ -327,19 +327,69 @@ def window_section(folder: Path) -> list[str]:
     return lines
 
 
+MIXED_MARKS = ("<!-- mixed precision: begin -->", "<!-- mixed precision: end -->")
+
+
+def mixed_section(folder: Path) -> list[str]:
+    """Mixed precision across layers against the shipped single-width configs (``smollm2_results.py --rows mixed``)."""
+    done = _load(folder, "ppl")
+    data = done["result"] if done else json.loads((folder / "ppl.partial.json").read_text())
+    env = done["environment"] if done else None
+    first = next(iter(data.values()), [])
+    windows = first[0].get("windows") if first else "?"
+    lines = [MIXED_MARKS[0], "## Mixed precision across layers", "",
+             "One width (2, 3 or 4 bits, keys and values alike: the packed layout has one width per layer's store) per "
+             "layer, chosen by `kvquant calibrate MODEL --mixed-precision AVG --outliers F -o DIR`: the codebooks of "
+             "every layer are fitted at each width, each layer's Fisher-weighted error at each width is measured on the "
+             "calibration windows through the cache's quantizers, and an exact knapsack minimizes the total error "
+             "subject to an average of AVG stored bits per element (codes, ranges, outliers, sink: the bytes the table "
+             "reports, at 2,048 tokens). Same calibration windows as the shipped configs (16 × 2,048 tokens of the C4 "
+             "sample). The configs are in `" + str(folder) + "/configs` (format_version 2, `layer_bits`).", "",
+             f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages ppl --rows mixed --windows "
+             f"{windows}` (calibrates the configs into `{folder}/configs` when missing) then "
+             f"`python benchmarks/make_results_doc.py --mixed {folder}`. "
+             + (f"Measured on {_env_line(env)}." if env else "**Partial**: the run had not finished when this was written."), "",
+             "| rows | wikitext2 ppl | Δ% | bits | c4 ppl | Δ% | bits |", "|---|---|---|---|---|---|---|"]
+    by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
+    for label in dict.fromkeys(r["label"] for rows in data.values() for r in rows):
+        cells = []
+        for name in ("wikitext2", "c4"):
+            r, fp = by.get(name, {}).get(label), by.get(name, {}).get("fp")
+            cells += (["—"] * 3 if r is None else
+                      [f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp['ppl'] - 1):+.2f}" if fp else "—", f"{r['avg_bits']:.2f}"])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"{windows} windows of 2,048 tokens per dataset" + (" (a CPU run: 40 windows of every row take too long "
+              "on 2 cores; the fp row differs from the 40-window table above for that reason)." if windows != 40 else ".")]
+    widths = []
+    for cfg in sorted((folder / "configs").glob("*/kvquant_config.json")):
+        d = json.loads(cfg.read_text())
+        mp, cal = d["calibration"].get("mixed_precision", {}), d["calibration"]
+        bits = d.get("layer_bits", [])
+        counts = ", ".join(f"{bits.count(b)}×{b}" for b in (2, 3, 4) if b in bits)
+        widths.append(f"- `{cfg.parent.name}` ({mp.get('stored_bits', 0):.3f} stored bits, budget {mp.get('budget_bits')}; "
+                      f"{counts}; calibrated in {cal.get('duration_s', '?')} s with the statistics pass): layers 0-{len(bits) - 1}: "
+                      f"`{' '.join(map(str, bits))}`")
+    if widths:
+        lines += ["", "Widths chosen per layer:", ""] + widths
+    lines.append(MIXED_MARKS[1])
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?")
     parser.add_argument("--docs", default=str(REPO / "docs"))
     parser.add_argument("--outliers", default=None, help="a --rows outliers run: (re)write its section of results.md only")
     parser.add_argument("--windows", default=None, help="a --rows windows run: (re)write its section of results.md only")
+    parser.add_argument("--mixed", default=None, help="a --rows mixed run: (re)write its section of results.md only")
     args = parser.parse_args(argv)
     docs = Path(args.docs)
-    if args.outliers or args.windows:
+    if args.outliers or args.windows or args.mixed:
         path = docs / "results.md"
         text = path.read_text()
         for folder, make, (begin, end) in ((args.outliers, outlier_section, (MARK_BEGIN, MARK_END)),
-                                           (args.windows, window_section, WINDOW_MARKS)):
+                                           (args.windows, window_section, WINDOW_MARKS),
+                                           (args.mixed, mixed_section, MIXED_MARKS)):
             if folder is None:
                 continue
             section = "\n".join(make(Path(folder)))

@@ -3,6 +3,11 @@
     python benchmarks/smollm2_results.py --out runs/results              # all stages (GPU: minutes; CPU: hours)
     python benchmarks/smollm2_results.py --out runs/results --stages ppl --windows 40
     python benchmarks/make_results_doc.py runs/results                   # -> docs/results.md, docs/fidelity.md, PNGs
+    python benchmarks/smollm2_results.py --out docs/cpu_runs/mixed-8windows --stages ppl --rows mixed --windows 8
+
+``--rows mixed``: mixed precision across layers against the shipped single-width configs. The mixed configs are
+read from ``OUT/configs`` when there, else calibrated into it first (one statistics pass, then
+``fit_mixed_config`` at each budget of MIXED_BUDGETS, as ``kvquant calibrate --mixed-precision`` does).
 
 Perplexity: fp32, 2048-token non-overlapping windows of WikiText-2 raw test and of the C4 sample (documents 150 on;
 0-149 are the calibration text), every method through the harness's simulated quantization (identical to the
@@ -67,6 +72,51 @@ def window_rows(model):
     return rows
 
 
+# (folder, average stored bits, outlier fraction): the mixed-precision configs of ``--rows mixed``
+MIXED_BUDGETS = [("mixed-3.55-1pct", 3.55, 0.01), ("mixed-3.00-1pct", 3.00, 0.01), ("mixed-2.55", 2.55, 0.0)]
+
+
+def calibrate_mixed(model, tokenizer, folder: Path, log) -> None:
+    """Calibrate every missing config of MIXED_BUDGETS into ``folder`` (statistics shared by all of them)."""
+    from transformers_kvquant.calibration import calibration_windows, collect_statistics
+    from transformers_kvquant.config.calibrate import fit_mixed_config
+    from transformers_kvquant.evaluation.datasets import default_calibration_path, load_text
+
+    missing = [b for b in MIXED_BUDGETS if not (folder / b[0] / "kvquant_config.json").exists()]
+    if not missing:
+        return
+    start = time.time()
+    samples = calibration_windows(tokenizer, load_text(default_calibration_path()), 16, 2048, 0)
+    stats = collect_statistics(model, samples)
+    log(f"mixed: statistics of 16 x 2048 tokens in {time.time() - start:.0f} s")
+    stats_seconds = time.time() - start
+    for name, avg, frac in missing:
+        began = time.time()
+        config = fit_mixed_config(stats, average_bits=avg, outlier_fraction=frac)
+        config.calibration["dataset"] = "C4 validation sample, documents 0-149 (transformers_kvquant/data/calibration_c4.jsonl)"
+        config.calibration["duration_s"] = round(stats_seconds + time.time() - began, 1)
+        config.save_pretrained(folder / name)
+        meta = config.calibration["mixed_precision"]
+        log(f"mixed: {name} fitted in {time.time() - began:.0f} s (with statistics {config.calibration['duration_s']:.0f} s): "
+            f"{meta['stored_bits']:.3f} stored bits, widths {config.layer_bits}")
+    del stats
+
+
+def mixed_rows(model, out: Path):
+    """(label, method): fp, the shipped 3- and 2-bit configs, and the mixed configs in ``out/configs``."""
+    from transformers_kvquant.evaluation.perplexity import make_method
+
+    hub = REPO / "hub_configs" / "smollm2-135m-instruct"
+    rows = [("fp", None)]
+    rows.append(("shipped nuq3-1%", make_method("kvquant", model, config=str(hub / "nuq3-1pct"))))
+    for name, avg, frac in MIXED_BUDGETS:
+        label = f"mixed <= {avg:.2f}" + (f" {frac * 100:g}%" if frac else " no outliers")
+        rows.append((label, make_method("kvquant", model, config=str(out / "configs" / name))))
+    rows.append(("shipped nuq2-1%", make_method("kvquant", model, config=str(hub / "nuq2-1pct"))))
+    rows.append(("shipped nuq2", make_method("kvquant", model, config=str(hub / "nuq2"))))
+    return rows
+
+
 def ppl_rows(model):
     """(label, method) for every row of the table."""
     from transformers_kvquant.evaluation.perplexity import make_method
@@ -106,7 +156,11 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
         "c4": load_text(args.c4, parse_documents("150:")),
     }
     out = {}
-    rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows}[args.rows](model)
+    if args.rows == "mixed":
+        calibrate_mixed(model, tokenizer, Path(args.out) / "configs", log)
+        rows = mixed_rows(model, Path(args.out))
+    else:
+        rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows}[args.rows](model)
     partial = Path(args.out) / "ppl.partial.json"
     done = json.loads(partial.read_text()) if partial.exists() else {}  # a cut run goes on where it stopped
     for name, text in datasets.items():
@@ -174,8 +228,9 @@ def main(argv=None) -> int:
     parser.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--c4", default=str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"))
     parser.add_argument("--windows", type=int, default=80)
-    parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows"),
-                        help="ppl stage: the results table, bounded vs uncapped outliers at every width, or exact windows")
+    parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows", "mixed"),
+                        help="ppl stage: the results table, bounded vs uncapped outliers at every width, exact windows, "
+                             "or mixed precision across layers (calibrated into OUT/configs first when missing)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--documents", type=int, default=8)

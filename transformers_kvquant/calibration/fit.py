@@ -53,6 +53,7 @@ class CalibrationResult:
     key_rope: str  # "pre" (KVQuant) or "post" (ablation)
     codebook_kind: str  # "nuq", "nuq-unweighted" or "uniform"
     metadata: dict = field(default_factory=dict)
+    layer_bits: list[int] | None = None  # mixed precision: each layer's width (``bits`` is then the widest)
 
 
 def _percentile(x: torch.Tensor, q: float) -> torch.Tensor:

@@ -15,7 +15,11 @@ from .errors import UserError
 def register(subparsers) -> None:
     p = subparsers.add_parser("calibrate", help="calibrate KVQuant codebooks for a model and write kvquant_config.json")
     p.add_argument("model", help="model folder, Hub id, or the alias 'smollm2'")
-    p.add_argument("--bits", type=int, required=True, choices=(2, 3, 4))
+    width = p.add_mutually_exclusive_group(required=True)
+    width.add_argument("--bits", type=int, choices=(2, 3, 4))
+    width.add_argument("--mixed-precision", type=float, metavar="AVG", default=None,
+                       help="a width (2/3/4) per layer minimizing the Fisher-weighted error at AVG average stored bits "
+                            "per element (codes, ranges, outliers, sink; at --seqlen tokens)")
     p.add_argument("--outliers", type=float, default=0.01, help="fraction of values kept exactly (default 0.01; 0 = none)")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -35,6 +39,8 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     if not 0 <= args.outliers < 0.5:
         raise UserError(f"--outliers must be in [0, 0.5), got {args.outliers}")
+    if args.mixed_precision is not None and (args.key_rope != "pre" or args.codebook != "nuq"):
+        raise UserError("--mixed-precision serves the cache: it takes neither --key-rope post nor --codebook uniform")
     if args.nsamples < 1 or args.seqlen < 2:
         raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
     dataset = args.dataset or str(default_calibration_path())
@@ -56,12 +62,16 @@ def _run(args) -> int:
         fisher=not args.no_fisher,
         key_rope=args.key_rope,
         sink_tokens=args.sink_tokens,
+        mixed_precision=args.mixed_precision,
         dataset_name=dataset if args.dataset else "transformers_kvquant/data/calibration_c4.jsonl (C4 documents 0-149)",
     )
     if args.codebook == "uniform":
         config = with_uniform_codebooks(config)
     path = config.save_pretrained(args.output)
     print(f"wrote {path} ({config.name}, calibrated in {config.calibration['duration_s']:.0f} s)")
+    if config.layer_bits:
+        stored = config.calibration["mixed_precision"]["stored_bits"]
+        print(f"layer bits: {' '.join(map(str, config.layer_bits))} ({stored:.3f} stored bits per element)")
     if args.push_to_hub:
         url = push_config(args.output, args.push_to_hub)
         print(f"pushed to {url}")

@@ -126,10 +126,12 @@ def _model_name(config: KVQuantConfig) -> str:
 
 def describe(config: KVQuantConfig) -> dict:
     """What ``kvquant info`` shows: settings, fingerprint and calibration metadata (JSON-ready)."""
+    widths = {"layer_bits": list(config.layer_bits)} if config.layer_bits else {}  # mixed precision only
     return {
         "name": config.name,
         "format_version": config.format_version,
         "bits": config.bits,
+        **widths,
         "outlier_fraction": config.outlier_fraction,
         "codebook_kind": config.codebook_kind,
         "key_rope": config.key_rope,
@@ -139,6 +141,19 @@ def describe(config: KVQuantConfig) -> dict:
         "fingerprint": config.fingerprint.to_dict(),
         "calibration": config.calibration,
     }
+
+
+def _widths(d: dict) -> list[str]:
+    """The per-layer widths of a mixed-precision config (nothing for a single-width one)."""
+    if "layer_bits" not in d:
+        return []
+    widths = d["layer_bits"]
+    counts = ", ".join(f"{widths.count(b)} at {b}" for b in (2, 3, 4) if b in widths)
+    line = f"layer bits:   {' '.join(map(str, widths))} (layers 0-{len(widths) - 1}; {counts})"
+    mixed = d["calibration"].get("mixed_precision")
+    if isinstance(mixed, dict) and "stored_bits" in mixed:
+        line += f"; {mixed['stored_bits']:.3f} stored bits per element at {mixed.get('tokens')} tokens (budget {mixed.get('budget_bits')})"
+    return [line]
 
 
 def _format(source: str, d: dict) -> str:
@@ -154,6 +169,7 @@ def _format(source: str, d: dict) -> str:
             f"datatype:     {d['name']}: {d['bits']} bits, outlier fraction {d['outlier_fraction']:g}, "
             f"{d['codebook_kind']} codebooks, keys quantized {d['key_rope']}-RoPE, Q-Norm {'on' if d['qnorm'] else 'off'}"
         ),
+        *_widths(d),
         f"runtime:      sink_tokens={d['sink_tokens']}, recent_window={d['recent_window']}",
         f"model:        {model} ({fp['architecture']}, model_type {fp['model_type']})",
         (
@@ -163,7 +179,7 @@ def _format(source: str, d: dict) -> str:
         f"rope:         {rope}",
         "weights:      " + (f"signature of {len(fp['weights_signature'])} k_proj head norms" if fp["weights_signature"] else "no signature"),
     ]
-    other = {k: v for k, v in cal.items() if k != "ppl"}
+    other = {k: v for k, v in cal.items() if k not in ("ppl", "mixed_precision")}
     lines.append("calibration:  " + (", ".join(f"{k}={v}" for k, v in other.items()) or "(no metadata)"))
     ppl = cal.get("ppl")
     if ppl:

@@ -33,7 +33,9 @@ from ..calibration.fit import LayerCalibration
 from ..quant.codebook import Codebook
 from .errors import RECALIBRATE, KVQuantConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this package reads and writes
+SINGLE_WIDTH_VERSION = 1  # one width for every layer; what every config without per-layer widths is written as
+MIXED_WIDTH_VERSION = 2  # adds ``layer_bits``: one width per layer
 CONFIG_NAME = "kvquant_config.json"
 TENSORS_NAME = "kvquant_calibration.safetensors"
 SCHEMA_NAME = "kvquant_config.schema.json"
@@ -47,10 +49,18 @@ _HAND_EDITED = (
 _FOREIGN = "the file was written by another tool or a newer package; upgrade transformers-kvquant or " + RECALIBRATE
 
 
-def datatype_name(bits: int, outlier_fraction: float) -> str:
-    """``nuq3-1%``: how configs are named in tables, logs and commit messages."""
+def datatype_name(bits: int, outlier_fraction: float, layer_bits: list[int] | None = None) -> str:
+    """``nuq3-1%`` (one width) or ``nuq-mix3.33-1%`` (per-layer widths, their mean): how configs are named in
+    tables, logs and commit messages."""
     pct = f"{outlier_fraction * 100:g}%"
-    return f"nuq{bits}" + (f"-{pct}" if outlier_fraction else "")
+    head = f"nuq-mix{sum(layer_bits) / len(layer_bits):.3g}" if layer_bits else f"nuq{bits}"
+    return head + (f"-{pct}" if outlier_fraction else "")
+
+
+def format_version_of(layer_bits: list[int] | None) -> int:
+    """The version a config is written as: 2 only when it holds per-layer widths, so a single-width config's file
+    stays byte for byte what older packages wrote and read."""
+    return MIXED_WIDTH_VERSION if layer_bits else SINGLE_WIDTH_VERSION
 
 
 # --------------------------------------------------------------------------------------------- the schema
@@ -100,10 +110,15 @@ def _message(error, data: dict) -> tuple[str, str]:
     field = _field(path)
     name = str(path[-1]) if path else ""
     if rule == "required":
-        return "is missing", _field([*path, next(p for p in error.validator_value if p not in value)])
+        missing = next(p for p in error.validator_value if p not in value)
+        if not path and missing == "layer_bits":
+            return "is missing: format_version 2 holds one width per layer in layer_bits", "layer_bits"
+        return "is missing", _field([*path, missing])
     if rule == "additionalProperties":
         extra = next(k for k in value if k not in here.get("properties", {}))
-        return f"is not a field of format_version {FORMAT_VERSION}", _field([*path, extra])
+        return f"is not a field of format_version {data.get('format_version', FORMAT_VERSION)}", _field([*path, extra])
+    if field == "format_version" and rule == "const":
+        return f"is {value}, but the file holds per-layer widths (layer_bits), which need format_version 2", field
     if rule == "type":
         if path and isinstance(path[-1], int) and error.validator_value == "number":
             return "must hold numbers only", _field(path[:-1])  # name the list, as for a list of centroids
@@ -116,6 +131,10 @@ def _message(error, data: dict) -> tuple[str, str]:
         return f"must be in [{here['minimum']:g}, {here['exclusiveMaximum']:g}), got {value}", field
     if rule == "minimum":
         return ("must be positive" if here["minimum"] == 1 else f"must be >= {here['minimum']}") + f", got {value}", field
+    if field == "layer_bits" and rule == "minItems":
+        return f"has {len(value)} entries, fingerprint.num_layers is {data['fingerprint']['num_layers']}", field
+    if field.startswith("layer_bits[") and rule == "enum":
+        return f"must be one of {tuple(error.validator_value)} (a layer's key and value width), got {value!r}", field
     if rule in ("minItems", "maxItems") and name.endswith("_centroids"):
         bits = data["bits"]
         return f"has {len(value)} centroids, {bits} bits need {2**bits}", field
@@ -277,6 +296,14 @@ def _read(path: Path, tensors_locator, fail) -> dict:
     bits, fp = data["bits"], data["fingerprint"]
     if len(data["layers"]) != fp["num_layers"]:
         raise fail(f"has {len(data['layers'])} entries, fingerprint.num_layers is {fp['num_layers']}", "layers", RECALIBRATE)
+    layer_bits = data.get("layer_bits")
+    if layer_bits is not None:
+        if len(layer_bits) != fp["num_layers"]:
+            raise fail(f"has {len(layer_bits)} entries, fingerprint.num_layers is {fp['num_layers']} (one width per layer)",
+                       "layer_bits", RECALIBRATE)
+        if bits != max(layer_bits):
+            raise fail(f"is {bits}, but the widest layer in layer_bits has {max(layer_bits)} bits (bits is the widest width)",
+                       "bits", RECALIBRATE)
     fingerprint = ModelFingerprint(**{**fp, "weights_signature": _floats(fp.get("weights_signature"))})
 
     tensors = _read_tensor_file(path, data["tensors"], tensors_locator, fail)
@@ -286,6 +313,9 @@ def _read(path: Path, tensors_locator, fail) -> dict:
         books = []
         for kind in ("key", "value"):
             cents = _floats(lj[f"{kind}_centroids"])
+            if layer_bits is not None and len(cents) != 2 ** layer_bits[i]:
+                raise fail(f"has {len(cents)} centroids, but layer_bits[{i}] is {layer_bits[i]}, which needs {2 ** layer_bits[i]}",
+                           f"layers[{i}].{kind}_centroids", RECALIBRATE)
             if any(b < a for a, b in itertools.pairwise(cents)):
                 raise fail("centroids must be sorted ascending", f"layers[{i}].{kind}_centroids", RECALIBRATE)
             scale, offset = _floats(lj[f"{kind}_qnorm"])
@@ -296,6 +326,7 @@ def _read(path: Path, tensors_locator, fail) -> dict:
         layers.append(LayerCalibration(books[0], books[1], ranges[0], ranges[1]))
     return {
         "bits": bits,
+        "layer_bits": None if layer_bits is None else list(layer_bits),
         "outlier_fraction": float(data["outlier_fraction"]),
         "layers": layers,
         "fingerprint": fingerprint,

@@ -26,9 +26,9 @@ from .errors import RECALIBRATE, KVQuantConfigError
 from .format import (
     CODEBOOK_KINDS,
     CONFIG_NAME,
-    FORMAT_VERSION,
     TENSORS_NAME,
     datatype_name,
+    format_version_of,
     read_config_files,
     write_config_files,
 )
@@ -37,7 +37,11 @@ from .hub import resolve_config_files, upload_config_files
 
 @dataclass
 class KVQuantConfig:
-    """Calibrated KVQuant datatypes for one model at one bit width and outlier fraction."""
+    """Calibrated KVQuant datatypes for one model at one bit width (or one width per layer) and outlier fraction.
+
+    ``layer_bits`` (mixed precision): the width of each layer's keys and values; ``bits`` is then the widest.
+    None: every layer has ``bits``.
+    """
 
     bits: int
     outlier_fraction: float
@@ -49,11 +53,26 @@ class KVQuantConfig:
     key_rope: str = "pre"  # "pre" (KVQuant) or "post" (ablation: keys quantized after RoPE)
     codebook_kind: str = "nuq"  # "nuq" (Fisher-weighted k-means), "nuq-unweighted" or "uniform"
     calibration: dict = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # derived from layer_bits (see format_version_of); kept for readers of the field
+    layer_bits: list[int] | None = None
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise KVQuantConfigError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}", field="bits")
+        if self.layer_bits is not None:
+            self.layer_bits = [int(b) for b in self.layer_bits]
+            if len(self.layer_bits) != len(self.layers):
+                raise KVQuantConfigError(
+                    f"layer_bits has {len(self.layer_bits)} entries for {len(self.layers)} layers; give one width per layer",
+                    field="layer_bits")
+            bad = [(i, b) for i, b in enumerate(self.layer_bits) if b not in SUPPORTED_BITS]
+            if bad:
+                raise KVQuantConfigError(f"layer_bits[{bad[0][0]}] is {bad[0][1]}; widths must be one of {SUPPORTED_BITS}",
+                                         field=f"layer_bits[{bad[0][0]}]")
+            if self.bits != max(self.layer_bits):
+                raise KVQuantConfigError(f"bits is {self.bits} but the widest layer has {max(self.layer_bits)}; bits must be the widest width",
+                                         field="bits")
+        self.format_version = format_version_of(self.layer_bits)
         if not 0.0 <= self.outlier_fraction < 0.5:
             raise KVQuantConfigError(f"outlier_fraction must be in [0, 0.5), got {self.outlier_fraction}", field="outlier_fraction")
         if self.codebook_kind not in CODEBOOK_KINDS:
@@ -68,9 +87,11 @@ class KVQuantConfig:
             )
         shape = (self.fingerprint.num_key_value_heads, self.fingerprint.head_dim)
         for i, layer in enumerate(self.layers):
+            width = self.layer_width(i)
             for name in ("key_codebook", "value_codebook"):
-                if getattr(layer, name).bits != self.bits:
-                    raise KVQuantConfigError(f"layer {i} {name} has {getattr(layer, name).bits} bits, config says {self.bits}", field=f"layers[{i}].{name}")
+                if getattr(layer, name).bits != width:
+                    said = f"layer_bits[{i}] says" if self.layer_bits else "config says"
+                    raise KVQuantConfigError(f"layer {i} {name} has {getattr(layer, name).bits} bits, {said} {width}", field=f"layers[{i}].{name}")
             if tuple(layer.key_zero.shape) != shape or tuple(layer.key_scale.shape) != shape:
                 raise KVQuantConfigError(f"layer {i} key ranges must be {list(shape)}", field=f"layers.{i}.key_zero")
 
@@ -87,7 +108,12 @@ class KVQuantConfig:
             key_rope=result.key_rope,
             codebook_kind=result.codebook_kind,
             calibration=dict(result.metadata),
+            layer_bits=None if result.layer_bits is None else list(result.layer_bits),
         )
+
+    def layer_width(self, layer_idx: int) -> int:
+        """Bits of one layer's keys and values (``bits`` unless the config holds per-layer widths)."""
+        return self.layer_bits[layer_idx] if self.layer_bits else self.bits
 
     # ----------------------------------------------------------------------------------------- quantizers
     @property
@@ -143,8 +169,8 @@ class KVQuantConfig:
 
     @property
     def name(self) -> str:
-        """``nuq3-1%``: bits and outlier fraction."""
-        return datatype_name(self.bits, self.outlier_fraction)
+        """``nuq3-1%``: bits and outlier fraction (``nuq-mix3.33-1%`` with per-layer widths: their mean)."""
+        return datatype_name(self.bits, self.outlier_fraction, self.layer_bits)
 
     # ----------------------------------------------------------------------------------------- files
     def __eq__(self, other: object) -> bool:
@@ -162,10 +188,15 @@ class KVQuantConfig:
     __hash__ = None  # mutable, holds tensors
 
     def to_json_dict(self, tensors_sha256: str) -> dict:
-        """The JSON content of ``kvquant_config.json`` without its ``content_sha256`` (see docs/format.md)."""
+        """The JSON content of ``kvquant_config.json`` without its ``content_sha256`` (see docs/format.md).
+
+        ``layer_bits`` (and version 2) only when the config has per-layer widths: a single-width config is written
+        exactly as format_version 1 always was."""
+        head = {"format_version": format_version_of(self.layer_bits), "bits": self.bits}
+        if self.layer_bits:
+            head["layer_bits"] = list(self.layer_bits)
         return {
-            "format_version": self.format_version,
-            "bits": self.bits,
+            **head,
             "outlier_fraction": self.outlier_fraction,
             "sink_tokens": self.sink_tokens,
             "recent_window": self.recent_window,

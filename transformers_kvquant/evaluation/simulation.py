@@ -24,7 +24,7 @@ from ..integration.patch import patch_model
 from ..integration.prerope import PreRopeCache, PreRopeLayer
 from ..kernels.rope import apply_rope
 from ..quant.codebook import uniform_codebook
-from ..quant.memory import store_report
+from ..quant.memory import MemoryReport, store_report
 from ..quant.quantizer import TokenQuantizer, fake_quantize, half_dtype
 from ..quant.store import PackedStore
 from ..quant.uncapped_store import UncappedPackedStore
@@ -84,17 +84,22 @@ class KVQuantMethod(SimulatedMethod):
         bounded one a fixed number per token, whatever the keys).
         """
         kind = PackedStore if self.outliers == "bounded" else UncappedPackedStore
-        store = kind(self._key_q[0], self._value_q[0], self.config.bits, self.sink_tokens, self.window)
-        g = torch.Generator().manual_seed(0)
         frac = self.config.outlier_fraction
         spread = 1 / torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - frac / 2)).item() if frac else 0.25
-        layer = self.config.layers[0]
-        z = torch.randn(1, heads, tokens, head_dim, generator=g) * spread
-        if not frac:
-            z = z.clamp(-1, 1)
-        k = (layer.key_zero.float()[:, None, :] + layer.key_scale.float()[:, None, :] * z).half()
-        store.append(k, torch.randn(1, heads, tokens, head_dim, generator=g).half(), torch.arange(tokens)[None])
-        return store_report(store).avg_bits
+        # Every layer's store when the widths differ (mixed precision); layer 0's stands for all of them otherwise.
+        layers = range(len(self.config.layers)) if self.config.layer_bits else [0]
+        total = MemoryReport()
+        for i in layers:
+            store = kind(self._key_q[i], self._value_q[i], self.config.layer_width(i), self.sink_tokens, self.window)
+            g = torch.Generator().manual_seed(0)
+            layer = self.config.layers[i]
+            z = torch.randn(1, heads, tokens, head_dim, generator=g) * spread
+            if not frac:
+                z = z.clamp(-1, 1)
+            k = (layer.key_zero.float()[:, None, :] + layer.key_scale.float()[:, None, :] * z).half()
+            store.append(k, torch.randn(1, heads, tokens, head_dim, generator=g).half(), torch.arange(tokens)[None])
+            total = total + store_report(store)
+        return total.avg_bits
 
 
 class IntMethod(SimulatedMethod):

@@ -285,12 +285,13 @@ class KVQuantCache(PreRopeCache):
         return self.settings.static
 
     @classmethod
-    def for_generate(cls, model, max_cache_len: int, **cache_config):
+    def for_generate(cls, model, generate_length: int, /, **cache_config):
         """The cache ``generate(cache_implementation="kvquant")`` makes: static with generate's own maximum length
         unless ``cache_config`` sets ``max_cache_len`` or ``static=False``."""
+        # positional-only: cache_config may hold its own max_cache_len
         opts = dict(cache_config)
         if opts.get("static") is not False and not opts.get("max_cache_len") and opts.get("outliers") != "uncapped":
-            opts["max_cache_len"] = max_cache_len
+            opts["max_cache_len"] = generate_length
         return cls(model, **opts)
 
     def __repr__(self):

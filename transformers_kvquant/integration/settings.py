@@ -60,13 +60,14 @@ class CacheSettings:
             return StaticFullPrecisionStore(self.capacity) if self.static else FullPrecisionStore()
         check_dtype(dtype)
         cfg = self.config
+        width = cfg.layer_width(layer_idx)  # each layer packs with its own width (mixed-precision configs)
         if self.outliers == "uncapped":
             return UncappedPackedStore(cfg.key_quantizer(layer_idx, bounded=False), cfg.value_quantizer(layer_idx, bounded=False),
-                                       cfg.bits, sink_tokens=self.sink_tokens, recent_window=self.recent_window)
+                                       width, sink_tokens=self.sink_tokens, recent_window=self.recent_window)
         return PackedStore(
             cfg.key_quantizer(layer_idx),
             cfg.value_quantizer(layer_idx),
-            cfg.bits,
+            width,
             sink_tokens=self.sink_tokens,
             recent_window=self.recent_window,
             capacity=self.capacity if self.static else self.max_length,
