@@ -36,7 +36,9 @@ def _register_ppl(subparsers) -> None:
     p.add_argument("--kvquant-config", default=None, help="config folder/file/Hub repo (default: the shipped hub_configs/ one)")
     p.add_argument("--bits", type=int, default=None)
     p.add_argument("--outliers", type=float, default=None, help="outlier fraction of the kvquant config (default 0.01)")
-    p.add_argument("--outlier-layout", choices=("bounded", "uncapped"), default="bounded",
+    p.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="kvquant: 'paper' = no recent window and uncapped outliers, the paper's recipe")
+    p.add_argument("--outlier-layout", choices=("bounded", "uncapped"), default=None,
                    help="kvquant: ceil(f*head_dim) outliers per token and head (the cache's), or the paper's uncapped ones")
     p.add_argument("--ablation", choices=ABLATIONS, default=None, help="kvquant ablation")
     p.add_argument("--recent-window", type=int, default=None, help="kvquant: newest tokens kept exact (streaming)")
@@ -67,6 +69,7 @@ def _run_ppl(args) -> int:
         ablation=args.ablation,
         recent_window=args.recent_window,
         outliers=args.outlier_layout,
+        preset=args.preset,
     )
     if getattr(method, "source", None):
         print(f"kvquant config: {method.source}")

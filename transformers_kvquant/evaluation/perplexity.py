@@ -77,8 +77,9 @@ def evaluate_perplexity(model, windows: torch.Tensor, method: SimulatedMethod | 
 
 def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fraction: float | None = None, config=None,
                 ablation: str | None = None, recent_window: int | None = None, sink_tokens: int | None = None,
-                outliers: str = "bounded") -> SimulatedMethod | None:
-    """Build an evaluation method. ``kvquant`` takes a config (object, path or repo) or finds the shipped one."""
+                outliers: str | None = None, preset: str = "default") -> SimulatedMethod | None:
+    """Build an evaluation method. ``kvquant`` takes a config (object, path or repo) or finds the shipped one;
+    ``preset`` (``default`` or ``paper``) fills ``recent_window`` and ``outliers`` where they are not given."""
     if kind == "fp":
         return None
     if kind in ("int", "kivi"):
@@ -94,7 +95,11 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
     if ablation is not None and ablation not in ABLATIONS:
         raise ValueError(f"--ablation must be one of {ABLATIONS}, got {ablation!r}")
     from ..config.discovery import find_config, load_for_model
+    from ..config.presets import preset_options
 
+    chosen = preset_options(preset)
+    outliers = outliers or chosen.get("outliers", "bounded")
+    recent_window = chosen.get("recent_window") if recent_window is None else recent_window
     variant = ablation if ablation in ("post-rope", "no-fisher") else None
     flag = {"post-rope": "--key-rope post", "no-fisher": "--no-fisher"}.get(variant)
     if variant and config is None:
@@ -112,9 +117,9 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
         from ..config.calibrate import with_uniform_codebooks
 
         cfg = with_uniform_codebooks(cfg)
-    label = cfg.name + (f" ({ablation})" if ablation else "")
+    label = cfg.name + (f" ({ablation})" if ablation else "") + (f" ({preset} preset)" if preset != "default" else "")
     sink = 0 if ablation == "no-sink" else sink_tokens
-    if outliers != "bounded":
+    if outliers != "bounded" and preset == "default":
         label += f" ({outliers} outliers)"
     method = KVQuantMethod(cfg, sink_tokens=sink, recent_window=recent_window, label=label, outliers=outliers)
     method.source = source

@@ -10,6 +10,7 @@ import torch
 from ..config.discovery import find_config, load_for_model
 from ..config.errors import KVQuantConfigError
 from ..config.kvquant_config import KVQuantConfig
+from ..config.presets import preset_options
 from ..kernels.layout import round_capacity
 from ..quant.store import FullPrecisionStore, PackedStore, StaticFullPrecisionStore
 from ..quant.uncapped_store import UncappedPackedStore
@@ -26,6 +27,7 @@ CACHE_CONFIG_KEYS = {
     "max_cache_len": "capacity of a static cache (fixed buffers, compileable); generate uses its own maximum length",
     "static": "True: a static cache (needs max_cache_len, or generate's length); False: a growing cache",
     "outliers": "'bounded' (default: ceil(f*head_dim) per token and head) or 'uncapped' (the paper's; reference path)",
+    "preset": "'default' (the config as shipped) or 'paper' (no recent window, uncapped outliers: the paper's recipe)",
     "max_length": "preallocate storage for this many tokens (growing cache)",
     "revision": "Hub revision for config lookups",
     "local_files_only": "never download configs",
@@ -102,6 +104,9 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
     if unknown:
         listing = "; ".join(f"{k}: {v}" for k, v in CACHE_CONFIG_KEYS.items())
         raise ValueError(f"unknown cache_config key(s) {unknown}. Accepted keys: {listing}")
+    preset = opts.pop("preset", "default")
+    for key, value in preset_options(preset).items():  # a preset fills what cache_config leaves out
+        opts.setdefault(key, value)
     if config is not None and opts.get("config") is not None:
         raise ValueError("pass the KVQuant config either as an argument or as cache_config['config'], not both")
     config = config if config is not None else opts.pop("config", None)
@@ -126,7 +131,7 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
     static = bool(max_cache_len) if static is None else static
     if static and outliers == "uncapped":
         raise ValueError("uncapped outliers have no fixed size per token, so they cannot live in a static cache; use "
-                         "outliers='bounded' or static=False")
+                         "outliers='bounded' or static=False" + (" (the 'paper' preset stores them uncapped)" if preset == "paper" else ""))
     sink = opts.pop("sink_tokens", None)
     window = opts.pop("recent_window", None)
     for name, value in (("sink_tokens", sink), ("recent_window", window), ("max_length", max_length)):
