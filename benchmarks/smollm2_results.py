@@ -117,6 +117,26 @@ def mixed_rows(model, out: Path):
     return rows
 
 
+MIXED_CONFIGS = REPO / "docs" / "cpu_runs" / "mixed-8windows" / "configs"
+
+
+def preset_rows(model):
+    """(label, method): candidates for the presets of each budget, an exact recent window beside the sink on the
+    shipped 4-bit config and on the mixed-precision configs (the 3- and 2-bit shipped configs' windows are the
+    ``windows`` rows)."""
+    from transformers_kvquant.evaluation.perplexity import make_method
+
+    rows = [("fp", None)]
+    for window in (0, 32, 64, 128):
+        rows.append((f"kvquant 4-bit 1% + window {window}", make_method("kvquant", model, bits=4, outlier_fraction=0.01, recent_window=window)))
+    for name, avg, frac, windows in (("mixed-3.00-1pct", 3.00, 0.01, (64, 128)), ("mixed-3.55-1pct", 3.55, 0.01, (128,)),
+                                     ("mixed-2.55", 2.55, 0.0, (128,))):
+        for window in windows:
+            label = f"mixed <= {avg:.2f}" + (f" {frac * 100:g}%" if frac else " no outliers") + f" + window {window}"
+            rows.append((label, make_method("kvquant", model, config=str(MIXED_CONFIGS / name), recent_window=window)))
+    return rows
+
+
 def ppl_rows(model):
     """(label, method) for every row of the table."""
     from transformers_kvquant.evaluation.perplexity import make_method
@@ -160,7 +180,9 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
         calibrate_mixed(model, tokenizer, Path(args.out) / "configs", log)
         rows = mixed_rows(model, Path(args.out))
     else:
-        rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows}[args.rows](model)
+        rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows, "presets": preset_rows}[args.rows](model)
+    fp = model.config
+    heads, head_dim = fp.num_key_value_heads, getattr(fp, "head_dim", None) or fp.hidden_size // fp.num_attention_heads
     partial = Path(args.out) / "ppl.partial.json"
     done = json.loads(partial.read_text()) if partial.exists() else {}  # a cut run goes on where it stopped
     for name, text in datasets.items():
@@ -176,6 +198,8 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
             row = asdict(r)
             row["label"] = label
             row["config"] = getattr(method, "source", None)
+            if args.rows == "presets":  # where the memory matters: the exact ring is a constant, not a share
+                row["avg_bits_128k"] = round(method.avg_bits(heads, head_dim, 131072), 3) if method else 16.0
             out[name].append(row)
             partial.write_text(json.dumps(out, indent=1))  # nothing finished is lost if the run is cut short
             log(f"{name:9s} {label:34s} ppl {r.ppl:9.4f}  bits {r.avg_bits:6.3f}  ({r.seconds:.0f} s)")
@@ -228,9 +252,10 @@ def main(argv=None) -> int:
     parser.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--c4", default=str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"))
     parser.add_argument("--windows", type=int, default=80)
-    parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows", "mixed"),
+    parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows", "mixed", "presets"),
                         help="ppl stage: the results table, bounded vs uncapped outliers at every width, exact windows, "
-                             "or mixed precision across layers (calibrated into OUT/configs first when missing)")
+                             "mixed precision across layers (calibrated into OUT/configs first when missing), or the preset "
+                             "candidates (windows on the 4-bit and mixed configs; with average bits at 128K)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--documents", type=int, default=8)
