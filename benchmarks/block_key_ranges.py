@@ -10,7 +10,7 @@ calibrated ranges with the same exact open block, to separate what the ranges gi
 Perplexity on the first WINDOWS 2048-token windows of WikiText-2 and C4 (simulated quantization, as
 ``smollm2_results.py``). Average bits as the harness counts them at 2048 tokens (the exact open block is counted as a
 ring of the block plus 64 slots; at 128K it is negligible). A research probe, not a cache option: the results and
-the decision are in docs/results.md. Writes runs/blockkeys_BLOCK_WINDOWS_MODE.json.
+the decision are in docs/results.md. Writes docs/cpu_runs/block-keys-WINDOWSwindows/blockBLOCK_MODE.json.
 """
 import json
 import sys
@@ -142,5 +142,6 @@ for name, text in (("wikitext2", load_text(str(SHARED / "wikitext-2-raw" / "wiki
         r = evaluate_perplexity(model, wins, m, progress=False)
         print(f"{name} {label:22s} ppl {r.ppl:8.3f} bits {r.avg_bits:.3f} ({r.seconds:.0f}s)", flush=True)
         res.setdefault(name, []).append((label, r.ppl, r.avg_bits))
-(REPO / "runs").mkdir(exist_ok=True)
-(REPO / "runs" / f"blockkeys_{BLOCK}_{NWIN}_{MODE}.json").write_text(json.dumps(res, indent=1))
+out = REPO / "docs" / "cpu_runs" / f"block-keys-{NWIN}windows"
+out.mkdir(parents=True, exist_ok=True)
+(out / f"block{BLOCK}_{MODE}.json").write_text(json.dumps(res, indent=1))

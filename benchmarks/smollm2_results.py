@@ -127,10 +127,9 @@ def preset_rows(model):
     from transformers_kvquant.evaluation.perplexity import make_method
 
     rows = [("fp", None)]
-    for window in (0, 32, 64, 128):
+    for window in (0, 64, 128):
         rows.append((f"kvquant 4-bit 1% + window {window}", make_method("kvquant", model, bits=4, outlier_fraction=0.01, recent_window=window)))
-    for name, avg, frac, windows in (("mixed-3.00-1pct", 3.00, 0.01, (64, 128)), ("mixed-3.55-1pct", 3.55, 0.01, (128,)),
-                                     ("mixed-2.55", 2.55, 0.0, (128,))):
+    for name, avg, frac, windows in (("mixed-3.00-1pct", 3.00, 0.01, (128,)), ("mixed-2.55", 2.55, 0.0, (128,))):
         for window in windows:
             label = f"mixed <= {avg:.2f}" + (f" {frac * 100:g}%" if frac else " no outliers") + f" + window {window}"
             rows.append((label, make_method("kvquant", model, config=str(MIXED_CONFIGS / name), recent_window=window)))
