@@ -404,7 +404,7 @@ def preset_section(folder: Path) -> list[str]:
     windows = next(iter(data.values()))[0].get("windows")
     lines = [PRESET_MARKS[0], "## Presets (exact recent window, mixed precision)", "",
              "Candidates for the preset of each budget: the shipped 4-bit 1% config with an exact window, and the "
-             "mixed-precision configs (section above) with one. Bits are counted twice: over a 2,048-token window "
+             "mixed-precision configs (section below) with one. Bits are counted twice: over a 2,048-token window "
              "of text, as every table here (the window's ring, W + 64 slots in fp16, is then a large share), and at a "
              "131,072-token context, where the memory matters and the ring is a constant (the harness's store with "
              "that many tokens).", "",
