@@ -7,7 +7,8 @@
 2. ``bits=16`` exactness on CUDA: the growing cache against ``DynamicCache`` and the static cache against
    ``StaticCache``, eager and compiled by generate (max |delta logit| and tokens).
 3. A quantized cache with the kernels against the reference path (tokens, max |delta logit|), eager and compiled:
-   generate's own compile and a gpt-fast loop with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs).
+   generate's own compile and a gpt-fast loop with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); and with
+   an exact recent window of 128 tokens (growing, and static compiled by generate).
 Writes ``gpu_checks.json``.
 """
 
@@ -112,7 +113,18 @@ def quantized(out: dict) -> dict:
             print(shape, label, res[f"{shape} {label}"], flush=True)
         if hasattr(model, "_compiled_call"):
             del model._compiled_call
-        if d == 128:
+        if d == 128:  # an exact recent window (the shipped SmolLM2 presets keep 128): the ring beside the packed slots
+            cfgw = cfg.with_runtime(recent_window=128)
+            refw = run_generate(model, inputs, max_new_tokens=DRY["new"], past_key_values=KVQuantCache(model, cfgw, backend="reference"))
+            for label, kwargs in (("window-128 triton-growing", {"past_key_values": KVQuantCache(model, cfgw, backend="triton")}),
+                                  ("window-128 triton-static-compiled", {"cache_implementation": "kvquant",
+                                                                         "cache_config": {"config": cfgw, "backend": "triton"}})):
+                t = time.time()
+                got = run_generate(model, inputs, max_new_tokens=DRY["new"], **kwargs)
+                res[f"{shape} {label}"] = {**compare(refw, got), "seconds": round(time.time() - t, 1)}
+                print(shape, label, res[f"{shape} {label}"], flush=True)
+            if hasattr(model, "_compiled_call"):
+                del model._compiled_call
             res[f"{shape} gpt-fast reduce-overhead"] = gpt_fast(model, cfg, inputs)
             print(shape, "gpt-fast", res[f"{shape} gpt-fast reduce-overhead"], flush=True)
         unpatch_model(model)
