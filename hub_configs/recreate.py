@@ -4,16 +4,11 @@
     python hub_configs/recreate.py --models smollm2     # one model
     python hub_configs/recreate.py --eval-windows 8     # also measure each config's WikiText-2 perplexity change
     python hub_configs/recreate.py --skip-existing      # resume: only the configs not yet written
-    python hub_configs/recreate.py --presets-only --eval-windows 4   # set the preset windows on written configs
 
 For each model: one Fisher/activation pass over the calibration windows (shared by every config), then
 4/3/2-bit codebooks with 0% and 1% outliers, plus (SmolLM2 only) the two ablations that need their own
 calibration at 3 bits / 1%: keys quantized after RoPE, and codebooks without Fisher weighting. Each config is
 written to hub_configs/<model>/<name>/ and listed in hub_configs/index.json.
-
-Presets: the 1% configs of SmolLM2 ship with an exact recent window (PRESET_WINDOWS), chosen by measurement
-(docs/results.md, "Presets"); its perplexity change is measured with the window. stories260K (head_dim 8, 512-token
-windows) ships without one: there the window bought little (16 windows at 3 bits 1%: +2.8% without, +1.4% with 64).
 """
 
 from __future__ import annotations
@@ -34,8 +29,6 @@ MODELS = {
 }
 GRID = [(bits, frac) for bits in (4, 3, 2) for frac in (0.0, 0.01)]
 ABLATIONS = {"post-rope": {"key_rope": "post"}, "no-fisher": {"fisher": False}}
-# (model alias, bits, outlier fraction) -> the exact recent window of the shipped preset
-PRESET_WINDOWS = {("smollm2", 4, 0.01): 128, ("smollm2", 3, 0.01): 128, ("smollm2", 2, 0.01): 128}
 
 
 def config_dir_name(bits: int, frac: float, variant: str | None = None) -> str:
@@ -66,11 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=0, help="WikiText-2 test windows for the ppl change (0: skip)")
     parser.add_argument("--skip-existing", action="store_true", help="keep configs already written (resume a run)")
-    parser.add_argument("--presets-only", action="store_true", help="set PRESET_WINDOWS on the written configs (no calibration)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.presets_only:
-        return apply_presets(args)
 
     calibration_text = load_text(default_calibration_path())
     for alias in args.models:
@@ -96,8 +86,6 @@ def main(argv=None) -> int:
         for bits, frac, variant, opts in jobs:
             t0 = time.time()
             cfg = fit_config(stats, bits=bits, outlier_fraction=frac, **opts)
-            if variant is None and (alias, bits, frac) in PRESET_WINDOWS:
-                cfg = cfg.with_runtime(recent_window=PRESET_WINDOWS[alias, bits, frac])
             fit_seconds = time.time() - t0
             cfg.fingerprint.model_id = model_id
             cfg.calibration.update(
@@ -123,42 +111,6 @@ def main(argv=None) -> int:
             change = cfg.calibration.get("ppl", {}).get("change_pct")
             print(f"  {rel}: {cfg.name}" + (f", ppl change {change:+.2f}%" if change is not None else ""), flush=True)
         del stats, model
-    return 0
-
-
-def _ppl_entry(model, windows, fp: float, cfg, seqlen: int) -> dict:
-    from transformers_kvquant.evaluation.perplexity import evaluate_perplexity
-    from transformers_kvquant.evaluation.simulation import KVQuantMethod
-
-    q = evaluate_perplexity(model, windows, KVQuantMethod(cfg)).ppl  # with the config's own window (streaming)
-    return {"dataset": "WikiText-2 raw test", "windows": int(windows.shape[0]), "seqlen": seqlen, "fp": round(fp, 4),
-            "quantized": round(q, 4), "change_pct": round(100 * (q / fp - 1), 3), "recent_window": cfg.recent_window}
-
-
-def apply_presets(args) -> int:
-    """Set each PRESET_WINDOWS entry's window on its written config, re-measure its perplexity change, re-index."""
-    from transformers_kvquant.config import KVQuantConfig
-    from transformers_kvquant.config.discovery import update_index
-    from transformers_kvquant.evaluation.datasets import load_text
-    from transformers_kvquant.evaluation.perplexity import evaluate_perplexity, token_windows
-    from transformers_kvquant.models import load_model
-
-    for alias in args.models:
-        path, folder, model_id, seqlen, _ = MODELS[alias]
-        jobs = [(b, f, w) for (a, b, f), w in PRESET_WINDOWS.items() if a == alias]
-        if not jobs:
-            continue
-        model, tokenizer = load_model(path, device_map=args.device if args.device != "cpu" else None)
-        windows = token_windows(tokenizer, load_text(WIKITEXT), seqlen, args.eval_windows) if args.eval_windows else None
-        fp = evaluate_perplexity(model, windows, progress=False).ppl if windows is not None else None
-        for bits, frac, window in jobs:
-            rel = f"{folder}/{config_dir_name(bits, frac)}"
-            cfg = KVQuantConfig.from_pretrained(HERE / rel).with_runtime(recent_window=window)
-            if windows is not None:
-                cfg.calibration["ppl"] = _ppl_entry(model, windows, fp, cfg, seqlen)
-            cfg.save_pretrained(HERE / rel)
-            update_index(HERE / rel, HERE, model_id=model_id or folder)
-            print(f"  {rel}: window {window}, ppl change {cfg.calibration.get('ppl', {}).get('change_pct')}", flush=True)
     return 0
 
 

@@ -33,6 +33,13 @@ def test_paper_preset_is_the_papers_recipe(stories):
     assert isinstance(cache.layers[0].store, UncappedPackedStore)
 
 
+def test_long_context_preset_keeps_128_exact_tokens(stories):
+    model, _ = stories
+    config = quick_config(model, bits=3)
+    s = KVQuantCache(model, config, preset="long-context").settings
+    assert (s.recent_window, s.outliers, config.recent_window) == (128, "bounded", 0)
+
+
 def test_explicit_keys_win_over_the_preset(stories):
     model, _ = stories
     config = quick_config(model, bits=3)
@@ -47,7 +54,7 @@ def test_bad_presets_are_clear_errors(stories):
         KVQuantCache(model, config, preset="fast")
     with pytest.raises(ValueError, match="static.*'paper' preset"):
         KVQuantCache(model, config, preset="paper", static=True, max_cache_len=64)
-    assert set(PRESETS) == {"default", "paper"} and preset_options("default") == {}
+    assert set(PRESETS) == {"default", "long-context", "paper"} and preset_options("default") == {}
 
 
 def test_evaluation_presets(stories):

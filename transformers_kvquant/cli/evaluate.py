@@ -36,8 +36,8 @@ def _register_ppl(subparsers) -> None:
     p.add_argument("--kvquant-config", default=None, help="config folder/file/Hub repo (default: the shipped hub_configs/ one)")
     p.add_argument("--bits", type=int, default=None)
     p.add_argument("--outliers", type=float, default=None, help="outlier fraction of the kvquant config (default 0.01)")
-    p.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="kvquant: 'paper' = no recent window and uncapped outliers, the paper's recipe")
+    p.add_argument("--preset", choices=("default", "long-context", "paper"), default="default",
+                   help="kvquant: 'long-context' = 128 exact recent tokens; 'paper' = no window, uncapped outliers")
     p.add_argument("--outlier-layout", choices=("bounded", "uncapped"), default=None,
                    help="kvquant: ceil(f*head_dim) outliers per token and head (the cache's), or the paper's uncapped ones")
     p.add_argument("--ablation", choices=ABLATIONS, default=None, help="kvquant ablation")

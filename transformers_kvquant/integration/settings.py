@@ -27,7 +27,7 @@ CACHE_CONFIG_KEYS = {
     "max_cache_len": "capacity of a static cache (fixed buffers, compileable); generate uses its own maximum length",
     "static": "True: a static cache (needs max_cache_len, or generate's length); False: a growing cache",
     "outliers": "'bounded' (default: ceil(f*head_dim) per token and head) or 'uncapped' (the paper's; reference path)",
-    "preset": "'default' (the config as shipped) or 'paper' (no recent window, uncapped outliers: the paper's recipe)",
+    "preset": "'default' (the config as shipped), 'long-context' (+ 128 exact recent tokens) or 'paper' (no window, uncapped outliers)",
     "max_length": "preallocate storage for this many tokens (growing cache)",
     "revision": "Hub revision for config lookups",
     "local_files_only": "never download configs",
