@@ -8,6 +8,7 @@
 - :mod:`.discovery`: which config serves a model (explicit, beside the model, or shipped in ``hub_configs/``);
 - :mod:`.calibrate`: ``calibrate`` / ``fit_config``, the calibration layer's results as a config (the package
   root exports ``calibrate``; this package keeps the name for the module);
+- :mod:`.presets`: named runtime settings beside a config (``default``, ``long-context``, ``paper``);
 - :mod:`.errors`: :class:`KVQuantConfigError` (names the file, the field and the remedy).
 """
 
