@@ -78,14 +78,17 @@ def main() -> None:
     start = time.time()
     cases = []
     for case in args.cases.split(","):
-        shape, batch, context, fmt = case.split(":")
+        shape, batch, context, fmt, *rest = case.split(":")
+        window = int(rest[0][1:]) if rest else 0  # e.g. MHA:1:32768:nuq3-1%:w128, an exact recent window of 128
         shape, batch, context = ALIASES.get(shape, shape), int(batch), int(context)
         hq, hkv, d = SHAPES[shape]
         bits, fraction = parse_format(fmt)
         fp_us, _, _ = fp16_sdpa(hq, hkv, d, batch, context, timer)
-        cache = random_cache(batch, hkv, d, bits, context, outliers=outlier_slots(d, fraction), sink_tokens=1, device="cuda", seed=1)
+        cache = random_cache(batch, hkv, d, bits, context, outliers=outlier_slots(d, fraction), sink_tokens=1, device="cuda", seed=1,
+                             recent_window=window)
         q = torch.randn(batch, hq, d, device="cuda") * 0.1
-        row = {"shape": shape, "batch": batch, "context": context, "format": fmt, "fp16_us": round(fp_us, 2), "variants": {}}
+        row = {"shape": shape, "batch": batch, "context": context, "format": fmt, "recent_window": window,
+               "fp16_us": round(fp_us, 2), "variants": {}}
         mask = torch.ones(batch, cache.capacity, dtype=torch.bool, device="cuda")
         for name, (bn, warps, pf, diag, maxnreg, masked) in VARIANTS.items():
             if name not in args.variants.split(","):
