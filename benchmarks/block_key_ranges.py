@@ -29,8 +29,8 @@ from transformers_kvquant.evaluation.perplexity import evaluate_perplexity, make
 from transformers_kvquant.evaluation import simulation as sim
 from transformers_kvquant.quant.codebook import Codebook
 from transformers_kvquant.quant.kmeans import SortedSamples, weighted_kmeans_1d
-from transformers_kvquant.kernels.naive import quantize_keys, _residuals
-from transformers_kvquant.quant.quantizer import add_residuals, half_dtype
+from transformers_kvquant.kernels.naive import quantize_keys
+from transformers_kvquant.quant.quantizer import add_residuals
 
 BLOCK = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 NWIN = int(sys.argv[2]) if len(sys.argv) > 2 else 4
@@ -75,8 +75,7 @@ class BlockKeys(sim.KVQuantMethod):
     def keys_pre_rope(self, layer, keys):
         if self.calibrated_ranges:
             return super().keys_pre_rope(layer, keys)
-        b, h, t, d = keys.shape
-        pad = (-t) % self.block
+        t = keys.shape[2]
         x = keys.float()
         book = self.books[layer]
         table = book.decode_table(x.device)
@@ -92,35 +91,16 @@ class BlockKeys(sim.KVQuantMethod):
             deq = table[codes.long()] * scale[0][None, :, None, :] + zero[0][None, :, None, :]
             out[:, :, a:a + self.block] = add_residuals(deq, res, idx)
         return out.to(keys.dtype)
+    def exact_pairs(self, query_pos, key_pos):
+        # the keys of the open block exact (its ranges are not known yet); values quantized at once (per token)
+        sink = key_pos < self.sink_tokens
+        return (query_pos // self.block == key_pos // self.block) | sink, sink
+
     def avg_bits(self, heads, head_dim, tokens):
         base = super().avg_bits(heads, head_dim, tokens)
         # + key ranges: 32 bits per channel per block (over K and V: half); the open block's keys exact in 16 bits
         return base + 0.5 * (32 / self.block) + 0.5 * 16 * self.block / tokens
 
-orig = sim._streaming_attention
-def streaming(module, q, k_q, v_q, k_x, v_x, positions, method, attention_mask, block=512):
-    if not isinstance(method, BlockKeys):
-        return orig(module, q, k_q, v_q, k_x, v_x, positions, method, attention_mask, block)
-    n_rep = q.shape[1] // k_q.shape[1]
-    e = lambda t: t.repeat_interleave(n_rep, dim=1).float()
-    kq, kx, vq, vx = e(k_q), e(k_x), e(v_q), e(v_x)
-    pos = positions.to(q.device)
-    sink = (pos < method.sink_tokens)[:, None, :]
-    outs = []
-    for a in range(0, q.shape[2], block):
-        qf = q[:, :, a:a + block].float() * module.scaling
-        pq = pos[:, a:a + block, None]; pk = pos[:, None, :]
-        kexact = ((pq // method.block) == (pk // method.block)) | sink  # keys of the open block are exact
-        scores = torch.where(kexact[:, None], qf @ kx.transpose(-1, -2), qf @ kq.transpose(-1, -2))
-        allowed = (pq - pk >= 0)[:, None]
-        if attention_mask is not None:
-            m = attention_mask[:, :, a:a + block]
-            allowed = allowed & (m if m.dtype == torch.bool else m > -1e30)
-        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        vexact = sink[:, None]  # values quantized per token at once (only the sink exact)
-        outs.append((p * vexact) @ vx + (p * ~vexact) @ vq)
-    return torch.cat(outs, dim=2).to(q.dtype).transpose(1, 2).contiguous(), None
-sim._streaming_attention = streaming
 
 hub = REPO / "hub_configs" / "smollm2-135m-instruct"
 res = {}

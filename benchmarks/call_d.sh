@@ -2,12 +2,7 @@
 # Device call of 2026-12-01 (fourth session): the compiled custom-operator tests, then the Llama-3-8B shape's H200
 # capacity (nuq2, nuq3-1%, each proven by decode steps) and its compiled decode rows. carry: .whl .carry
 set -u
-OUT=${OUT:-/tmp/out}
-ln -sfn ../kernels transformers_kvquant/kernels
-ln -sfn ../hub_configs transformers_kvquant/hub_configs
-mkdir -p /tmp/site "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+. "$(dirname "$0")/device_prelude.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt"
 T0=$(date +%s)

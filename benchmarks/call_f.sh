@@ -2,12 +2,7 @@
 # Device call of 2026-12-02: gpu_checks.py (bits=16 exactness on CUDA; kernels against the reference path, eager and
 # compiled, now also with an exact recent window of 128 as the shipped SmolLM2 presets keep). carry: .whl .carry
 set -u
-OUT=${OUT:-/tmp/out}
-ln -sfn ../kernels transformers_kvquant/kernels
-ln -sfn ../hub_configs transformers_kvquant/hub_configs
-mkdir -p /tmp/site "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+. "$(dirname "$0")/device_prelude.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt"
 T0=$(date +%s)

@@ -2,12 +2,7 @@
 # Device call of 2026-12-02: what the long-context preset (an exact window of 128 recent tokens) costs the decode
 # attention, against no window, same cases. carry: .whl
 set -u
-OUT=${OUT:-/tmp/out}
-ln -sfn ../kernels transformers_kvquant/kernels
-ln -sfn ../hub_configs transformers_kvquant/hub_configs
-mkdir -p /tmp/site "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+. "$(dirname "$0")/device_prelude.sh"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt"
 T0=$(date +%s)
 timeout ${TOTAL:-240} python3 benchmarks/decode_variants.py --out "$OUT" --variants default \

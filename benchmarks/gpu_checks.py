@@ -114,32 +114,25 @@ def quantized(out: dict) -> dict:
         mask = (ids != 0).long()
         inputs = {"input_ids": ids.to(DEV), "attention_mask": mask.to(DEV)}
         shape = f"{heads}q/{kv}kv x{d}"
-        ref = run_generate(model, inputs, max_new_tokens=DRY["new"], past_key_values=KVQuantCache(model, cfg, backend="reference"))
-        runs = [
-            ("triton-growing", {"past_key_values": KVQuantCache(model, cfg, backend="triton")}),
-            ("triton-static-eager", {"cache_implementation": "kvquant", "cache_config": {"config": cfg, "backend": "triton"}, "disable_compile": True}),
-        ]
-        if True:  # generate's compiled path for both geometries (each compile costs device time)
-            runs.append(("triton-static-compiled", {"cache_implementation": "kvquant", "cache_config": {"config": cfg, "backend": "triton"}}))
-        for label, kwargs in runs:
-            t = time.time()
-            got = run_generate(model, inputs, max_new_tokens=DRY["new"], **kwargs)
-            res[f"{shape} {label}"] = {**compare(ref, got), "seconds": round(time.time() - t, 1)}
-            print(shape, label, res[f"{shape} {label}"], flush=True)
-        if hasattr(model, "_compiled_call"):
-            del model._compiled_call
-        if d == 128:  # an exact recent window (the shipped SmolLM2 presets keep 128): the ring beside the packed slots
-            cfgw = cfg.with_runtime(recent_window=128)
-            refw = run_generate(model, inputs, max_new_tokens=DRY["new"], past_key_values=KVQuantCache(model, cfgw, backend="reference"))
-            for label, kwargs in (("window-128 triton-growing", {"past_key_values": KVQuantCache(model, cfgw, backend="triton")}),
-                                  ("window-128 triton-static-compiled", {"cache_implementation": "kvquant",
-                                                                         "cache_config": {"config": cfgw, "backend": "triton"}})):
+
+        def against_reference(config, labels, prefix=""):
+            """Generate with the kernels in each of ``labels``' ways and compare with the reference path's run."""
+            ref = run_generate(model, inputs, max_new_tokens=DRY["new"], past_key_values=KVQuantCache(model, config, backend="reference"))
+            static = {"cache_implementation": "kvquant", "cache_config": {"config": config, "backend": "triton"}}
+            ways = {"triton-growing": lambda: {"past_key_values": KVQuantCache(model, config, backend="triton")},
+                    "triton-static-eager": lambda: {**static, "disable_compile": True},
+                    "triton-static-compiled": lambda: static}  # generate's compiled path (each compile costs device time)
+            for label in labels:
                 t = time.time()
-                got = run_generate(model, inputs, max_new_tokens=DRY["new"], **kwargs)
-                res[f"{shape} {label}"] = {**compare(refw, got), "seconds": round(time.time() - t, 1)}
-                print(shape, label, res[f"{shape} {label}"], flush=True)
+                got = run_generate(model, inputs, max_new_tokens=DRY["new"], **ways[label]())
+                res[f"{shape} {prefix}{label}"] = {**compare(ref, got), "seconds": round(time.time() - t, 1)}
+                print(shape, prefix + label, res[f"{shape} {prefix}{label}"], flush=True)
             if hasattr(model, "_compiled_call"):
                 del model._compiled_call
+
+        against_reference(cfg, ("triton-growing", "triton-static-eager", "triton-static-compiled"))
+        if d == 128:  # an exact recent window (the long-context preset keeps 128): the ring beside the packed slots
+            against_reference(cfg.with_runtime(recent_window=128), ("triton-growing", "triton-static-compiled"), "window-128 ")
             res[f"{shape} gpt-fast reduce-overhead"] = gpt_fast(model, cfg, inputs)
             print(shape, "gpt-fast", res[f"{shape} gpt-fast reduce-overhead"], flush=True)
         unpatch_model(model)

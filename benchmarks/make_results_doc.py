@@ -244,11 +244,8 @@ MARK_BEGIN, MARK_END = "<!-- outlier layouts: begin -->", "<!-- outlier layouts:
 def outlier_section(folder: Path) -> list[str]:
     """Bounded against uncapped outliers (``smollm2_results.py --rows outliers``), from ppl.json or, for a run still
     going or cut short, ppl.partial.json (then said so)."""
-    done = _load(folder, "ppl")
-    data = done["result"] if done else json.loads((folder / "ppl.partial.json").read_text())
-    env = done["environment"] if done else None
-    first = next(iter(data.values()), [])
-    windows = env["args"]["windows"] if env else (first[0].get("windows") if first else "?")
+    data, env, windows = _ppl_run(folder)
+    windows = env["args"]["windows"] if env else windows
     lines = [MARK_BEGIN, "## Bounded and uncapped outliers", "",
              "The cache stores a fixed number of outliers, `ceil(f · head_dim)` per token and KV head for keys (the "
              "largest normalized errors) and for values (the extremes whose removal leaves the smallest range), as "
@@ -259,20 +256,8 @@ def outlier_section(folder: Path) -> list[str]:
              f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages ppl --rows outliers --windows "
              f"{windows}` then `python benchmarks/make_results_doc.py --outliers {folder}`. "
              + (f"Measured on {_env_line(env)}." if env else "**Partial**: the run had not finished when this was written "
-                "(rows missing below were not measured)."), "",
-             "| rows | wikitext2 ppl | Δ% | bits | c4 ppl | Δ% | bits |", "|---|---|---|---|---|---|---|"]
+                "(rows missing below were not measured)."), ""] + _ppl_table(data)
     by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
-    labels = list(dict.fromkeys(r["label"] for rows in data.values() for r in rows))
-    for label in labels:
-        cells = []
-        for name in ("wikitext2", "c4"):
-            r, fp = by.get(name, {}).get(label), by.get(name, {}).get("fp")
-            if r is None:
-                cells += ["—", "—", "—"]
-            else:
-                delta = f"{100 * (r['ppl'] / fp['ppl'] - 1):+.2f}" if fp else "—"
-                cells += [f"{r['ppl']:.3f}", delta, f"{r['avg_bits']:.2f}"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     n = next(iter(data.values()))[0].get("windows") if data else "?"
     lines += ["", f"{n} windows of 2,048 tokens per dataset" + (" (fewer than the table above: a CPU run)." if n != 40 else ".")]
     costs = []
@@ -300,11 +285,7 @@ WINDOW_MARKS = ("<!-- exact windows: begin -->", "<!-- exact windows: end -->")
 
 def window_section(folder: Path) -> list[str]:
     """The shipped 3- and 2-bit 1% configs with an exact recent window (``smollm2_results.py --rows windows``)."""
-    done = _load(folder, "ppl")
-    data = done["result"] if done else json.loads((folder / "ppl.partial.json").read_text())
-    env = done["environment"] if done else None
-    first = next(iter(data.values()), [])
-    windows = first[0].get("windows") if first else "?"
+    data, env, windows = _ppl_run(folder)
     lines = [WINDOW_MARKS[0], "## Exact recent window (toward presets)", "",
              "The newest `window` tokens kept exact beside the sink (`cache_config={\"recent_window\": N}`), on the "
              "shipped 1% configs with bounded outliers. Average bits count the ring as allocated, the window plus 64 spare "
@@ -314,15 +295,7 @@ def window_section(folder: Path) -> list[str]:
              f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages ppl --rows windows --windows "
              f"{windows}` then `python benchmarks/make_results_doc.py --windows {folder}`. "
              + (f"Measured on {_env_line(env)}." if env else "**Partial**: the run had not finished when this was written."), "",
-             "| rows | wikitext2 ppl | Δ% | bits | c4 ppl | Δ% | bits |", "|---|---|---|---|---|---|---|"]
-    by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
-    for label in dict.fromkeys(r["label"] for rows in data.values() for r in rows):
-        cells = []
-        for name in ("wikitext2", "c4"):
-            r, fp = by.get(name, {}).get(label), by.get(name, {}).get("fp")
-            cells += (["—"] * 3 if r is None else
-                      [f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp['ppl'] - 1):+.2f}" if fp else "—", f"{r['avg_bits']:.2f}"])
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+             ] + _ppl_table(data)
     lines += ["", f"{windows} windows of 2,048 tokens per dataset" + (" (a CPU run)." if windows != 40 else "."), WINDOW_MARKS[1]]
     return lines
 
@@ -332,11 +305,7 @@ MIXED_MARKS = ("<!-- mixed precision: begin -->", "<!-- mixed precision: end -->
 
 def mixed_section(folder: Path) -> list[str]:
     """Mixed precision across layers against the shipped single-width configs (``smollm2_results.py --rows mixed``)."""
-    done = _load(folder, "ppl")
-    data = done["result"] if done else json.loads((folder / "ppl.partial.json").read_text())
-    env = done["environment"] if done else None
-    first = next(iter(data.values()), [])
-    windows = first[0].get("windows") if first else "?"
+    data, env, windows = _ppl_run(folder)
     lines = [MIXED_MARKS[0], "## Mixed precision across layers", "",
              "One width (2, 3 or 4 bits, keys and values alike: the packed layout has one width per layer's store) per "
              "layer, chosen by `kvquant calibrate MODEL --mixed-precision AVG --outliers F -o DIR`: the codebooks of "
@@ -349,15 +318,7 @@ def mixed_section(folder: Path) -> list[str]:
              f"{windows}` (calibrates the configs into `{folder}/configs` when missing) then "
              f"`python benchmarks/make_results_doc.py --mixed {folder}`. "
              + (f"Measured on {_env_line(env)}." if env else "**Partial**: the run had not finished when this was written."), "",
-             "| rows | wikitext2 ppl | Δ% | bits | c4 ppl | Δ% | bits |", "|---|---|---|---|---|---|---|"]
-    by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
-    for label in dict.fromkeys(r["label"] for rows in data.values() for r in rows):
-        cells = []
-        for name in ("wikitext2", "c4"):
-            r, fp = by.get(name, {}).get(label), by.get(name, {}).get("fp")
-            cells += (["—"] * 3 if r is None else
-                      [f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp['ppl'] - 1):+.2f}" if fp else "—", f"{r['avg_bits']:.2f}"])
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+             ] + _ppl_table(data)
     lines += ["", f"{windows} windows of 2,048 tokens per dataset" + (" (a CPU run: 40 windows of every row take too long "
               "on 2 cores; the fp row differs from the 40-window table above for that reason)." if windows != 40 else ".")]
     widths = []
@@ -378,30 +339,45 @@ def mixed_section(folder: Path) -> list[str]:
 PRESET_MARKS = ("<!-- presets: begin -->", "<!-- presets: end -->")
 
 
-def _rows_table(data: dict, extra_128k: bool = False) -> list[str]:
-    head = "| rows | wikitext2 ppl | Δ% | c4 ppl | Δ% | bits at 2K | bits at 128K |" if extra_128k else \
-        "| rows | wikitext2 ppl | Δ% | c4 ppl | Δ% | bits |"
-    lines = [head, "|" + "---|" * (7 if extra_128k else 6)]
+def _ppl_run(folder: Path):
+    """(rows by dataset, environment or None, windows) of a ``smollm2_results.py --stages ppl`` run: its ppl.json, or
+    for a run still going or cut short its ppl.partial.json (environment None)."""
+    done = _load(folder, "ppl")
+    data = done["result"] if done else json.loads((folder / "ppl.partial.json").read_text())
+    first = next(iter(data.values()), [])
+    return data, (done["environment"] if done else None), (first[0].get("windows") if first else "?")
+
+
+def _ppl_table(data: dict, bits: str = "per dataset") -> list[str]:
+    """The Markdown table of a ppl run: perplexity and its change from fp per dataset, then the average bits per
+    dataset (``bits="per dataset"``), once (``"once"``), or once at 2K and at 128K (``"2k+128k"``)."""
+    names = ("wikitext2", "c4")
+    per = bits == "per dataset"
+    head = ["rows"] + [c for n in names for c in (f"{n} ppl", "Δ%") + (("bits",) if per else ())]
+    head += [] if per else (["bits"] if bits == "once" else ["bits at 2K", "bits at 128K"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
     for label in dict.fromkeys(r["label"] for rows in data.values() for r in rows):
         cells = []
-        for name in ("wikitext2", "c4"):
+        for name in names:
             r, fp = by.get(name, {}).get(label), by.get(name, {}).get("fp")
-            cells += ["—"] * 2 if r is None else [f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp['ppl'] - 1):+.2f}" if fp else "—"]
-        r = by.get("wikitext2", {}).get(label) or by.get("c4", {}).get(label)
-        cells.append(f"{r['avg_bits']:.2f}")
-        if extra_128k:
-            cells.append(f"{r.get('avg_bits_128k', float('nan')):.2f}")
+            if r is None:
+                cells += ["—"] * (3 if per else 2)
+                continue
+            cells += [f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp['ppl'] - 1):+.2f}" if fp else "—"]
+            cells += [f"{r['avg_bits']:.2f}"] if per else []
+        if not per:
+            r = by.get("wikitext2", {}).get(label) or by.get("c4", {}).get(label)
+            cells.append(f"{r['avg_bits']:.2f}")
+            if bits == "2k+128k":
+                cells.append(f"{r.get('avg_bits_128k', float('nan')):.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
 def preset_section(folder: Path) -> list[str]:
     """Preset candidates (``smollm2_results.py --rows presets``) and what ships for each budget."""
-    done = _load(folder, "ppl")
-    data = done["result"] if done else json.loads((folder / "ppl.partial.json").read_text())
-    env = done["environment"] if done else None
-    windows = next(iter(data.values()))[0].get("windows")
+    data, env, windows = _ppl_run(folder)
     lines = [PRESET_MARKS[0], "## Presets (exact recent window, mixed precision)", "",
              "Candidates for the preset of each budget: the shipped 4-bit 1% config with an exact window, and the "
              "mixed-precision configs (section below) with one. Bits are counted twice: over a 2,048-token window "
@@ -411,7 +387,7 @@ def preset_section(folder: Path) -> list[str]:
              f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages ppl --rows presets --windows "
              f"{windows}` then `python benchmarks/make_results_doc.py --presets {folder}`. "
              + (f"Measured on {_env_line(env)}." if env else "**Partial**."), ""]
-    lines += _rows_table(data, extra_128k=True)
+    lines += _ppl_table(data, bits="2k+128k")
     lines += ["", f"{windows} windows of 2,048 tokens per dataset (a CPU run; fp is the same 8 windows as the exact-window "
               "and mixed-precision sections).", "",
               "**What ships.** The exact window is the lever that pays most for its bytes at long contexts, where it "
@@ -453,7 +429,7 @@ def block_section(folder: Path) -> list[str]:
              "tokens (the exact block as a ring; the block ranges add 32/128 bits per key element).", "",
              f"Reproduce: `python benchmarks/block_key_ranges.py 128 4 block` and `... 128 4 ablate` (writes `{folder}`), "
              f"then `python benchmarks/make_results_doc.py --block {folder}`. CPU, 4 windows per dataset.", ""]
-    lines += _rows_table(data)
+    lines += _ppl_table(data, bits="once")
     lines += ["", "With the open block exact in both, the online block ranges beat the calibrated ranges by little: at 3 "
               "bits the same on WikiText-2 (25.594 against 25.591) and 0.4% on C4, at 2 bits 2.1% and 1.2%. The gain of "
               "the block rows over the shipped config is the exact recent keys, which the exact window gives more "

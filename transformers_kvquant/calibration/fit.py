@@ -23,7 +23,8 @@ from .._version import __version__
 from ..kernels.rope import apply_rope
 from ..quant.codebook import Codebook, qnorm_parameters, uniform_codebook
 from ..quant.kmeans import SortedSamples, weighted_kmeans_1d
-from ..quant.quantizer import TokenQuantizer, outlier_slots
+from ..kernels.layout import outlier_slots as head_outlier_slots
+from ..quant.quantizer import ChannelKeyQuantizer, TokenQuantizer, outlier_slots
 from .fingerprint import ModelFingerprint
 from .statistics import CalibrationStatistics
 
@@ -54,6 +55,14 @@ class CalibrationResult:
     codebook_kind: str  # "nuq", "nuq-unweighted" or "uniform"
     metadata: dict = field(default_factory=dict)
     layer_bits: list[int] | None = None  # mixed precision: each layer's width (``bits`` is then the widest)
+
+
+def layer_quantizers(layer: LayerCalibration, outlier_fraction: float, head_dim: int) -> tuple[ChannelKeyQuantizer, TokenQuantizer]:
+    """(key, value) quantizers of one layer in the cache's bounded layout: ``ceil(f * head_dim)`` outliers per
+    (token, KV head), keys with the calibrated per-channel ranges, values per token."""
+    slots = head_outlier_slots(head_dim, outlier_fraction)
+    keys = ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=outlier_fraction > 0, head_slots=slots)
+    return keys, TokenQuantizer(layer.value_codebook, slots, per_head=True)
 
 
 def _percentile(x: torch.Tensor, q: float) -> torch.Tensor:

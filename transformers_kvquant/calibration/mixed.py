@@ -14,21 +14,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..kernels.layout import outlier_slots as head_outlier_slots
 from ..quant.memory import store_report
-from ..quant.quantizer import ChannelKeyQuantizer, TokenQuantizer, fake_quantize
+from ..quant.quantizer import fake_quantize
 from ..quant.store import PackedStore
-from .fit import CalibrationResult, LayerCalibration, fit_calibration
+from .fit import CalibrationResult, LayerCalibration, fit_calibration, layer_quantizers
 from .statistics import CalibrationStatistics
 
 WIDTHS = (2, 3, 4)
-
-
-def layer_quantizers(layer: LayerCalibration, outlier_fraction: float, head_dim: int):
-    """(key, value) quantizers of one layer in the cache's bounded layout (as ``KVQuantConfig`` builds them)."""
-    slots = head_outlier_slots(head_dim, outlier_fraction)
-    keys = ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=outlier_fraction > 0, head_slots=slots)
-    return keys, TokenQuantizer(layer.value_codebook, slots, per_head=True)
 
 
 def stored_bytes(layer: LayerCalibration, width: int, outlier_fraction: float, heads: int, head_dim: int, tokens: int,

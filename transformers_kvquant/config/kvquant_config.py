@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..calibration.fingerprint import ModelFingerprint
-from ..calibration.fit import CalibrationResult, LayerCalibration
+from ..calibration.fit import CalibrationResult, LayerCalibration, layer_quantizers
 from ..kernels.layout import SUPPORTED_BITS
 from ..kernels.layout import outlier_slots as head_outlier_slots
 from ..quant.quantizer import ChannelKeyQuantizer, TokenQuantizer, outlier_slots
@@ -133,13 +133,15 @@ class KVQuantConfig:
     def key_quantizer(self, layer_idx: int, bounded: bool = True) -> ChannelKeyQuantizer:
         """Keys of one layer; ``bounded=False``: the paper's uncapped outliers."""
         layer = self.layers[layer_idx]
-        return ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=self.outlier_fraction > 0,
-                                   head_slots=self.head_slots if bounded else None)
+        if bounded:
+            return layer_quantizers(layer, self.outlier_fraction, self.fingerprint.head_dim)[0]
+        return ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=self.outlier_fraction > 0, head_slots=None)
 
     def value_quantizer(self, layer_idx: int, bounded: bool = True) -> TokenQuantizer:
         """Values of one layer; ``bounded=False``: outliers chosen over the whole token vector."""
-        book = self.layers[layer_idx].value_codebook
-        return TokenQuantizer(book, self.head_slots, per_head=True) if bounded else TokenQuantizer(book, self.slots)
+        if bounded:
+            return layer_quantizers(self.layers[layer_idx], self.outlier_fraction, self.fingerprint.head_dim)[1]
+        return TokenQuantizer(self.layers[layer_idx].value_codebook, self.slots)
 
     def check_model(self, model: Any, source: str | None = None) -> None:
         """Raise :class:`KVQuantConfigError` unless this config was calibrated for this model.

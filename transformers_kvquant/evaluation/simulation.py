@@ -49,6 +49,13 @@ class SimulatedMethod:
     def avg_bits(self, heads: int, head_dim: int, tokens: int) -> float:
         return 16.0
 
+    def exact_pairs(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a query sees a key, and a value, exactly under streaming semantics (``window`` > 0): bool masks
+        broadcast from ``query_pos`` ``[B, tq, 1]`` and ``key_pos`` ``[B, 1, Tk]``; by default the ``window`` newest
+        and the sink tokens, keys and values alike."""
+        exact = (query_pos - key_pos < self.window) | (key_pos < self.sink_tokens)
+        return exact, exact
+
 
 class KVQuantMethod(SimulatedMethod):
     """KVQuant from a calibrated config; ``codebook="uniform"``/``sink_tokens=0`` give two of the ablations."""
@@ -223,7 +230,8 @@ class SimulatedLayer(PreRopeLayer, CacheLayerMixin):
 
 
 def _streaming_attention(module, q, k_q, v_q, k_x, v_x, positions, method, attention_mask, block: int = 512):
-    """Attention where query i sees key j exactly iff i - j < window (or j is a sink token), else quantized.
+    """Attention where query i sees key j (and value j) exactly where ``method.exact_pairs`` says (by default iff
+    i - j < window or j is a sink token), else quantized.
 
     Computed in float32 over blocks of queries, so long contexts need O(block x length) memory.
     """
@@ -234,19 +242,18 @@ def _streaming_attention(module, q, k_q, v_q, k_x, v_x, positions, method, atten
 
     kq, kx, vq, vx = expand(k_q), expand(k_x), expand(v_q), expand(v_x)
     pos = positions.to(q.device)
-    sink = (pos < method.sink_tokens)[:, None, :]  # [B, 1, Tk]
     outs = []
     for a in range(0, q.shape[2], block):
         qf = q[:, :, a : a + block].float() * module.scaling
-        dist = pos[:, a : a + block, None] - pos[:, None, :]  # [B, tq, Tk]
-        exact = ((dist < method.window) | sink)[:, None]
-        scores = torch.where(exact, qf @ kx.transpose(-1, -2), qf @ kq.transpose(-1, -2))
-        allowed = (dist >= 0)[:, None]
+        qpos, kpos = pos[:, a : a + block, None], pos[:, None, :]  # [B, tq, 1], [B, 1, Tk]
+        key_exact, value_exact = (e[:, None] for e in method.exact_pairs(qpos, kpos))
+        scores = torch.where(key_exact, qf @ kx.transpose(-1, -2), qf @ kq.transpose(-1, -2))
+        allowed = (qpos - kpos >= 0)[:, None]
         if attention_mask is not None:
             m = attention_mask[:, :, a : a + block]
             allowed = allowed & (m if m.dtype == torch.bool else m > -1e30)
         p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        outs.append((p * exact) @ vx + (p * ~exact) @ vq)
+        outs.append((p * value_exact) @ vx + (p * ~value_exact) @ vq)
     out = torch.cat(outs, dim=2)
     return out.to(q.dtype).transpose(1, 2).contiguous(), None
 
