@@ -136,6 +136,21 @@ def preset_rows(model):
     return rows
 
 
+def long_context_rows(model):
+    """(label, method): the long-context preset (an exact window of the newest 128 tokens) on the shipped 1% configs
+    of every width, and on the mixed-precision config without outliers (the 2.6-bit candidate): the acceptance rows
+    of the presets, with bits counted at 128K too."""
+    from transformers_kvquant.evaluation.perplexity import make_method
+
+    rows = [("fp", None)]
+    for bits in (4, 3, 2):
+        rows.append((f"kvquant {bits}-bit 1% (long-context preset)",
+                     make_method("kvquant", model, bits=bits, outlier_fraction=0.01, preset="long-context")))
+    rows.append(("mixed <= 2.55 no outliers (long-context preset)",
+                 make_method("kvquant", model, config=str(MIXED_CONFIGS / "mixed-2.55"), preset="long-context")))
+    return rows
+
+
 def ppl_rows(model):
     """(label, method) for every row of the table."""
     from transformers_kvquant.evaluation.perplexity import make_method
@@ -179,7 +194,8 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
         calibrate_mixed(model, tokenizer, Path(args.out) / "configs", log)
         rows = mixed_rows(model, Path(args.out))
     else:
-        rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows, "presets": preset_rows}[args.rows](model)
+        rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows, "presets": preset_rows,
+                "long-context": long_context_rows}[args.rows](model)
     fp = model.config
     heads, head_dim = fp.num_key_value_heads, getattr(fp, "head_dim", None) or fp.hidden_size // fp.num_attention_heads
     bits_128k = {}  # label -> bits at 128K: a store of 131,072 tokens per layer, built once, not once per dataset
@@ -198,7 +214,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
             row = asdict(r)
             row["label"] = label
             row["config"] = getattr(method, "source", None)
-            if args.rows == "presets":  # where the memory matters: the exact ring is a constant, not a share
+            if args.rows in ("presets", "long-context"):  # where the memory matters: the exact ring is a constant, not a share
                 if label not in bits_128k:
                     bits_128k[label] = round(method.avg_bits(heads, head_dim, 131072), 3) if method else 16.0
                 row["avg_bits_128k"] = bits_128k[label]
@@ -254,10 +270,11 @@ def main(argv=None) -> int:
     parser.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--c4", default=str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"))
     parser.add_argument("--windows", type=int, default=80)
-    parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows", "mixed", "presets"),
+    parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows", "mixed", "presets", "long-context"),
                         help="ppl stage: the results table, bounded vs uncapped outliers at every width, exact windows, "
                              "mixed precision across layers (calibrated into OUT/configs first when missing), or the preset "
-                             "candidates (windows on the 4-bit and mixed configs; with average bits at 128K)")
+                             "candidates (windows on the 4-bit and mixed configs; with average bits at 128K), or the long-context preset at "
+                             "every width (with average bits at 128K)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--documents", type=int, default=8)

@@ -64,6 +64,30 @@ def test_streaming_simulation_matches_token_by_token_decoding():
     assert (no_window - real).abs().max() > 5 * (sim - real).abs().max()  # the window semantics matter
 
 
+def test_streaming_blocks_read_only_the_keys_they_can_see(monkeypatch):
+    """The streaming attention's query blocks stop at their last key: blocks of 5 (so most blocks skip later keys)
+    give what one block over everything gives, also for left-padded rows of a batch."""
+    from transformers_kvquant.evaluation import simulation
+
+    model = tiny_llama(layers=2)
+    cfg = quick_config(model, bits=3, outlier_fraction=0.01)
+    ids = torch.randint(3, 128, (2, 37), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # row 1 left-padded
+
+    def run():
+        with torch.no_grad():
+            cache = SimulationCache(model, KVQuantMethod(cfg, recent_window=6))
+            return model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+
+    monkeypatch.setattr(simulation, "STREAM_BLOCK", 1024)
+    whole = run()
+    monkeypatch.setattr(simulation, "STREAM_BLOCK", 5)
+    blocked = run()
+    torch.testing.assert_close(blocked[0], whole[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(blocked[1, 6:], whole[1, 6:], rtol=0, atol=1e-5)  # pads' own outputs are discarded
+
+
 def test_simulation_with_sliding_window_model_runs():
     model = tiny_mistral(sliding_window=8)
     cfg = quick_config(model, bits=3)

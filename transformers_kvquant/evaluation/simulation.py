@@ -229,12 +229,18 @@ class SimulatedLayer(PreRopeLayer, CacheLayerMixin):
         return -1
 
 
-def _streaming_attention(module, q, k_q, v_q, k_x, v_x, positions, method, attention_mask, block: int = 512):
+STREAM_BLOCK = 512  # queries per block of the streaming attention (memory O(block x length))
+
+
+def _streaming_attention(module, q, k_q, v_q, k_x, v_x, positions, method, attention_mask, block: int | None = None):
     """Attention where query i sees key j (and value j) exactly where ``method.exact_pairs`` says (by default iff
     i - j < window or j is a sink token), else quantized.
 
-    Computed in float32 over blocks of queries, so long contexts need O(block x length) memory.
+    Computed in float32 over blocks of queries, so long contexts need O(block x length) memory. A block of queries
+    only reads the keys up to its last one: one forward pass holds a whole sequence, so a later key (by index) is
+    never attended to (causal by index under the mask, by position without one, positions rising along a row).
     """
+    block = block or STREAM_BLOCK
     n_rep = q.shape[1] // k_q.shape[1]
 
     def expand(t):
@@ -242,18 +248,22 @@ def _streaming_attention(module, q, k_q, v_q, k_x, v_x, positions, method, atten
 
     kq, kx, vq, vx = expand(k_q), expand(k_x), expand(v_q), expand(v_x)
     pos = positions.to(q.device)
+    offset = k_q.shape[2] - q.shape[2]  # keys before the first query (0 for one pass over a window)
     outs = []
     for a in range(0, q.shape[2], block):
+        e = offset + min(a + block, q.shape[2])  # keys [0, e) can be seen by this block
         qf = q[:, :, a : a + block].float() * module.scaling
-        qpos, kpos = pos[:, a : a + block, None], pos[:, None, :]  # [B, tq, 1], [B, 1, Tk]
-        key_exact, value_exact = (e[:, None] for e in method.exact_pairs(qpos, kpos))
-        scores = torch.where(key_exact, qf @ kx.transpose(-1, -2), qf @ kq.transpose(-1, -2))
+        qpos, kpos = pos[:, offset + a : e, None], pos[:, None, :e]  # [B, tq, 1], [B, 1, e]
+        key_exact, value_exact = (x[:, None] for x in method.exact_pairs(qpos, kpos))
+        scores = torch.where(key_exact, qf @ kx[:, :, :e].transpose(-1, -2), qf @ kq[:, :, :e].transpose(-1, -2))
         allowed = (qpos - kpos >= 0)[:, None]
         if attention_mask is not None:
-            m = attention_mask[:, :, a : a + block]
+            m = attention_mask[:, :, a : a + block, :e]
             allowed = allowed & (m if m.dtype == torch.bool else m > -1e30)
         p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        outs.append((p * value_exact) @ vx + (p * ~value_exact) @ vq)
+        # A left pad's query sees no key: a zero row, not NaN (which the real tokens would read from its value).
+        p = p.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+        outs.append((p * value_exact) @ vx[:, :, :e] + (p * ~value_exact) @ vq[:, :, :e])
     out = torch.cat(outs, dim=2)
     return out.to(q.dtype).transpose(1, 2).contiguous(), None
 
