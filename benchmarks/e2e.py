@@ -11,7 +11,8 @@ mode="reduce-overhead", fullgraph=True)`` (the gpt-fast loop; what generate does
 ``StaticCache`` / the static KVQuant cache. Peak GiB is the CUDA allocator's peak during the steps; cache GiB the
 cache's own tensors.
 ttft: a real prompt of ``--ttft-tokens`` tokens prefilled through the cache (KVQuant: quantized as it goes, in
-``--chunk``-token chunks that attend over the packed prefix), against fp16 prefill with ``DynamicCache``.
+``--chunk``-token chunks that attend over the packed prefix; several sizes may be given), against fp16 prefill with
+``DynamicCache``; ``--profile-chunk C``: where the prefill at chunk size C and fp16's spend their GPU time.
 throughput: at 32K, the cache memory of fp16 at batch 4, and the largest KVQuant-3 batch that fits in it.
 capacity: the longest context each KVQuant format holds beside the model, proven by decode steps.
 profile: the GPU time of a compiled decode step by kernel (torch.profiler), KVQuant-3 against fp16 StaticCache.
@@ -332,40 +333,57 @@ def stage_profile(run, model, shape, context, steps, configs):
             lambda: one("fp16-static", fill_fp16(model, "fp16-static", 1, context, context + 64)))
 
 
-def stage_ttft(run, model, shape, tokens, chunk, configs):
+def stage_ttft(run, model, shape, tokens, chunks, configs, profile_chunk=0):
+    """Time to first token of a ``tokens``-token prompt: fp16 in one forward, KVQuant-3 in chunks of each size in
+    ``chunks``. ``profile_chunk``: also where that chunk size's prefill spends its GPU time (torch.profiler, by
+    kernel) -> ``profile_ttft_<chunk>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
     from transformers import DynamicCache
 
     from transformers_kvquant import KVQuantCache
 
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), device=DEV)
-    for name in ("fp16-dynamic", "kvquant-3"):
+    gpu = DEV == "cuda"
+
+    def prefill(name, step):
+        if name == "fp16-dynamic":
+            cache = DynamicCache(config=model.config)
+        else:
+            cache = KVQuantCache(model, configs[3], backend="triton" if gpu else "reference", max_cache_len=tokens + 8)
+        with torch.no_grad():
+            for a in range(0, tokens, step):
+                part = ids[:, a : a + step]
+                where = torch.arange(a, a + part.shape[1], device=DEV)
+                out = model(part, past_key_values=cache, cache_position=where, position_ids=where[None], use_cache=True,
+                            logits_to_keep=1)
+            out.logits.argmax(-1)
+        sync()
+
+    cases = [("fp16-dynamic", tokens)] + [("kvquant-3", c) for c in chunks]
+    for name, step in cases:
         if run.left() < 40 or f"{name}:ttft" in SKIP:
             continue
         try:
-            for attempt in range(2):  # the first run compiles the kernels
-                if name == "fp16-dynamic":
-                    cache = DynamicCache(config=model.config)
-                else:
-                    cache = KVQuantCache(model, configs[3], backend="triton" if DEV == "cuda" else "reference", max_cache_len=tokens + 8)
-                sync()
-                torch.cuda.reset_peak_memory_stats() if DEV == "cuda" else None
-                t = time.perf_counter()
-                with torch.no_grad():
-                    step = tokens if name == "fp16-dynamic" else chunk
-                    for a in range(0, tokens, step):
-                        part = ids[:, a : a + step]
-                        where = torch.arange(a, a + part.shape[1], device=DEV)
-                        out = model(part, past_key_values=cache, cache_position=where, position_ids=where[None], use_cache=True,
-                                    logits_to_keep=1)
-                    out.logits.argmax(-1)
-                sync()
-                ttft = time.perf_counter() - t
-                peak = torch.cuda.max_memory_allocated() / GIB if DEV == "cuda" else 0.0
-                cache = None
+            times = []
+            for attempt in range(3):  # the first run compiles the kernels: the best of the other two
                 free()
+                torch.cuda.reset_peak_memory_stats() if gpu else None
+                t = time.perf_counter()
+                prefill(name, step)
+                times.append(time.perf_counter() - t)
+            ttft = min(times[1:])
+            peak = torch.cuda.max_memory_allocated() / GIB if gpu else 0.0
             run.add({"shape": shape, "cache": name, "compiled": False, "context": tokens, "batch": 1, "ms_per_token": None,
                      "tokens_per_s": None, "ttft_s": round(ttft, 3), "peak_gib": round(peak, 2),
-                     "prefill": "one forward" if name == "fp16-dynamic" else f"{chunk}-token chunks over the packed prefix"})
+                     "prefill": "one forward" if name == "fp16-dynamic" else f"{step}-token chunks over the packed prefix"})
+            if profile_chunk and (step == profile_chunk or name == "fp16-dynamic"):
+                with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+                    prefill(name, step)
+                table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=30,
+                                                  max_name_column_width=90)
+                total = sum(e.self_device_time_total if gpu else e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+                (run.out / f"profile_ttft_{name}_{step}.txt").write_text(
+                    f"{shape} {name} prefill of {tokens} tokens in {step}-token chunks: {total:.3f} s of {'GPU' if gpu else 'CPU'} time\n{table}\n")
         except Exception:  # noqa: BLE001
             run.add({"shape": shape, "cache": name, "context": tokens, "ttft_error": traceback.format_exc()[-1500:]})
         free()
@@ -445,8 +463,9 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--stages", default="decode,ttft,capacity,throughput")
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--ttft-tokens", type=int, default=32768)
-    ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--ttft-tokens", default="32768", help="prompt lengths of the ttft stage, comma-separated")
+    ap.add_argument("--chunk", default="8192", help="KVQuant prefill chunk sizes for the ttft stage, comma-separated")
+    ap.add_argument("--profile-chunk", type=int, default=0, help="ttft: profile the prefill at this chunk size (and fp16's)")
     ap.add_argument("--capacity", default="nuq2:2080000,nuq3-1%:1250000")
     ap.add_argument("--budget", type=float, default=1e9)
     ap.add_argument("--capacity-step", type=float, default=0.96)
@@ -476,7 +495,9 @@ def main() -> None:
             elif stage == "profile":
                 stage_profile(run, model, shape, contexts[0], 4, configs)
             elif stage == "ttft":
-                stage_ttft(run, model, shape, args.ttft_tokens, args.chunk, configs)
+                for tokens in (int(t) for t in args.ttft_tokens.split(",")):
+                    stage_ttft(run, model, shape, tokens, [int(c) for c in args.chunk.split(",")], configs,
+                               args.profile_chunk if tokens == int(args.ttft_tokens.split(",")[0]) else 0)
             elif stage == "throughput":
                 stage_throughput(run, model, shape, contexts[0], args.steps, configs)
             elif stage == "capacity":

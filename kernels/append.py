@@ -1,14 +1,18 @@
-"""Append: quantize new tokens and pack them into the cache, one launch for everything a token writes.
+"""Append: quantize new tokens and pack them into the cache.
 
 One program per (token, row, KV head): keys with the calibrated per-channel ranges; values with the token's range,
-which spans every head after each head drops its outliers (each program of the token finds it; a second launch
-would cost more than the repeated reductions); codes by counting decision boundaries (what ``torch.bucketize``
-does), the bounded outliers by repeated arg-max, the codes packed into the reader layout in registers; then what
-is kept exactly (position, recent-window ring, sink: :func:`~.naive.write_exact`'s work). The slot is the device
-length plus the token's index, so no host value is needed; slots past the capacity are never written. Only the
-length is advanced by a tensor op after the launch (the programs read it). At batch 1 this is what made the append
-cheap: one program per token and row walked every head in turn, and write_exact's dozen small tensor ops each cost
-a launch. The PyTorch reference is :func:`~.naive.append_reference`.
+which spans every head after each head drops its outliers; codes by counting decision boundaries (what
+``torch.bucketize`` does), the bounded outliers by repeated arg-max, the codes packed into the reader layout in
+registers; then what is kept exactly (position, recent-window ring, sink: :func:`~.naive.write_exact`'s work). The
+slot is the device length plus the token's index, so no host value is needed; slots past the capacity are never
+written. Only the length is advanced by a tensor op after the launch (the programs read it).
+
+A decode step (one token) is one launch: each program of the token finds the token's value range itself (a second
+launch would cost more than the repeated reductions). That made the decode append cheap: one program per token and
+row walked every head in turn, and write_exact's dozen small tensor ops each cost a launch. A prefill chunk (many
+tokens) takes two launches, the value ranges (a program per token and row), then the rest (each program reading
+only its head): one launch would read every head's values once per head, which made the append 30% of a 32K
+prefill of LLaMA-2-7B on an H200 (docs/e2e.md). The PyTorch reference is :func:`~.naive.append_reference`.
 """
 
 from __future__ import annotations
@@ -70,8 +74,11 @@ def _append_kernel(
     pos_ptr, wk_ptr, wv_ptr, sk_ptr, sv_ptr, sslot_ptr,
     H, cap, n_new, ring,
     HP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
-    N_SINK: tl.constexpr, EXACT: tl.constexpr,
+    N_SINK: tl.constexpr, EXACT: tl.constexpr, PHASE: tl.constexpr, VR: tl.constexpr,
 ):
+    # PHASE 0: everything in one launch (every program finds its token's value range over all heads). PHASE 1: only
+    # the token's value range (a program per token and row). PHASE 2: the rest, the range read back from the cache,
+    # each program reading only its own head's values (VR rows: HP in phases 0/1, 2 in phase 2, the second unused).
     i = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -81,18 +88,85 @@ def _append_kernel(
     NS: tl.constexpr = D // 8
     W: tl.constexpr = D * BITS // 32
     NW: tl.constexpr = NS if BITS == 3 else (NS // 2 if BITS == 2 else NS)
-    hh = tl.arange(0, HP)
-    hmask = hh < H
-    mine = hh == h  # this program's head among the rows of the [HP, D] tiles
     pk = tl.arange(0, D)  # nibble-order position
 
     # ---------------------------------------------------------------- keys of head h
+    one_h = tl.arange(0, 1)
+    ok1 = (slot + 0 * one_h) < cap  # [1]
     chk = tl.load(kchan_ptr + pk)  # the channel at each nibble position
+    if PHASE != 1:
+        _append_keys(k_ptr, k_sb, k_sh, k_st, kz_ptr, ks_ptr, kb_ptr, ktab_ptr, kc_ptr, kov_ptr, koi_ptr,
+                     chk, i, b, h, H, cap, slot, ok1, D, BITS, SK, NB, NS, W, NW)
+
+    # ---------------------------------------------------------------- values: the token's range spans every head
+    # (in phase 0 every program of the token finds it again: cheaper than a second launch for a decode step, and
+    # the heads' codes run in parallel; a prefill's many tokens take phases 1 and 2 instead)
+    vr = tl.arange(0, VR)
+    if PHASE == 2:
+        vhead = h + vr
+        vmask = vr == 0
+    else:
+        vhead = vr
+        vmask = vr < H
+    mine = vmask & (vhead == h)
+    x = tl.load(v_ptr + b * v_sb + vhead[:, None] * v_sh + i * v_st + pk[None, :], mask=vmask[:, None], other=0.0).to(tl.float32)
+    SV1: tl.constexpr = SV + 1
+    SVP: tl.constexpr = 2 if SV1 <= 2 else (4 if SV1 <= 4 else (8 if SV1 <= 8 else 16))
+    col = tl.arange(0, SVP)
+    top_v = tl.zeros((VR, SVP), tl.float32)
+    top_i = tl.zeros((VR, SVP), tl.int32)
+    bot_v = tl.zeros((VR, SVP), tl.float32)
+    bot_i = tl.zeros((VR, SVP), tl.int32)
+    hi_work = x
+    lo_work = x
+    for j in tl.static_range(SV1):
+        m = tl.max(hi_work, 1)
+        p = tl.min(tl.where(hi_work == m[:, None], pk[None, :], D), 1)
+        top_v = tl.where(col[None, :] == j, m[:, None], top_v)
+        top_i = tl.where(col[None, :] == j, p[:, None], top_i)
+        hi_work = tl.where(pk[None, :] == p[:, None], float("-inf"), hi_work)
+        m = tl.min(lo_work, 1)
+        p = tl.min(tl.where(lo_work == m[:, None], pk[None, :], D), 1)
+        bot_v = tl.where(col[None, :] == j, m[:, None], bot_v)
+        bot_i = tl.where(col[None, :] == j, p[:, None], bot_i)
+        lo_work = tl.where(pk[None, :] == p[:, None], float("inf"), lo_work)
+    # j low and SV - j high ones dropped; the first smallest remaining range wins (torch's argmin)
+    best = tl.full((VR,), float("inf"), tl.float32)
+    low = tl.zeros((VR,), tl.int32)
+    for j in tl.static_range(SV1):
+        r = _pick(top_v, tl.full((VR,), SV - j, tl.int32), col) - _pick(bot_v, tl.full((VR,), j, tl.int32), col)
+        better = r < best
+        best = tl.where(better, r, best)
+        low = tl.where(better, j, low)
+    high = SV - low
+    if PHASE == 2:
+        zero = tl.sum(tl.load(vz_ptr + b * cap + slot + one, mask=slot + one < cap, other=0.0), 0)
+        scale = tl.sum(tl.load(vs_ptr + b * cap + slot + one, mask=slot + one < cap, other=1.0), 0)
+    else:
+        vmax = tl.max(tl.where(vmask, _pick(top_v, high, col), float("-inf")), 0)
+        vmin = tl.min(tl.where(vmask, _pick(bot_v, low, col), float("inf")), 0)
+        zero = ((vmax + vmin) / 2).to(vz_ptr.dtype.element_ty)
+        scale = ((vmax - vmin) / 2).to(vs_ptr.dtype.element_ty)
+        scale = tl.where(scale > 0, scale, 1.0).to(vs_ptr.dtype.element_ty)
+        first = (h + one == 0) & (slot + one < cap)  # one program of the token writes what is per token
+        tl.store(vz_ptr + b * cap + slot + one, zero + tl.zeros((1,), zero.dtype), mask=first)
+        tl.store(vs_ptr + b * cap + slot + one, scale + tl.zeros((1,), scale.dtype), mask=first)
+    if PHASE != 1:
+        _append_values_and_exact(
+            x, mine, high, top_i, bot_i, zero, scale, col, pk, vb_ptr, vtab_ptr, vc_ptr, vov_ptr, voi_ptr,
+            k_ptr, v_ptr, p_ptr, k_sb, k_sh, k_st, v_sb, v_sh, v_st, pos_ptr, wk_ptr, wv_ptr, sk_ptr, sv_ptr, sslot_ptr,
+            i, b, h, H, cap, n_new, ring, slot, ok1, D, BITS, SV, NB, NS, W, NW, N_SINK, EXACT)
+
+
+@triton.jit
+def _append_keys(k_ptr, k_sb, k_sh, k_st, kz_ptr, ks_ptr, kb_ptr, ktab_ptr, kc_ptr, kov_ptr, koi_ptr,
+                 chk, i, b, h, H, cap, slot, ok1, D: tl.constexpr, BITS: tl.constexpr, SK: tl.constexpr,
+                 NB: tl.constexpr, NS: tl.constexpr, W: tl.constexpr, NW: tl.constexpr):
+    """Codes and bounded outliers of head ``h``'s key (calibrated per-channel ranges)."""
+    one_h = tl.arange(0, 1)
     x = tl.load(k_ptr + b * k_sb + h * k_sh + i * k_st + chk[None, :]).to(tl.float32)  # [1, D]: the helpers' [heads, D]
     z = tl.load(kz_ptr + h * D + chk[None, :])
     s = tl.load(ks_ptr + h * D + chk[None, :])
-    one_h = tl.arange(0, 1)
-    ok1 = (slot + 0 * one_h) < cap  # [1]
     xn = tl.math.div_rn(x - z, s)
     code = tl.zeros((1, D), tl.int32)
     for j in tl.static_range(NB):
@@ -112,46 +186,19 @@ def _append_kernel(
         tl.store(koi_ptr + o, ch.to(tl.uint8), mask=ok1)
         err = tl.where(hit, -1.0, err)
 
-    # ---------------------------------------------------------------- values: the token's range spans every head
-    # (every program of the token finds it again: cheaper than a second launch, and the heads' codes run in parallel)
-    x = tl.load(v_ptr + b * v_sb + hh[:, None] * v_sh + i * v_st + pk[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-    SV1: tl.constexpr = SV + 1
-    SVP: tl.constexpr = 2 if SV1 <= 2 else (4 if SV1 <= 4 else (8 if SV1 <= 8 else 16))
-    col = tl.arange(0, SVP)
-    top_v = tl.zeros((HP, SVP), tl.float32)
-    top_i = tl.zeros((HP, SVP), tl.int32)
-    bot_v = tl.zeros((HP, SVP), tl.float32)
-    bot_i = tl.zeros((HP, SVP), tl.int32)
-    hi_work = x
-    lo_work = x
-    for j in tl.static_range(SV1):
-        m = tl.max(hi_work, 1)
-        p = tl.min(tl.where(hi_work == m[:, None], pk[None, :], D), 1)
-        top_v = tl.where(col[None, :] == j, m[:, None], top_v)
-        top_i = tl.where(col[None, :] == j, p[:, None], top_i)
-        hi_work = tl.where(pk[None, :] == p[:, None], float("-inf"), hi_work)
-        m = tl.min(lo_work, 1)
-        p = tl.min(tl.where(lo_work == m[:, None], pk[None, :], D), 1)
-        bot_v = tl.where(col[None, :] == j, m[:, None], bot_v)
-        bot_i = tl.where(col[None, :] == j, p[:, None], bot_i)
-        lo_work = tl.where(pk[None, :] == p[:, None], float("inf"), lo_work)
-    # j low and SV - j high ones dropped; the first smallest remaining range wins (torch's argmin)
-    best = tl.full((HP,), float("inf"), tl.float32)
-    low = tl.zeros((HP,), tl.int32)
-    for j in tl.static_range(SV1):
-        r = _pick(top_v, tl.full((HP,), SV - j, tl.int32), col) - _pick(bot_v, tl.full((HP,), j, tl.int32), col)
-        better = r < best
-        best = tl.where(better, r, best)
-        low = tl.where(better, j, low)
-    high = SV - low
-    vmax = tl.max(tl.where(hmask, _pick(top_v, high, col), float("-inf")), 0)
-    vmin = tl.min(tl.where(hmask, _pick(bot_v, low, col), float("inf")), 0)
-    zero = ((vmax + vmin) / 2).to(vz_ptr.dtype.element_ty)
-    scale = ((vmax - vmin) / 2).to(vs_ptr.dtype.element_ty)
-    scale = tl.where(scale > 0, scale, 1.0).to(vs_ptr.dtype.element_ty)
-    first = (h + one == 0) & (slot + one < cap)  # one program of the token writes what is per token
-    tl.store(vz_ptr + b * cap + slot + one, zero + tl.zeros((1,), zero.dtype), mask=first)
-    tl.store(vs_ptr + b * cap + slot + one, scale + tl.zeros((1,), scale.dtype), mask=first)
+
+@triton.jit
+def _append_values_and_exact(
+    x, mine, high, top_i, bot_i, zero, scale, col, pk, vb_ptr, vtab_ptr, vc_ptr, vov_ptr, voi_ptr,
+    k_ptr, v_ptr, p_ptr, k_sb, k_sh, k_st, v_sb, v_sh, v_st, pos_ptr, wk_ptr, wv_ptr, sk_ptr, sv_ptr, sslot_ptr,
+    i, b, h, H, cap, n_new, ring, slot, ok1, D: tl.constexpr, BITS: tl.constexpr, SV: tl.constexpr, NB: tl.constexpr,
+    NS: tl.constexpr, W: tl.constexpr, NW: tl.constexpr, N_SINK: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Head ``h``'s value codes and bounded outliers with the token's range, then what is kept exactly (position,
+    recent-window ring, sink: :func:`~.naive.write_exact`'s work). ``x`` ``[VR, D]``: the value rows, ``mine`` the
+    row of head ``h``."""
+    one = tl.arange(0, 1)
+    one_h = one
     z32 = zero.to(tl.float32)
     s32 = scale.to(tl.float32)
     xh = tl.sum(tl.where(mine[:, None], x, 0.0), 0)[None, :]  # [1, D] this head's values
@@ -217,8 +264,9 @@ def prepare(head_dim: int, device) -> None:
 @on_input_device
 def append_slots(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
     """Quantize and pack ``keys``/``values`` ``[B, H, T, D]`` into slots ``length .. length + T``: codes, ranges,
-    outliers, positions, the recent-window ring and the sink, in one launch of a program per (token, row, KV head).
-    The length is not advanced (the programs read it)."""
+    outliers, positions, the recent-window ring and the sink: one launch of a program per (token, row, KV head) for a
+    decode step, two for more tokens (the value ranges, then the rest). The length is not advanced (the programs
+    read it)."""
     b, h, n, d = keys.shape
     if n == 0:
         return
@@ -227,16 +275,24 @@ def append_slots(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, p
     kov, koi = (cache.key_outlier_values, cache.key_outlier_index) if sk else (cache.value_zero, cache.key_codes)
     vov, voi = (cache.value_outlier_values, cache.value_outlier_index) if sv else (cache.value_zero, cache.key_codes)
     ring = cache.window_keys.shape[2] if cache.recent_window else 0
-    _append_kernel[(n, b, h)](
+    hp = max(2, triton.next_power_of_2(h))
+    args = (
         keys, values, positions.to(torch.int32).contiguous(), *keys.stride()[:3], *values.stride()[:3],
         _channels(d, str(keys.device)), cache.key_zero, cache.key_scale, cache.key_bounds, cache.key_table,
         cache.value_bounds, cache.value_table,
         cache.key_codes, cache.value_codes, cache.value_zero, cache.value_scale, kov, koi, vov, voi, cache.length,
         cache.positions, cache.window_keys, cache.window_values, cache.sink_keys, cache.sink_values, cache.sink_slot,
         h, cache.capacity, n, max(ring, 1),
-        HP=max(2, triton.next_power_of_2(h)), D=d, BITS=cache.bits, SK=sk, SV=sv, N_SINK=cache.sink_slot.shape[1],
-        EXACT=ring > 0, num_warps=4 if h * d <= 4096 else 8,
     )
+    meta = dict(HP=hp, D=d, BITS=cache.bits, SK=sk, SV=sv, N_SINK=cache.sink_slot.shape[1], EXACT=ring > 0)
+    warps = 4 if h * d <= 4096 else 8
+    if n == 1:  # a decode step: one launch, each program finding the token's value range itself
+        _append_kernel[(n, b, h)](*args, **meta, PHASE=0, VR=hp, num_warps=warps)
+    else:
+        # many tokens (a prefill chunk): their value ranges first, a program per token, then the rest, each program
+        # reading only its own head (one launch per token would read every head once per head: H times the bytes)
+        _append_kernel[(n, b, 1)](*args, **meta, PHASE=1, VR=hp, num_warps=warps)
+        _append_kernel[(n, b, h)](*args, **meta, PHASE=2, VR=2, num_warps=4)
 
 
 def append_packed(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:

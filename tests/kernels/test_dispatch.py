@@ -161,3 +161,18 @@ def test_every_tensor_a_compiled_step_reads_has_a_fixed_address():
         assert len(tables) == 9 and buffers
         unmarked = [i for i, t in enumerate(tables + buffers) if getattr(t, "_dynamo_static_input_type", None) is None]
         assert unmarked == []
+
+
+@pytest.mark.parametrize("nq, nk, g", [(5, 9, 1), (16, 16, 2), (7, 13, 3), (1, 2, 1)])
+def test_square_causal_is_the_bottom_right_pattern(nq, nk, g):
+    """The GPU's chunk attention (queries padded at the front to a square, plain causal) is SDPA's bottom-right
+    causal pattern, also for GQA heads and batch > 1."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from transformers_kvquant.integration.kernel_dispatch import _square_causal
+
+    gen = torch.Generator().manual_seed(nq * 100 + nk)
+    q = torch.randn(2, 2 * g, nq, 16, generator=gen)
+    k, v = (torch.randn(2, 2 * g, nk, 16, generator=gen) for _ in range(2))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk), scale=0.3)
+    torch.testing.assert_close(_square_causal(q, k, v, 0.3), want, rtol=1e-5, atol=1e-6)

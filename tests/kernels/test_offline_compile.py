@@ -53,8 +53,11 @@ for g, d, n_sink, h, bits, s in other_cases:
     attempt(f"exact {g, d, n_sink}", decode._decode_exact_kernel,
             dict(G=g, GR=gr, D=d, N_SINK=n_sink, NSP=max(2, next_pow2(max(n_sink, 1))), BW=16, MASK_KIND=1, FAST=True), 4)
     attempt(f"combine {g, d}", decode._combine_kernel, dict(G=g, GR=gr, D=d, NP=16), 4)
-    attempt(f"append {h, d, bits, s}", append._append_kernel, dict(HP=max(2, next_pow2(h)), D=d, BITS=bits, SK=s, SV=s,
-            N_SINK=n_sink, EXACT=n_sink != 1), 4 if h * d <= 4096 else 8, APPEND_OVERRIDES)
+    for phase in (0, 1, 2):  # a decode step's one launch; a prefill chunk's two
+        hp = max(2, next_pow2(h))
+        attempt(f"append {h, d, bits, s, phase}", append._append_kernel, dict(HP=hp, D=d, BITS=bits, SK=s, SV=s,
+                N_SINK=n_sink, EXACT=n_sink != 1, PHASE=phase, VR=2 if phase == 2 else hp),
+                4 if h * d <= 4096 or phase == 2 else 8, APPEND_OVERRIDES)
     for keys in (True, False):
         attempt(f"dequant {d, bits, s, keys}", dequant._dequant_kernel, dict(W=d * bits // 32, D=d, S=s, BT=64, PER_CHANNEL=keys),
                 4, {"scale_ptr": "*fp32", "zero_ptr": "*fp32"} if keys else None)
@@ -74,4 +77,4 @@ def report():
 
 def test_every_variant_compiles_for_sm90(report):
     assert report["failures"] == []
-    assert report["compiled"] == len(DECODE) + len(OTHERS) * 5
+    assert report["compiled"] == len(DECODE) + len(OTHERS) * 7  # exact, combine, append x 3 phases, dequant x 2
