@@ -249,12 +249,23 @@ def stage_fidelity(model, tokenizer, args, log) -> dict:
 def stage_passkey(model, tokenizer, args, log) -> dict:
     from transformers_kvquant.evaluation.passkey import evaluate_passkey
 
-    methods = {
-        "fp": None,
-        "kvquant 3-bit 1%": {"bits": 3, "outlier_fraction": 0.01, "backend": args.backend},
-        "kvquant 2-bit 1%": {"bits": 2, "outlier_fraction": 0.01, "backend": args.backend},
-        "kvquant 2-bit": {"bits": 2, "outlier_fraction": 0.0, "backend": args.backend},
-    }
+    if args.passkey_methods == "presets":  # the long-context preset at the 3- and 2-bit budgets
+        methods = {
+            "fp": None,
+            "kvquant 3-bit 1% (long-context preset)": {"bits": 3, "outlier_fraction": 0.01, "preset": "long-context"},
+            "kvquant 2-bit 1% (long-context preset)": {"bits": 2, "outlier_fraction": 0.01, "preset": "long-context"},
+            "mixed <= 2.55 no outliers (long-context preset)": {"config": str(MIXED_CONFIGS / "mixed-2.55"), "preset": "long-context"},
+        }
+    else:
+        methods = {
+            "fp": None,
+            "kvquant 3-bit 1%": {"bits": 3, "outlier_fraction": 0.01},
+            "kvquant 2-bit 1%": {"bits": 2, "outlier_fraction": 0.01},
+            "kvquant 2-bit": {"bits": 2, "outlier_fraction": 0.0},
+        }
+    for m in methods.values():
+        if m is not None:
+            m["backend"] = args.backend
     res = evaluate_passkey(model, tokenizer, methods, samples=args.passkey_samples, progress=False)
     for name, acc in res.items():
         log(f"passkey {name:20s} " + " ".join(f"{k}:{v:.2f}" for k, v in acc.items()))
@@ -279,6 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--documents", type=int, default=8)
     parser.add_argument("--passkey-samples", type=int, default=20)
+    parser.add_argument("--passkey-methods", default="widths", choices=("widths", "presets"),
+                        help="passkey stage: the shipped configs by width, or the long-context preset at 3 and 2 bits")
     parser.add_argument("--backend", default="reference", choices=("reference", "auto", "triton"))
     parser.add_argument("--budget", type=float, default=0, help="seconds; skip stages that start after this (0: none)")
     args = parser.parse_args(argv)

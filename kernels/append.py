@@ -251,6 +251,9 @@ def _append_values_and_exact(
         tl.store(sslot_ptr + b * N_SINK + p_tok + one, slot.to(tl.int64) + 0 * one, mask=(h + one == 0) & (tl.max(take.to(tl.int32), 0) + one > 0))
 
 
+PREFILL_WARPS = 1  # warps of a prefill chunk's per-head programs (a [2, D] tile each; benchmarks/append_prefill.py)
+
+
 @functools.cache
 def _channels(head_dim: int, device: str) -> torch.Tensor:
     return torch.tensor(nibble_channels(head_dim, True), dtype=torch.int32, device=device)
@@ -292,7 +295,7 @@ def append_slots(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, p
         # many tokens (a prefill chunk): their value ranges first, a program per token, then the rest, each program
         # reading only its own head (one launch per token would read every head once per head: H times the bytes)
         _append_kernel[(n, b, 1)](*args, **meta, PHASE=1, VR=hp, num_warps=warps)
-        _append_kernel[(n, b, h)](*args, **meta, PHASE=2, VR=2, num_warps=4)
+        _append_kernel[(n, b, h)](*args, **meta, PHASE=2, VR=2, num_warps=PREFILL_WARPS)
 
 
 def append_packed(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:

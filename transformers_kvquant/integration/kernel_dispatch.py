@@ -133,30 +133,33 @@ def fused_attention(layer, module, query, attention_mask, ctx, inner, **kwargs):
     cos_k, sin_k = key_rotation(ctx.rotary, k, store.cache.positions[:, begin:end])
     k = apply_rope(k, cos_k, sin_k)
     if isinstance(attention_mask, torch.Tensor):
+        given = attention_mask
         attention_mask = attention_mask[..., begin:end] if store.static else attention_mask[..., : end - begin]
-        if window == 0 and _plain_causal(attention_mask):
+        if window == 0 and _plain_causal(attention_mask, given):
             # a chunk after a prefix without padding: the causal pattern aligned at the bottom right, which SDPA's
             # flash and efficient kernels take without materializing a mask
             return _causal_chunk(q, k, v, scaling), None
     return inner(module, q, k, v, attention_mask, **kwargs)
 
 
-_VERDICT: list = [None, None]  # (weak reference to the last mask checked, whether it was plain causal)
+_VERDICT: list = [None, None, None]  # (weak reference to the last mask given, its slice's shape, whether plain causal)
 
 
-def _plain_causal(mask: torch.Tensor) -> bool:
-    """Whether ``mask`` ``[B, 1, q, kv]`` is the bottom-right-aligned causal pattern in every row (checked once per
-    mask: every layer of a forward receives the same one)."""
+def _plain_causal(mask: torch.Tensor, given: torch.Tensor) -> bool:
+    """Whether ``mask`` ``[B, 1, q, kv]`` (a slice of ``given``, the mask the layer received) is the bottom-right-
+    aligned causal pattern in every row. Checked once per forward: every layer receives the same ``given`` and
+    slices it alike (each slice is a new view, so the verdict is kept for ``given``; checking every layer's slice
+    cost a 32K prefill of LLaMA-2-7B about 0.1 s on an H200)."""
     import weakref
 
     last = _VERDICT[0]() if _VERDICT[0] is not None else None
-    if last is mask:
-        return _VERDICT[1]
+    if last is given and _VERDICT[1] == (mask.shape, mask.storage_offset()):
+        return _VERDICT[2]
     q, kv = mask.shape[-2], mask.shape[-1]
     allowed = mask if mask.dtype == torch.bool else mask == 0
     expected = torch.ones(q, kv, dtype=torch.bool, device=mask.device).tril(kv - q)
     verdict = bool((allowed == expected).all())
-    _VERDICT[0], _VERDICT[1] = weakref.ref(mask), verdict
+    _VERDICT[0], _VERDICT[1], _VERDICT[2] = weakref.ref(given), (mask.shape, mask.storage_offset()), verdict
     return verdict
 
 
