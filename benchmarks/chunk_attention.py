@@ -22,19 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-
-def timed(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+from cuda_timing import median_ms
 
 
 def main():
@@ -58,9 +46,9 @@ def main():
 
         err = (padded() - ref).abs().max().item()
         row = {"queries": nq, "keys": nk,
-               "lower_right_ms": round(timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk))), 3),
-               "padded_ms": round(timed(padded), 3),
-               "full_causal_ms": round(timed(lambda: F.scaled_dot_product_attention(k, k, v, is_causal=True)), 3),
+               "lower_right_ms": round(median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk))), 3),
+               "padded_ms": round(median_ms(padded), 3),
+               "full_causal_ms": round(median_ms(lambda: F.scaled_dot_product_attention(k, k, v, is_causal=True)), 3),
                "max_abs_diff": err}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -495,9 +495,10 @@ def main() -> None:
             elif stage == "profile":
                 stage_profile(run, model, shape, contexts[0], 4, configs)
             elif stage == "ttft":
-                for tokens in (int(t) for t in args.ttft_tokens.split(",")):
+                prompts = [int(t) for t in args.ttft_tokens.split(",")]
+                for tokens in prompts:  # the first prompt length is the one profiled
                     stage_ttft(run, model, shape, tokens, [int(c) for c in args.chunk.split(",")], configs,
-                               args.profile_chunk if tokens == int(args.ttft_tokens.split(",")[0]) else 0)
+                               args.profile_chunk if tokens == prompts[0] else 0)
             elif stage == "throughput":
                 stage_throughput(run, model, shape, contexts[0], args.steps, configs)
             elif stage == "capacity":

@@ -120,7 +120,7 @@ def main() -> None:
             failures.append(f"exact G{g} D{d} sink{n_sink}: {str(e).splitlines()[-1][:200]}")
     for h, d, bits, s in itertools.product((3, 8, 32), (64, 128), (2, 3, 4), (0, 1, 2)):
         # phase 0: a decode step's one launch (what must stay cheap beside the decode attention)
-        const = dict(HP=max(2, next_pow2(h)), D=d, BITS=bits, SK=s, SV=s, N_SINK=1, EXACT=False, PHASE=0, VR=max(2, next_pow2(h)))
+        const = dict(D=d, BITS=bits, SK=s, SV=s, N_SINK=1, EXACT=False, PHASE=0, VR=max(2, next_pow2(h)))
         warps = 4 if h * d <= 4096 else 8
         try:
             k = compile_kernel(append._append_kernel, const, warps, APPEND_OVERRIDES)

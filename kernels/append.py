@@ -73,12 +73,13 @@ def _append_kernel(
     kc_ptr, vc_ptr, vz_ptr, vs_ptr, kov_ptr, koi_ptr, vov_ptr, voi_ptr, len_ptr,
     pos_ptr, wk_ptr, wv_ptr, sk_ptr, sv_ptr, sslot_ptr,
     H, cap, n_new, ring,
-    HP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
-    N_SINK: tl.constexpr, EXACT: tl.constexpr, PHASE: tl.constexpr, VR: tl.constexpr,
+    VR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+    N_SINK: tl.constexpr, EXACT: tl.constexpr, PHASE: tl.constexpr,
 ):
     # PHASE 0: everything in one launch (every program finds its token's value range over all heads). PHASE 1: only
     # the token's value range (a program per token and row). PHASE 2: the rest, the range read back from the cache,
-    # each program reading only its own head's values (VR rows: HP in phases 0/1, 2 in phase 2, the second unused).
+    # each program reading only its own head's values. VR value rows: the heads padded to a power of two in phases
+    # 0 and 1, 2 in phase 2 (its head and an unused row).
     i = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -91,12 +92,10 @@ def _append_kernel(
     pk = tl.arange(0, D)  # nibble-order position
 
     # ---------------------------------------------------------------- keys of head h
-    one_h = tl.arange(0, 1)
-    ok1 = (slot + 0 * one_h) < cap  # [1]
-    chk = tl.load(kchan_ptr + pk)  # the channel at each nibble position
+    ok1 = (slot + 0 * one) < cap  # [1]
     if PHASE != 1:
-        _append_keys(k_ptr, k_sb, k_sh, k_st, kz_ptr, ks_ptr, kb_ptr, ktab_ptr, kc_ptr, kov_ptr, koi_ptr,
-                     chk, i, b, h, H, cap, slot, ok1, D, BITS, SK, NB, NS, W, NW)
+        _append_keys(k_ptr, k_sb, k_sh, k_st, kchan_ptr, kz_ptr, ks_ptr, kb_ptr, ktab_ptr, kc_ptr, kov_ptr, koi_ptr,
+                     i, b, h, H, cap, slot, ok1, D, BITS, SK, NB, NS, W, NW)
 
     # ---------------------------------------------------------------- values: the token's range spans every head
     # (in phase 0 every program of the token finds it again: cheaper than a second launch for a decode step, and
@@ -159,11 +158,12 @@ def _append_kernel(
 
 
 @triton.jit
-def _append_keys(k_ptr, k_sb, k_sh, k_st, kz_ptr, ks_ptr, kb_ptr, ktab_ptr, kc_ptr, kov_ptr, koi_ptr,
-                 chk, i, b, h, H, cap, slot, ok1, D: tl.constexpr, BITS: tl.constexpr, SK: tl.constexpr,
+def _append_keys(k_ptr, k_sb, k_sh, k_st, kchan_ptr, kz_ptr, ks_ptr, kb_ptr, ktab_ptr, kc_ptr, kov_ptr, koi_ptr,
+                 i, b, h, H, cap, slot, ok1, D: tl.constexpr, BITS: tl.constexpr, SK: tl.constexpr,
                  NB: tl.constexpr, NS: tl.constexpr, W: tl.constexpr, NW: tl.constexpr):
     """Codes and bounded outliers of head ``h``'s key (calibrated per-channel ranges)."""
     one_h = tl.arange(0, 1)
+    chk = tl.load(kchan_ptr + tl.arange(0, D))  # the channel at each nibble position
     x = tl.load(k_ptr + b * k_sb + h * k_sh + i * k_st + chk[None, :]).to(tl.float32)  # [1, D]: the helpers' [heads, D]
     z = tl.load(kz_ptr + h * D + chk[None, :])
     s = tl.load(ks_ptr + h * D + chk[None, :])
@@ -198,7 +198,6 @@ def _append_values_and_exact(
     recent-window ring, sink: :func:`~.naive.write_exact`'s work). ``x`` ``[VR, D]``: the value rows, ``mine`` the
     row of head ``h``."""
     one = tl.arange(0, 1)
-    one_h = one
     z32 = zero.to(tl.float32)
     s32 = scale.to(tl.float32)
     xh = tl.sum(tl.where(mine[:, None], x, 0.0), 0)[None, :]  # [1, D] this head's values
@@ -206,9 +205,9 @@ def _append_values_and_exact(
     code = tl.zeros((1, D), tl.int32)
     for j in tl.static_range(NB):
         code += (xn > tl.load(vb_ptr + j)).to(tl.int32)
-    _store_words(vc_ptr, _pack_words(code, 1, NS, BITS), h + one_h, ok1, slot, ok1, H, cap, b, W, NW, BITS)
+    _store_words(vc_ptr, _pack_words(code, 1, NS, BITS), h + one, ok1, slot, ok1, H, cap, b, W, NW, BITS)
     approx = tl.load(vtab_ptr + code) * s32 + z32
-    high_h = tl.sum(tl.where(mine, high, 0), 0) + 0 * one_h
+    high_h = tl.sum(tl.where(mine, high, 0), 0) + 0 * one
     top_h = tl.sum(tl.where(mine[:, None], top_i, 0), 0)[None, :]  # [1, SVP]
     bot_h = tl.sum(tl.where(mine[:, None], bot_i, 0), 0)[None, :]
     for e in tl.static_range(SV):
@@ -217,7 +216,7 @@ def _append_values_and_exact(
         bi = tl.sum(tl.where(col[None, :] == (e - high_h)[:, None], bot_h, 0), 1)
         pos = tl.where(from_top, ti, bi)
         res = _pick(xh, pos, pk) - _pick(approx, pos, pk)
-        o = ((b * H + h + one_h) * SV + e).to(tl.int64) * cap + slot
+        o = ((b * H + h + one) * SV + e).to(tl.int64) * cap + slot
         tl.store(vov_ptr + o, res.to(vov_ptr.dtype.element_ty), mask=ok1)
         tl.store(voi_ptr + o, pos.to(tl.uint8), mask=ok1)
 
@@ -278,7 +277,7 @@ def append_slots(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, p
     kov, koi = (cache.key_outlier_values, cache.key_outlier_index) if sk else (cache.value_zero, cache.key_codes)
     vov, voi = (cache.value_outlier_values, cache.value_outlier_index) if sv else (cache.value_zero, cache.key_codes)
     ring = cache.window_keys.shape[2] if cache.recent_window else 0
-    hp = max(2, triton.next_power_of_2(h))
+    rows = max(2, triton.next_power_of_2(h))  # every head's value row, padded to a power of two
     args = (
         keys, values, positions.to(torch.int32).contiguous(), *keys.stride()[:3], *values.stride()[:3],
         _channels(d, str(keys.device)), cache.key_zero, cache.key_scale, cache.key_bounds, cache.key_table,
@@ -287,14 +286,14 @@ def append_slots(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, p
         cache.positions, cache.window_keys, cache.window_values, cache.sink_keys, cache.sink_values, cache.sink_slot,
         h, cache.capacity, n, max(ring, 1),
     )
-    meta = dict(HP=hp, D=d, BITS=cache.bits, SK=sk, SV=sv, N_SINK=cache.sink_slot.shape[1], EXACT=ring > 0)
+    meta = dict(D=d, BITS=cache.bits, SK=sk, SV=sv, N_SINK=cache.sink_slot.shape[1], EXACT=ring > 0)
     warps = 4 if h * d <= 4096 else 8
     if n == 1:  # a decode step: one launch, each program finding the token's value range itself
-        _append_kernel[(n, b, h)](*args, **meta, PHASE=0, VR=hp, num_warps=warps)
+        _append_kernel[(n, b, h)](*args, **meta, PHASE=0, VR=rows, num_warps=warps)
     else:
         # many tokens (a prefill chunk): their value ranges first, a program per token, then the rest, each program
         # reading only its own head (one launch per token would read every head once per head: H times the bytes)
-        _append_kernel[(n, b, 1)](*args, **meta, PHASE=1, VR=hp, num_warps=warps)
+        _append_kernel[(n, b, 1)](*args, **meta, PHASE=1, VR=rows, num_warps=warps)
         _append_kernel[(n, b, h)](*args, **meta, PHASE=2, VR=2, num_warps=PREFILL_WARPS)
 
 

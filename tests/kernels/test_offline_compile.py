@@ -54,9 +54,8 @@ for g, d, n_sink, h, bits, s in other_cases:
             dict(G=g, GR=gr, D=d, N_SINK=n_sink, NSP=max(2, next_pow2(max(n_sink, 1))), BW=16, MASK_KIND=1, FAST=True), 4)
     attempt(f"combine {g, d}", decode._combine_kernel, dict(G=g, GR=gr, D=d, NP=16), 4)
     for phase in (0, 1, 2):  # a decode step's one launch; a prefill chunk's two
-        hp = max(2, next_pow2(h))
-        attempt(f"append {h, d, bits, s, phase}", append._append_kernel, dict(HP=hp, D=d, BITS=bits, SK=s, SV=s,
-                N_SINK=n_sink, EXACT=n_sink != 1, PHASE=phase, VR=2 if phase == 2 else hp),
+        attempt(f"append {h, d, bits, s, phase}", append._append_kernel, dict(D=d, BITS=bits, SK=s, SV=s,
+                N_SINK=n_sink, EXACT=n_sink != 1, PHASE=phase, VR=2 if phase == 2 else max(2, next_pow2(h))),
                 4 if h * d <= 4096 or phase == 2 else 8, APPEND_OVERRIDES)
     for keys in (True, False):
         attempt(f"dequant {d, bits, s, keys}", dequant._dequant_kernel, dict(W=d * bits // 32, D=d, S=s, BT=64, PER_CHANNEL=keys),
