@@ -192,7 +192,8 @@ class KVQuantSlidingWindowLayer(KVQuantLayer):
         self.sliding_window = sliding_window
         self.record_past = False
 
-    def activate_past_recording(self):
+    def activate_past_recording(self, **kwargs):
+        # transformers 5.25 passes recurrent_states_to_keep (for linear-attention layers; nothing to keep here)
         self.record_past = True
 
     def _before_append(self) -> None:
