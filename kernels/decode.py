@@ -141,7 +141,11 @@ def _decode_packed_kernel(
             # L2 requests L2PF blocks ahead: with two programs per SM the register prefetch alone keeps too few
             # bytes in flight to cover HBM latency; these hold no registers and are never waited for
             tp = tl.minimum(t0 + L2PF * BN, last)
-            prefetch_words(kc_row, cap, tp, BITS, BN, NS, USE_ASM)
+            # past the split's last key block, the value pass's first blocks (it starts with them in the L2)
+            ahead = t0 + L2PF * BN
+            keys_ahead = ahead < hi
+            prefetch_words(tl.where(keys_ahead, kc_row, vc_row), cap, tl.where(keys_ahead, tp, tl.minimum(lo + ahead - hi, last)),
+                           BITS, BN, NS, USE_ASM)
             l2_prefetch(pos_ptr + b * cap + tp + LN, USE_ASM)
             if S > 0:
                 es = tl.minimum(tl.arange(0, SP), S - 1)
@@ -229,8 +233,6 @@ def _decode_packed_kernel(
     sc_next = tl.load(sbase + n[:, None] * GR + gr[None, :], mask=(lo + n < hi)[:, None], other=float("-inf"))
     vs_next = tl.load(vs_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
     vz_next = tl.load(vz_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
-    for i in tl.static_range(2, L2PF):
-        prefetch_words(vc_row, cap, tl.minimum(lo + i * BN, last), BITS, BN, NS, USE_ASM)
     e3 = tl.arange(0, SP)[None, :, None]
     g3 = gr[None, None, :]
     if S > 0:
