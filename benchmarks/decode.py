@@ -155,7 +155,8 @@ def splits_sweep(spec: str, counts: list[int], timer) -> list[dict]:
 
 def append_cost(hq, hkv, d, batch, context, fmt, timer):
     """(append µs, decode µs) of one new token per row into a cache of ``context`` tokens."""
-    from transformers_kvquant.kernels.append import append_packed
+    from transformers_kvquant.kernels import append as append_module
+    from transformers_kvquant.kernels.append import append_slots
     from transformers_kvquant.kernels.decode import decode_attention
     from transformers_kvquant.kernels.layout import kernel_constants, outlier_slots
     from transformers_kvquant.kernels.rope import rope_inv_freq
@@ -171,14 +172,22 @@ def append_cost(hq, hkv, d, batch, context, fmt, timer):
     pos = torch.full((batch, 1), context, device="cuda", dtype=torch.int32)
 
     def append():
-        append_packed(cache, k, v, pos)
-        cache.length.sub_(1)  # stay at the same length: every replay appends the same slot
+        append_slots(cache, k, v, pos)  # does not advance the length: every replay writes the same slot
 
-    append_us = timer(append)
+    # a decode step's append is this launch and the device length's advance (one tensor op), timed apart
+    by_warps = {}
+    for w in (1, 2, 4, 8):
+        append_module.STEP_WARPS = w
+        by_warps[w] = round(timer(append), 2)
+    append_module.STEP_WARPS = 0
+    slots_us = timer(append)
+    advance_us = timer(lambda: cache.length.add_(1))
+    cache.length.fill_(context)
+    append_us = slots_us + advance_us
     consts = kernel_constants(cache, rope_inv_freq(d).cuda(), block_size(bits))
     q = torch.randn(batch, hq, d, device="cuda") * 0.1
     decode_us = timer(lambda: decode_attention(q, cache, consts))
-    return append_us, decode_us
+    return append_us, decode_us, by_warps, advance_us
 
 
 def main() -> None:
@@ -223,9 +232,10 @@ def main() -> None:
         hq, hkv, d = SHAPES[shape]
         for batch in (int(b) for b in args.batches.split(",")):
             if time.time() - start < args.budget:
-                us_a, us_d = append_cost(hq, hkv, d, batch, 32768, "nuq3-1%", timer)
+                us_a, us_d, by_warps, adv = append_cost(hq, hkv, d, batch, 32768, "nuq3-1%", timer)
                 row = {"shape": shape, "batch": batch, "context": 32768, "format": "nuq3-1%", "append_us": round(us_a, 2),
-                       "decode_us": round(us_d, 2), "append_fraction": round(us_a / us_d, 3)}
+                       "decode_us": round(us_d, 2), "append_fraction": round(us_a / us_d, 3),
+                       "append_launch_us_by_warps": by_warps, "length_advance_us": round(adv, 2)}
                 appends.append(row)
                 log.write(json.dumps({"append": row}) + "\n")
                 log.flush()

@@ -234,11 +234,17 @@ def stage_fidelity(model, tokenizer, args, log) -> dict:
 
     text = load_text(args.c4, parse_documents("150:"))
     docs = documents_from_text(tokenizer, text, args.context, args.documents)
-    methods = default_methods(model)
+    if args.fidelity_methods == "presets":  # the long-context preset at every width (the shipped defaults)
+        from transformers_kvquant.evaluation.fidelity import CacheMethod
+
+        methods = [CacheMethod(f"kvquant {b}-bit 1% (long-context preset)", {"bits": b, "outlier_fraction": 0.01, "preset": "long-context"})
+                   for b in (4, 3, 2)]
+    else:
+        methods = default_methods(model)
     for m in methods:
         if hasattr(m, "cache_config"):
             m.cache_config["backend"] = args.backend
-    res = evaluate_fidelity(model, docs, methods, chunk=512, bucket=1024, progress=False)
+    res = evaluate_fidelity(model, docs, methods, chunk=512, bucket=1024, progress=True)
     res["dataset"] = "C4 sample, documents 150 on, concatenated"
     res["backend"] = args.backend
     for name, m in res["methods"].items():
@@ -292,6 +298,8 @@ def main(argv=None) -> int:
     parser.add_argument("--passkey-samples", type=int, default=20)
     parser.add_argument("--passkey-methods", default="widths", choices=("widths", "presets"),
                         help="passkey stage: the shipped configs by width, or the long-context preset at 3 and 2 bits")
+    parser.add_argument("--fidelity-methods", default="widths", choices=("widths", "presets"),
+                        help="fidelity stage: the widths with and without outliers and the baselines, or the long-context preset at 4, 3 and 2 bits")
     parser.add_argument("--backend", default="reference", choices=("reference", "auto", "triton"))
     parser.add_argument("--budget", type=float, default=0, help="seconds; skip stages that start after this (0: none)")
     args = parser.parse_args(argv)

@@ -251,6 +251,12 @@ def _append_values_and_exact(
 
 
 PREFILL_WARPS = 1  # warps of a prefill chunk's per-head programs (a [2, D] tile each; benchmarks/append_prefill.py)
+STEP_WARPS = 0  # warps of a decode step's programs; 0: by the size of the value tile (step_warps)
+
+
+def step_warps(heads: int, head_dim: int) -> int:
+    """Warps of a decode step's one launch: each program holds every head's values ``[heads, head_dim]``."""
+    return STEP_WARPS or (4 if heads * head_dim <= 4096 else 8)
 
 
 @functools.cache
@@ -289,7 +295,7 @@ def append_slots(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, p
     meta = dict(D=d, BITS=cache.bits, SK=sk, SV=sv, N_SINK=cache.sink_slot.shape[1], EXACT=ring > 0)
     warps = 4 if h * d <= 4096 else 8
     if n == 1:  # a decode step: one launch, each program finding the token's value range itself
-        _append_kernel[(n, b, h)](*args, **meta, PHASE=0, VR=rows, num_warps=warps)
+        _append_kernel[(n, b, h)](*args, **meta, PHASE=0, VR=rows, num_warps=step_warps(h, d))
     else:
         # many tokens (a prefill chunk): their value ranges first, a program per token, then the rest, each program
         # reading only its own head (one launch per token would read every head once per head: H times the bytes)
