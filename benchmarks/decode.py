@@ -202,12 +202,7 @@ def main() -> None:
     ap.add_argument("--sweep", default="", help="split-count sweep first: shape:batch:context:format,... (e.g. MHA:1:131072:nuq3-1%%)")
     ap.add_argument("--append-only", action="store_true", help="the append rows only (no decode grid)")
     ap.add_argument("--sweep-splits", default="1,2,4,8,12,16,17,24,32,33,48,66,132")
-    ap.add_argument("--l2-prefetch", type=int, default=None, help="the kernel's L2 prefetch distance in blocks (default: the launcher's)")
     args = ap.parse_args()
-    if args.l2_prefetch is not None:
-        from transformers_kvquant.kernels import decode as kernel
-
-        kernel.L2_PREFETCH = args.l2_prefetch
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     timer = Timer(args.reps)
@@ -215,9 +210,6 @@ def main() -> None:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": round(copy, 1)}
     import triton
 
-    from transformers_kvquant.kernels import decode as kernel
-
-    env["l2_prefetch"] = kernel.L2_PREFETCH
     env["triton"] = triton.__version__
     print(json.dumps(env), flush=True)
     log = (args.out / "decode.jsonl").open("a")

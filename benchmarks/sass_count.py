@@ -78,7 +78,7 @@ def decode_variant(bits, s, g, d, block_n=64, warps=None):
     row = {"kernel": "decode", "bits": bits, "outliers": s, "groups": g, "head_dim": d, "block_n": block_n, "warps": warps}
     for suffix, slow in (("_static", True), ("", False)):
         const = dict(G=g, GR=gr, D=d, BITS=bits, S=s, SP=max(1, next_pow2(s)), N_SINK=1, BN=block_n, MASK_KIND=1,
-                     USE_ASM=True, FAST=True, SLOW_PATH=slow, L2PF=decode.L2_PREFETCH)
+                     USE_ASM=True, FAST=True, SLOW_PATH=slow)
         k = compile_kernel(decode._decode_packed_kernel, const, warps)
         sass, res = sass_of(k)
         instrs, bodies = loops(sass)
@@ -121,7 +121,7 @@ def main() -> None:
     for h, d, bits, s in itertools.product((3, 8, 32), (64, 128), (2, 3, 4), (0, 1, 2)):
         # phase 0: a decode step's one launch (what must stay cheap beside the decode attention)
         const = dict(D=d, BITS=bits, SK=s, SV=s, N_SINK=1, EXACT=False, PHASE=0, VR=max(2, next_pow2(h)))
-        warps = 4 if h * d <= 4096 else 8
+        warps = append.step_warps(h, d)
         try:
             k = compile_kernel(append._append_kernel, const, warps, APPEND_OVERRIDES)
             sass, res = sass_of(k)

@@ -255,8 +255,10 @@ STEP_WARPS = 0  # warps of a decode step's programs; 0: by the size of the value
 
 
 def step_warps(heads: int, head_dim: int) -> int:
-    """Warps of a decode step's one launch: each program holds every head's values ``[heads, head_dim]``."""
-    return STEP_WARPS or (4 if heads * head_dim <= 4096 else 8)
+    """Warps of a decode step's one launch: each program holds every head's values ``[heads, head_dim]``. Measured
+    on an H200 (docs/kernels.md, µs of the launch at 1/2/4/8 warps): 32 x 128 35.5/16.2/13.9/12.2, 8 x 128
+    10.7/10.9/10.2/9.9, SmolLM2's 3 x 64 7.5/7.7/7.5/8.2."""
+    return STEP_WARPS or (8 if heads * head_dim >= 1024 else 4)
 
 
 @functools.cache

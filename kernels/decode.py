@@ -26,11 +26,9 @@ import triton.language as tl
 from .layout import KernelConstants, PackedCache, on_input_device
 from .triton_common import (
     interpreting,
-    l2_prefetch,
     lane_tables,
     load_words,
     lookup,
-    prefetch_words,
     pad16,
     selectors,
     sincos,
@@ -47,7 +45,7 @@ def _decode_packed_kernel(
     H, cap, m_sb, max_split_blocks, n_splits, n_window, window,
     G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, N_SINK: tl.constexpr,
     BN: tl.constexpr, MASK_KIND: tl.constexpr, USE_ASM: tl.constexpr, FAST: tl.constexpr, SLOW_PATH: tl.constexpr = True,
-    PF: tl.constexpr = 1, L2PF: tl.constexpr = 0,
+    PF: tl.constexpr = 1,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -105,9 +103,6 @@ def _decode_packed_kernel(
     kw_next = load_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
     kw_next2 = load_words(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, NS)  # PF = 2: two blocks in flight
     pos_next = tl.load(pos_ptr + b * cap + lo + n, mask=lo + n < hi, other=0)
-    LN = tl.arange(0, max(1, BN // 32)) * 32  # one 128-byte line per 32 words of a slot-major row
-    for i in tl.static_range(2, L2PF):  # the blocks the loop's own L2 requests (L2PF blocks ahead) do not cover
-        prefetch_words(kc_row, cap, tl.minimum(lo + i * BN, last), BITS, BN, NS, USE_ASM)
     ee = tl.arange(0, SP)[None, :]
     if S > 0:
         koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0)
@@ -137,22 +132,6 @@ def _decode_packed_kernel(
         if MASK_KIND != 0:
             mk = mk_next
             mk_next = tl.load(mask_ptr + b * m_sb + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
-        if L2PF > 0:
-            # L2 requests L2PF blocks ahead: with two programs per SM the register prefetch alone keeps too few
-            # bytes in flight to cover HBM latency; these hold no registers and are never waited for
-            tp = tl.minimum(t0 + L2PF * BN, last)
-            # past the split's last key block, the value pass's first blocks (it starts with them in the L2)
-            ahead = t0 + L2PF * BN
-            keys_ahead = ahead < hi
-            prefetch_words(tl.where(keys_ahead, kc_row, vc_row), cap, tl.where(keys_ahead, tp, tl.minimum(lo + ahead - hi, last)),
-                           BITS, BN, NS, USE_ASM)
-            l2_prefetch(pos_ptr + b * cap + tp + LN, USE_ASM)
-            if S > 0:
-                es = tl.minimum(tl.arange(0, SP), S - 1)
-                l2_prefetch(kov_ptr + (bh * S + es) * cap + tp, USE_ASM)
-                l2_prefetch(koi_ptr + (bh * S + es) * cap + tp, USE_ASM)
-            if MASK_KIND != 0:
-                l2_prefetch(mask_ptr + b * m_sb + tl.minimum(t0 + L2PF * BN + LN, hi - 1), USE_ASM)
         base = base_next
         t_last_next = tl.minimum(t0 + 2 * BN, hi) - 1
         base_next = tl.load(pos_ptr + b * cap + t_last_next) - (t_last_next - (t0 + BN))
@@ -245,15 +224,6 @@ def _decode_packed_kernel(
             vw_next2 = load_words(vc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
         else:
             vw_next = load_words(vc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
-        if L2PF > 0:
-            tp = tl.minimum(t0 + L2PF * BN, last)
-            prefetch_words(vc_row, cap, tp, BITS, BN, NS, USE_ASM)
-            l2_prefetch(vs_ptr + b * cap + tp + LN, USE_ASM)
-            l2_prefetch(vz_ptr + b * cap + tp + LN, USE_ASM)
-            if S > 0:
-                es = tl.minimum(tl.arange(0, SP), S - 1)
-                l2_prefetch(vov_ptr + (bh * S + es) * cap + tp, USE_ASM)
-                l2_prefetch(voi_ptr + (bh * S + es) * cap + tp, USE_ASM)
         tn = t0 + n + BN  # the next block's slots
         sc = sc_next
         vsc = vs_next.to(tl.float32)
@@ -406,8 +376,6 @@ def _device_limits(index: int) -> tuple[int, int, int, int]:
             getattr(p, "shared_memory_per_multiprocessor", 228 * 1024), getattr(p, "max_threads_per_multi_processor", 2048))
 
 
-# L2 requests this many blocks ahead of the loops' loads (0: none); to be set by measurement on an H200 (benchmarks/call_k.sh)
-L2_PREFETCH = 0
 _RESIDENT: dict[tuple, int] = {}  # compiled variant -> programs that fit on one SM at once
 
 
@@ -449,7 +417,7 @@ def default_splits(cache: PackedCache, block_n: int, resident: int = 4) -> int:
 @on_input_device
 def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, *, mask: torch.Tensor | None = None,
                      sliding_window: int = 0, n_splits: int | None = None, num_warps: int | None = None,
-                     prefetch: int = 1, maxnreg: int | None = None, l2_prefetch: int | None = None) -> torch.Tensor:
+                     prefetch: int = 1, maxnreg: int | None = None) -> torch.Tensor:
     """Attention of one query per row over ``cache``.
 
     ``q_rot``: fp32 ``[B, Hq, D]``, RoPE'd at the query position and scaled by ``softmax_scale * log2(e)`` (and the
@@ -468,8 +436,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     use_asm = not interpreting()
     s = cache.key_outlier_index.shape[2]
     warps = num_warps or default_warps(cache.bits)
-    l2pf = L2_PREFETCH if l2_prefetch is None else l2_prefetch
-    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch, maxnreg, l2pf)
+    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch, maxnreg)
     splits = n_splits or default_splits(cache, bn, _RESIDENT.get(variant, 2))
     max_split_blocks = triton.cdiv(cap // bn, splits)
     parts = b * h * (splits + 1) * gr
@@ -499,7 +466,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
         G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
-        PF=prefetch, L2PF=l2pf, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PF=prefetch, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if variant not in _RESIDENT and dev.type == "cuda" and getattr(compiled, "n_regs", None):
         # the first launch of a variant uses 2 programs per SM; later ones how many its registers and shared

@@ -139,28 +139,6 @@ def load_words(c_ptr, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, NS: tl.cons
 
 
 @triton.jit
-def l2_prefetch(ptrs, USE_ASM: tl.constexpr):
-    """Ask the L2 for the 128-byte lines at ``ptrs`` without waiting and without holding registers for the data:
-    blocks a latency-bound loop will read later are already on their way from HBM (a hint; none in the
-    interpreter). Every pointer must lie inside its buffer."""
-    if USE_ASM:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_words(c_ptr, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, USE_ASM: tl.constexpr):
-    """:func:`l2_prefetch` of the code words :func:`load_words` reads for slots ``t0 .. t0 + BN``: every word row
-    of the block, one request per 128-byte line."""
-    W: tl.constexpr = NS * BITS // 4
-    WP: tl.constexpr = NS if BITS == 3 else W  # 12 or 6 word rows at 3 bits, padded to a power of two
-    LINES: tl.constexpr = max(1, BN // 32)
-    wi = tl.minimum(tl.arange(0, WP), W - 1)
-    li = tl.arange(0, LINES) * 32
-    l2_prefetch(c_ptr + wi[:, None] * cap + t0 + li[None, :], USE_ASM)
-
-
-@triton.jit
 def selectors(words, BITS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr):
     """Selector pairs ``[BN, NS, 2]`` (word, word >> 16) whose nibbles are the codes (see the layout)."""
     wa, wb, wc = words

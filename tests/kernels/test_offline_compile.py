@@ -14,16 +14,15 @@ import sys
 
 import pytest
 
-# (bits, outliers per token and head, query heads per KV head, head_dim, mask kind, code-word blocks in flight,
-# L2 prefetch distance: None for the launcher's default)
+# (bits, outliers per token and head, query heads per KV head, head_dim, mask kind, code-word blocks in flight)
 DECODE = [
-    (3, 1, 1, 128, 0, 1, None),  # MHA, 1%
-    (3, 2, 4, 128, 1, 1, None),  # GQA with a bool mask (a compiled static cache)
-    (2, 0, 8, 128, 2, 1, None),  # additive mask
-    (4, 2, 1, 128, 1, 1, None),
-    (4, 0, 3, 64, 0, 1, None),  # SmolLM2's geometry
-    (3, 1, 3, 64, 1, 2, 0),  # two blocks in flight, no L2 prefetch
-    (2, 3, 2, 64, 0, 2, 8),
+    (3, 1, 1, 128, 0, 1),  # MHA, 1%
+    (3, 2, 4, 128, 1, 1),  # GQA with a bool mask (a compiled static cache)
+    (2, 0, 8, 128, 2, 1),  # additive mask
+    (4, 2, 1, 128, 1, 1),
+    (4, 0, 3, 64, 0, 1),  # SmolLM2's geometry
+    (3, 1, 3, 64, 1, 2),  # two blocks in flight
+    (2, 3, 2, 64, 0, 2),
 ]
 OTHERS = [(1, 128, 1, 32, 3, 2), (4, 128, 0, 3, 4, 1), (3, 64, 4, 8, 2, 0)]  # (G, D, sink, heads, bits, outliers)
 
@@ -44,11 +43,10 @@ def attempt(name, fn, const, warps, over=None):
     except Exception as e:
         failures.append(f"{name}: {str(e).strip().splitlines()[-1][:300]}")
 
-for bits, s, g, d, mask_kind, pf, l2pf in decode_cases:
+for bits, s, g, d, mask_kind, pf in decode_cases:
     const = dict(G=g, GR=max(2, next_pow2(g)), D=d, BITS=bits, S=s, SP=max(1, next_pow2(s)), N_SINK=1,
-                 BN=block_size(bits), MASK_KIND=mask_kind, USE_ASM=True, FAST=True, PF=pf,
-                 L2PF=decode.L2_PREFETCH if l2pf is None else l2pf)
-    attempt(f"decode {bits, s, g, d, mask_kind, pf, l2pf}", decode._decode_packed_kernel, const, decode.default_warps(bits),
+                 BN=block_size(bits), MASK_KIND=mask_kind, USE_ASM=True, FAST=True, PF=pf)
+    attempt(f"decode {bits, s, g, d, mask_kind, pf}", decode._decode_packed_kernel, const, decode.default_warps(bits),
             {"mask_ptr": "*fp32"} if mask_kind == 2 else None)
 for g, d, n_sink, h, bits, s in other_cases:
     gr = max(2, next_pow2(g))
@@ -58,7 +56,7 @@ for g, d, n_sink, h, bits, s in other_cases:
     for phase in (0, 1, 2):  # a decode step's one launch; a prefill chunk's two
         attempt(f"append {h, d, bits, s, phase}", append._append_kernel, dict(D=d, BITS=bits, SK=s, SV=s,
                 N_SINK=n_sink, EXACT=n_sink != 1, PHASE=phase, VR=2 if phase == 2 else max(2, next_pow2(h))),
-                4 if h * d <= 4096 or phase == 2 else 8, APPEND_OVERRIDES)
+                append.step_warps(h, d) if phase == 0 else (4 if h * d <= 4096 or phase == 2 else 8), APPEND_OVERRIDES)
     for keys in (True, False):
         attempt(f"dequant {d, bits, s, keys}", dequant._dequant_kernel, dict(W=d * bits // 32, D=d, S=s, BT=64, PER_CHANNEL=keys),
                 4, {"scale_ptr": "*fp32", "zero_ptr": "*fp32"} if keys else None)
