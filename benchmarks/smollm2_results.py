@@ -244,7 +244,7 @@ def stage_fidelity(model, tokenizer, args, log) -> dict:
     for m in methods:
         if hasattr(m, "cache_config"):
             m.cache_config["backend"] = args.backend
-    res = evaluate_fidelity(model, docs, methods, chunk=512, bucket=1024, progress=True)
+    res = evaluate_fidelity(model, docs, methods, chunk=args.fidelity_chunk, bucket=1024, progress=True)
     res["dataset"] = "C4 sample, documents 150 on, concatenated"
     res["backend"] = args.backend
     for name, m in res["methods"].items():
@@ -300,6 +300,8 @@ def main(argv=None) -> int:
                         help="passkey stage: the shipped configs by width, or the long-context preset at 3 and 2 bits")
     parser.add_argument("--fidelity-methods", default="widths", choices=("widths", "presets"),
                         help="fidelity stage: the widths with and without outliers and the baselines, or the long-context preset at 4, 3 and 2 bits")
+    parser.add_argument("--fidelity-chunk", type=int, default=512,
+                        help="fidelity stage: tokens fed per forward (a chunk is appended, then attended)")
     parser.add_argument("--backend", default="reference", choices=("reference", "auto", "triton"))
     parser.add_argument("--budget", type=float, default=0, help="seconds; skip stages that start after this (0: none)")
     args = parser.parse_args(argv)
