@@ -529,7 +529,47 @@ def block_section(folder: Path) -> list[str]:
               "cheaply and for values too (exact-window section). (The `open block exact` rows' bits include the block "
               "ranges they do not store.) Block ranges would cost 0.25 bits per key element, a key pass that reads ranges "
               "per block and an append that re-quantizes a block when it completes, for 0-2%: not built into the cache. "
-              "Per-head codebooks were not tried.", BLOCK_MARKS[1]]
+              "Per-head codebooks: their own section below.", BLOCK_MARKS[1]]
+    return lines
+
+
+HEAD_MARKS = ("<!-- head codebooks: begin -->", "<!-- head codebooks: end -->")
+
+
+def head_codebook_section(folder: Path) -> list[str]:
+    """Per-head key codebooks against one per layer (``benchmarks/head_codebooks.py``)."""
+    run = json.loads((folder / "head_codebooks.json").read_text())
+    data: dict = {}
+    for label, per in run["rows"].items():
+        for name, r in per.items():
+            data.setdefault(name, []).append({"label": label, "ppl": r["ppl"], "avg_bits": r["bits"]})
+    a = run["args"]
+    lines = [HEAD_MARKS[0], "## Per-head key codebooks (issue lever 2: measured, dropped)", "",
+             "The shipped 1% configs with the long-context preset, three times, differing only in the key codebook: the "
+             f"shipped one (one per layer, 16 calibration windows); one per layer refitted on {a['calibration_windows']} "
+             "calibration windows (the control); one per KV head fitted on the same windows (Fisher-weighted k-means "
+             "of the keys normalized by the shipped per-channel ranges). Ranges, values, outliers and the sink are the "
+             "shipped ones, so the stored bytes are the same (bits as the harness counts them at 2,048 tokens, the "
+             "window's ring included).", "",
+             f"Reproduce: `python benchmarks/head_codebooks.py --windows {a['windows']} --calibration-windows "
+             f"{a['calibration_windows']}` (writes `{folder}`), then `python benchmarks/make_results_doc.py "
+             f"--head-codebooks {folder}`. CPU, {a['windows']} windows per dataset, {run['seconds']:.0f} s.", ""]
+    lines += _ppl_table(data, bits="once")
+    by = {name: {r["label"]: r["ppl"] for r in rows} for name, rows in data.items()}
+    diffs = []
+    for bits in (4, 3):
+        for name in ("wikitext2", "c4"):
+            r = by.get(name, {})
+            head, layer, shipped = (r.get(f"{k} nuq{bits}-1%") for k in ("per-head", "per-layer refit", "shipped"))
+            if head and layer and shipped:
+                diffs.append(f"{bits}-bit {name}: per head {100 * (head / layer - 1):+.2f}% against the refitted "
+                             f"per-layer book, which is itself {100 * (layer / shipped - 1):+.2f}% against the shipped one")
+    lines += ["", "Perplexity changes: " + "; ".join(diffs) + ".", "",
+              "Per-head codebooks do not help consistently. Against a per-layer codebook fitted on the same windows "
+              "they change perplexity by a few tenths of a percent either way. Refitting the per-layer codebook on "
+              "other calibration windows moves it by as much, so the differences are within the calibration's own "
+              "variation. A codebook per head would also need a table per head in the config format, the kernels and "
+              "the append. Not built.", HEAD_MARKS[1]]
     return lines
 
 
@@ -605,6 +645,7 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", default=None, help="a --rows presets run: (re)write its section of results.md only")
     parser.add_argument("--block", default=None, help="block_key_ranges.py results: (re)write its section of results.md only")
     parser.add_argument("--long-context", default=None, help="a --rows long-context run: (re)write its section of results.md only")
+    parser.add_argument("--head-codebooks", default=None, help="head_codebooks.py results: (re)write its section of results.md only")
     parser.add_argument("--fidelity-presets", default=None,
                         help="a --stages fidelity --fidelity-methods presets run: (re)write its section of fidelity.md only")
     args = parser.parse_args(argv)
@@ -620,7 +661,7 @@ def main(argv=None) -> int:
             text = text.rstrip("\n") + "\n\n" + section + "\n"
         path.write_text(text)
         return 0
-    if args.outliers or args.windows or args.mixed or args.presets or args.block or args.long_context:
+    if args.outliers or args.windows or args.mixed or args.presets or args.block or args.long_context or args.head_codebooks:
         path = docs / "results.md"
         text = path.read_text()
         for folder, make, (begin, end) in ((args.outliers, outlier_section, (MARK_BEGIN, MARK_END)),
@@ -628,7 +669,8 @@ def main(argv=None) -> int:
                                            (args.mixed, mixed_section, MIXED_MARKS),
                                            (args.presets, preset_section, PRESET_MARKS),
                                            (args.block, block_section, BLOCK_MARKS),
-                                           (args.long_context, long_context_section, LONG_MARKS)):
+                                           (args.long_context, long_context_section, LONG_MARKS),
+                                           (args.head_codebooks, head_codebook_section, HEAD_MARKS)):
             if folder is None:
                 continue
             section = "\n".join(make(Path(folder)))
