@@ -7,7 +7,7 @@ set -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt"
 T0=$(date +%s)
-( timeout ${TOTAL:-575} python3 benchmarks/e2e.py --out "$OUT" --shapes LLaMA-2-7B --stages ttft --ttft-once \
-    --ttft-tokens ${TOKENS:-262144,524288} --chunk ${CHUNKS:-32768} --skip fp16-dynamic:ttft \
+( PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${TOTAL:-575} python3 benchmarks/e2e.py --out "$OUT" --shapes LLaMA-2-7B --stages ttft --ttft-once \
+    --ttft-tokens ${TOKENS:-524288} --chunk ${CHUNKS:-32768} --skip fp16-dynamic:ttft \
     --budget $(( ${TOTAL:-575} - 15 )) 2>&1 | grep -v -i "warn\|perf_hints\|USDT"
   echo "total $(( $(date +%s) - T0 )) s" ) 2>&1 | tee "$OUT/call.log"

@@ -176,3 +176,32 @@ def test_square_causal_is_the_bottom_right_pattern(nq, nk, g):
     k, v = (torch.randn(2, 2 * g, nk, 16, generator=gen) for _ in range(2))
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk), scale=0.3)
     torch.testing.assert_close(_square_causal(q, k, v, 0.3), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("elements", [1 << 26, 7])  # one block of rows; a few rows at a time
+def test_plain_causal_recognizes_only_the_bottom_right_pattern(monkeypatch, elements):
+    """The prefill's plain-causal check, also when it compares the mask a block of rows at a time (what keeps a
+    32K x 512K mask from doubling in memory): bool and additive masks, square and chunk-over-prefix shapes."""
+    from transformers_kvquant.integration import kernel_dispatch
+
+    monkeypatch.setattr(kernel_dispatch, "MASK_CHECK_ELEMENTS", elements)
+
+    def check(mask):
+        kernel_dispatch._VERDICT[:] = [None, None, None]  # the verdict is kept per forward's mask
+        return kernel_dispatch._plain_causal(mask, mask)
+
+    for nq, nk in ((5, 5), (5, 9), (1, 4), (6, 13)):
+        causal = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)[None, None].expand(2, 1, nq, nk).clone()
+        assert check(causal)
+        additive = torch.zeros(2, 1, nq, nk).masked_fill(~causal, torch.finfo(torch.float32).min)
+        assert check(additive)
+        shifted = causal.clone()
+        shifted[1, 0, -1, -1] = False  # the last query may not see its own key
+        assert not check(shifted)
+        padded = causal.clone()
+        padded[0, 0, :, 0] = False  # left padding in one row of the batch
+        assert not check(padded)
+        if nq > 1:
+            late = causal.clone()
+            late[1, 0, 0, nk - nq + 1] = True  # the first query sees the second's key
+            assert not check(late)

@@ -142,7 +142,8 @@ def fused_attention(layer, module, query, attention_mask, ctx, inner, **kwargs):
     return inner(module, q, k, v, attention_mask, **kwargs)
 
 
-_VERDICT: list = [None, None, None]  # (weak reference to the last mask given, its slice's shape, whether plain causal)
+_VERDICT: list = [None, None, None]
+MASK_CHECK_ELEMENTS = 1 << 26  # mask elements compared at once by _plain_causal  # (weak reference to the last mask given, its slice's shape, whether plain causal)
 
 
 def _plain_causal(mask: torch.Tensor, given: torch.Tensor) -> bool:
@@ -156,9 +157,17 @@ def _plain_causal(mask: torch.Tensor, given: torch.Tensor) -> bool:
     if last is given and _VERDICT[1] == (mask.shape, mask.storage_offset()):
         return _VERDICT[2]
     q, kv = mask.shape[-2], mask.shape[-1]
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    expected = torch.ones(q, kv, dtype=torch.bool, device=mask.device).tril(kv - q)
-    verdict = bool((allowed == expected).all())
+    # compared a block of rows at a time: the mask of a 32K chunk over a 512K prefix is 16 GiB, and whole-size
+    # temporaries beside it ran an H200 out of memory (docs/e2e.md)
+    rows = max(1, MASK_CHECK_ELEMENTS // max(kv, 1))
+    cols = torch.arange(kv, device=mask.device)
+    ok = torch.ones((), dtype=torch.bool, device=mask.device)
+    for r0 in range(0, q, rows):
+        part = mask[..., r0 : r0 + rows, :]
+        allowed = part if part.dtype == torch.bool else part == 0
+        last = torch.arange(r0, r0 + part.shape[-2], device=mask.device) + (kv - q)  # the last key each row sees
+        ok &= (allowed == (cols[None, :] <= last[:, None])).all()
+    verdict = bool(ok)
     _VERDICT[0], _VERDICT[1], _VERDICT[2] = weakref.ref(given), (mask.shape, mask.storage_offset()), verdict
     return verdict
 
