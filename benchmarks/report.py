@@ -243,7 +243,9 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
         "has not changed since; the decode kernel has); the Llama-3-8B capacity and its latest decode rows by "
         "`bash benchmarks/call_d.sh` (h200-2026-12-01d); the TTFT rows by `bash benchmarks/call_j.sh` (h200-2026-12-02b: "
         "call3 for 128K, call4 for 32K with `TOKENS=32768`), after the prefill changes of that session (call1 is the "
-        "before: the append 31% of a 32K prefill's GPU time, TTFT 2.85 s in 16K chunks and 2.44 s in one).",
+        "before: the append 31% of a 32K prefill's GPU time, TTFT 2.85 s in 16K chunks and 2.44 s in one); the 256K and "
+        "512K prompts by `bash benchmarks/call_l.sh` (h200-2026-12-02c: call2, where 512K ran out of memory in the "
+        "mask check fixed since, and call3).",
         "",
         "Decode: a context written into each cache directly (random fp16 K/V, or random packed codes: the cost does not "
         "depend on the values), then greedy decode steps of the whole model, median ms per token after warm-up. "
@@ -318,6 +320,14 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
         ratio = f"{r['ttft_s'] / fp_ttft['ttft_s']:.2f}" if fp_ttft else ""
         lines.append(f"| {r['shape']} | {r['cache']} | {r['context'] // 1024}K | {r['ttft_s']:.2f} | {ratio} | {r['peak_gib']:.1f} | "
                      f"{r.get('prefill', '')} | {r['source']} |")
+    longest = max((r for r in ttft if r["cache"] != "fp16-dynamic"), key=lambda r: r["context"], default=None)
+    if longest and not fp_of.get((longest["shape"], longest["context"])):
+        lines += ["", f"The longest prompt prefilled: {longest['context']:,} tokens in {longest['ttft_s']:.0f} s "
+                  f"({longest['shape']}, {longest['peak_gib']:.1f} GiB peak; `bash benchmarks/call_l.sh`: one timed run "
+                  "after a short warm-up, `e2e.py --ttft-once`). An fp16 cache cannot hold these prompts beside the weights "
+                  "(256K tokens of LLaMA-2-7B are 128 GiB of K/V). Each chunk dequantizes the whole packed prefix, so the "
+                  "prefill time grows with the square of the prompt. The capacity below (1.2M tokens at nuq3-1%) was not "
+                  "prefilled from a prompt: that would take longer than one 10-minute device call."]
     lines += ["", "## Capacity (H200, 139.8 GiB)", "",
               "The longest context that fits beside the model, proven by decode steps; a larger one tried first that did "
               "not fit is in the call's log.", "",
