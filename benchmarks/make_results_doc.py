@@ -576,63 +576,67 @@ def head_codebook_section(folder: Path) -> list[str]:
 FIDELITY_PRESET_MARKS = ("<!-- fidelity presets: begin -->", "<!-- fidelity presets: end -->")
 
 
-def fidelity_preset_section(folder: Path) -> list[str]:
-    """The long-context preset at 4/3/2 bits through the 8K fidelity harness (``smollm2_results.py --stages fidelity
-    --fidelity-methods presets``), its whole-context perplexity checked against the issue's bars."""
+def _fidelity_whole_ppl(v: dict) -> float:
+    """The perplexity of every predicted token of the documents (buckets weighted by their tokens)."""
+    n = sum(b["tokens"] for b in v["buckets"])
+    return math.exp(sum(b["tokens"] * math.log(b["ppl"]) for b in v["buckets"]) / n)
+
+
+def _fidelity_preset_run(folder: Path) -> list[str]:
+    """One run of the preset fidelity: its table, top-1 agreement and the bars' checks."""
     data = _load(folder, "fidelity")
     env, res = data["environment"], data["result"]
     m = res["methods"]
     buckets = [f"{b['start'] // 1024}-{b['end'] // 1024}K" for b in m["fp"]["buckets"]]
-
-    def whole(v):  # the perplexity of every predicted token of the documents (buckets weighted by their tokens)
-        n = sum(b["tokens"] for b in v["buckets"])
-        return math.exp(sum(b["tokens"] * math.log(b["ppl"]) for b in v["buckets"]) / n)
-
-    fp = whole(m["fp"])
-    lines = [FIDELITY_PRESET_MARKS[0], "## The long-context preset at 8K", "",
-             f"The shipped 1% configs with the `long-context` preset (the newest 128 tokens exact beside the sink): "
-             f"{res['documents']} documents of {res['context']:,} tokens ({res['dataset']}), {res['chunk']}-token chunks "
-             f"through the real `KVQuantCache` ({res['backend']} path) against the fp `DynamicCache`. Measured on "
-             f"{_env_line(env)}. Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages fidelity "
-             f"--fidelity-methods presets` then `python benchmarks/make_results_doc.py --fidelity-presets {folder}`.", "",
+    fp = _fidelity_whole_ppl(m["fp"])
+    chunk = res["chunk"]
+    lines = [f"### {chunk}-token chunks", "",
+             f"{res['documents']} documents of {res['context']:,} tokens ({res['dataset']}), {chunk}-token chunks through "
+             f"the real `KVQuantCache` ({res['backend']} path) against the fp `DynamicCache`. Measured on {_env_line(env)}. "
+             f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages fidelity --fidelity-methods presets "
+             f"--fidelity-chunk {chunk} --documents {res['documents']}`.", "",
              "| method | bits at 8K | perplexity | Δ% | " + " | ".join(f"KL {b}" for b in buckets) + " |",
              "|---|---|---|---|" + "---|" * len(buckets),
              f"| fp | 16.00 | {fp:.3f} | +0.00 | " + " | ".join("0" for _ in buckets) + " |"]
     for name, v in m.items():
         if name != "fp":
-            lines.append(f"| {name} | {v['avg_bits']:.2f} | {whole(v):.3f} | {100 * (whole(v) / fp - 1):+.2f} | "
+            w = _fidelity_whole_ppl(v)
+            lines.append(f"| {name} | {v['avg_bits']:.2f} | {w:.3f} | {100 * (w / fp - 1):+.2f} | "
                          + " | ".join(f"{b['kl']:.4f}" for b in v["buckets"]) + " |")
     lines += ["", "Top-1 agreement with fp by bucket:", "", "| method | " + " | ".join(buckets) + " |",
               "|---|" + "---|" * len(buckets)]
     for name, v in m.items():
         if name != "fp":
             lines.append(f"| {name} | " + " | ".join(f"{b['top1']:.3f}" for b in v["buckets"]) + " |")
-    lines += ["", "Checks against the issue's bars (perplexity of all 8K positions; bits as stored at 8K, the 128-token "
-              "ring included, and at 128K from docs/results.md's long-context section):", ""]
+    lines += ["", "Checks against the issue's bars (the perplexity of all 8K positions):", ""]
     for label, most_bits, most_pct in PRESET_BARS:
         v = m.get(label)
-        if not v:
-            continue
-        pct = 100 * (whole(v) / fp - 1)
-        lines.append(f"- fidelity 8K, {label}: {pct:+.2f}% (bar: within +{most_pct:g}%): "
-                     f"{'PASS' if pct <= most_pct else 'FAIL'}; {v['avg_bits']:.2f} bits at 8K")
-    base = REPO / "docs" / "results_fidelity.json"
-    compare = ""
-    if base.exists():  # the 0-1K KL of the same widths without a window (first table: uncapped outliers)
-        old = json.loads(base.read_text())["result"]["methods"]
-        pairs = [(old[f"nuq{b}-1%"]["buckets"][0]["kl"], v["buckets"][0]["kl"]) for b in (4, 3, 2)
-                 for name, v in m.items() if name.startswith(f"kvquant {b}-bit") and f"nuq{b}-1%" in old]
-        compare = (" (0-1K bucket, the table above without a window and with the paper's uncapped outliers against "
-                   "these rows: " + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in pairs) + ")")
-    lines += ["", f"Why the window gives little here{compare}: the harness feeds each document in chunks, and a chunk is appended "
-              "to the cache, then attended. The ring then holds the chunk's own newest tokens, which the chunk's earlier "
-              "queries cannot see. A query's recent tokens are exact only if it is among the last 128 of its chunk, "
-              "so in 512-token chunks about three queries in four read every earlier token quantized. A decode step appends "
-              "one token and reads its 128 newest exactly (the streaming semantics of docs/results.md). These rows therefore "
-              "measure prefill-time predictions, not generation. The bits at 8K count the exact copies in the model's dtype, "
-              "fp32 on this CPU run: the 192-slot ring adds 0.75 bits per element here and 0.375 for a 16-bit model.",
-              "", FIDELITY_PRESET_MARKS[1]]
-    return lines
+        if v:
+            pct = 100 * (_fidelity_whole_ppl(v) / fp - 1)
+            lines.append(f"- fidelity 8K, {chunk}-token chunks, {label}: {pct:+.2f}% (bar: within +{most_pct:g}%): "
+                         f"{'PASS' if pct <= most_pct else 'FAIL'}; {v['avg_bits']:.2f} bits at 8K")
+    return lines + [""]
+
+
+def fidelity_preset_section(folders: list[Path]) -> list[str]:
+    """The long-context preset at 4/3/2 bits through the 8K fidelity harness (``smollm2_results.py --stages fidelity
+    --fidelity-methods presets``), one run per chunk size, the whole-context perplexity checked against the bars."""
+    runs = [(_load(f, "fidelity")["result"], f) for f in folders]
+    lines = [FIDELITY_PRESET_MARKS[0], "## The long-context preset at 8K", "",
+             "The shipped 1% configs with the `long-context` preset (the newest 128 tokens exact beside the sink) through "
+             "the fidelity harness. The harness feeds each document in chunks; a chunk is appended to the cache, then "
+             "attended, and a read replaces the cache's newest 128 slots by their exact copies, which are the chunk's own "
+             "last 128 tokens. A query at position i of a chunk of C tokens therefore reads max(0, i - C + 129) of its "
+             "recent tokens exactly: none for the first 383 queries of a 512-token chunk, i + 1 (1 to 128) in a "
+             "128-token chunk. A decode step appends one token and reads its 128 newest exactly (the streaming semantics "
+             "of docs/results.md). So 512-token chunks measure prefill-time predictions, and 128-token chunks sit between "
+             "those and what generation sees (half the exact recent tokens on average). "
+             "The bits at 8K count the exact copies in the model's dtype, fp32 on these CPU runs: the 192-slot "
+             "ring adds 0.75 bits per element here and 0.375 for a 16-bit model. Render with `python "
+             "benchmarks/make_results_doc.py --fidelity-presets " + ",".join(str(f) for _, f in runs) + "`.", ""]
+    for _, folder in sorted(runs, key=lambda r: -r[0]["chunk"]):
+        lines += _fidelity_preset_run(folder)
+    return lines + [FIDELITY_PRESET_MARKS[1]]
 
 
 def main(argv=None) -> int:
@@ -647,14 +651,15 @@ def main(argv=None) -> int:
     parser.add_argument("--long-context", default=None, help="a --rows long-context run: (re)write its section of results.md only")
     parser.add_argument("--head-codebooks", default=None, help="head_codebooks.py results: (re)write its section of results.md only")
     parser.add_argument("--fidelity-presets", default=None,
-                        help="a --stages fidelity --fidelity-methods presets run: (re)write its section of fidelity.md only")
+                        help="--stages fidelity --fidelity-methods presets runs, comma-separated (one per chunk size): "
+                             "(re)write their section of fidelity.md only")
     args = parser.parse_args(argv)
     docs = Path(args.docs)
     if args.fidelity_presets:
         path = docs / "fidelity.md"
         text = path.read_text()
         begin, end = FIDELITY_PRESET_MARKS
-        section = "\n".join(fidelity_preset_section(Path(args.fidelity_presets)))
+        section = "\n".join(fidelity_preset_section([Path(f) for f in args.fidelity_presets.split(",")]))
         if begin in text:
             text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
         else:
