@@ -639,6 +639,15 @@ def fidelity_preset_section(folders: list[Path]) -> list[str]:
     return lines + [FIDELITY_PRESET_MARKS[1]]
 
 
+def _put_section(text: str, lines: list[str], marks: tuple[str, str]) -> str:
+    """``text`` with the section between ``marks`` replaced by ``lines`` (appended when it is not there yet)."""
+    begin, end = marks
+    section = "\n".join(lines)
+    if begin in text:
+        return text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?")
@@ -657,14 +666,8 @@ def main(argv=None) -> int:
     docs = Path(args.docs)
     if args.fidelity_presets:
         path = docs / "fidelity.md"
-        text = path.read_text()
-        begin, end = FIDELITY_PRESET_MARKS
-        section = "\n".join(fidelity_preset_section([Path(f) for f in args.fidelity_presets.split(",")]))
-        if begin in text:
-            text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(text)
+        section = fidelity_preset_section([Path(f) for f in args.fidelity_presets.split(",")])
+        path.write_text(_put_section(path.read_text(), section, FIDELITY_PRESET_MARKS))
         return 0
     if args.outliers or args.windows or args.mixed or args.presets or args.block or args.long_context or args.head_codebooks:
         path = docs / "results.md"
@@ -676,13 +679,8 @@ def main(argv=None) -> int:
                                            (args.block, block_section, BLOCK_MARKS),
                                            (args.long_context, long_context_section, LONG_MARKS),
                                            (args.head_codebooks, head_codebook_section, HEAD_MARKS)):
-            if folder is None:
-                continue
-            section = "\n".join(make(Path(folder)))
-            if begin in text:
-                text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-            else:
-                text = text.rstrip("\n") + "\n\n" + section + "\n"
+            if folder is not None:
+                text = _put_section(text, make(Path(folder)), (begin, end))
         path.write_text(text)
         return 0
     folder = Path(args.folder)
