@@ -433,6 +433,48 @@ def _peer_points(docs: Path) -> dict:
     return out
 
 
+def _preset_plot(by: dict, peers: dict, extra: dict, path: Path) -> None:
+    """Perplexity change from fp against the bits at 128K: the long-context presets, the shipped configs without a
+    window, int and KIVI, one panel per dataset. Points above the axis (int2, int3) sit on its top edge, labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = 55.0
+    names = [n for n in ("wikitext2", "c4") if n in by]
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        fp = by[name]["fp"]["ppl"]
+        groups = {
+            "KVQuant, long-context preset": [(r["avg_bits_128k"], 100 * (r["ppl"] / fp - 1), lab) for lab, r in by[name].items()
+                                             if lab != "fp" and "avg_bits_128k" in r],
+            "KVQuant, shipped configs (no window; bits at 2K, an upper bound)": [(bits, pct, lab) for pct, bits, lab in extra.get(name, [])],
+            "int": [(b, pct, lab) for lab, per in peers.items() if lab.startswith("int") for pct, b in [per[name]]],
+            "KIVI": [(b, pct, lab) for lab, per in peers.items() if lab.startswith("kivi") for pct, b in [per[name]]],
+        }
+        for (g, pts), marker in zip(groups.items(), "osDv"):
+            pts = sorted(pts)
+            if not pts:
+                continue
+            shown = [(x, min(y, top), lab, y) for x, y, lab in pts]
+            ax.plot([p[0] for p in shown], [p[1] for p in shown], marker=marker, label=g)
+            for x, y, lab, real in shown:
+                short = lab.replace("kvquant ", "").replace(" (long-context preset)", "").replace(" no outliers", "")
+                short = short.replace(" bounded", "")
+                text = f"{short} ({real:+.0f}%, off the axis)" if real > top else short
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10 if real > top else 4), fontsize=7)
+        ax.axhline(0.0, color="gray", ls="--", label="fp")
+        ax.set_ylim(-2, top + 3)
+        ax.set_xlabel("average bits per K/V element at a 128K context")
+        ax.set_ylabel("perplexity change from fp (%)")
+        ax.set_title(f"SmolLM2-135M-Instruct, {name}, 40 windows")
+        ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def long_context_section(folder: Path) -> list[str]:
     """The long-context preset at every budget on 40 windows (``smollm2_results.py --rows long-context``), the
     issue's bars checked with bits at 128K and at 2K, the peers at 128K, and the passkey check when run."""
@@ -481,6 +523,9 @@ def long_context_section(folder: Path) -> list[str]:
             verdict = (f"not dominated: {better[0][2]} {better[0][0]:+.2f}% at {better[0][1]:.2f} bits" if better
                        else "no preset here has as few bits and as low a perplexity: FAIL")
             lines.append(f"- {name}, {peer} ({ppct:+.2f}% at {pbits:.2f} bits at 128K, 40-window table): {verdict}")
+    if peers:
+        _preset_plot(by, peers, extra, folder.parents[1] / "figures" / "presets.png")
+        lines += ["", "![perplexity against bits at 128K: presets, shipped configs, int, KIVI](figures/presets.png)"]
     pk = _load(folder, "passkey")
     if pk:
         acc = pk["result"]["accuracy"]
