@@ -542,6 +542,27 @@ def long_context_section(folder: Path) -> list[str]:
             worst = max(fp_acc[n] - a[n] for n in fp_acc)
             lines.append(f"- passkey, {m}: at most {worst:.2f} below fp at any length (bar: 0.1): "
                          f"{'PASS' if worst <= 0.1 + 1e-9 else 'FAIL'}")
+    probe = folder.parent / "passkey-prefill" / "passkey_prefill.json"
+    if probe.exists():  # benchmarks/passkey_prefill_probe.py: the same prompts prefilled two ways
+        pr = json.loads(probe.read_text())
+        acc = pr["accuracy"]
+        lengths = list(next(iter(acc.values())))
+        lines += ["", f"Passkey and the prompt's prefill (`python benchmarks/passkey_prefill_probe.py --bits "
+                  f"{pr['config']['bits']} --samples {pr['samples']}`, {pr['samples']} samples per length, "
+                  f"{pr['seconds']:.0f} s on the CPU): the {pr['config']['bits']}-bit 1% preset with the prompt in one "
+                  "forward, as `generate` does (a chunk is appended, then attended, so the prompt's queries read exactly "
+                  "only its last 128 tokens), and one token at a time (each prompt token reads its 128 newest exactly, as "
+                  "a decode step does); same prompts, 8 greedy tokens after each.", "",
+                  "| prefill | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for way, a in acc.items():
+            lines.append(f"| {way} | " + " | ".join(f"{a[n]:.2f}" for n in lengths) + " |")
+        one, each = acc.get("prompt in one forward", {}), acc.get("prompt one token at a time", {})
+        if one and each:
+            helps = any(each[n] > one[n] + 0.1 for n in lengths)
+            lines += ["", "Reading every prompt token's 128 newest exactly "
+                      + ("brings the preset closer to fp: the prefill is part of the passkey failure." if helps else
+                         "does not bring the preset closer to fp. The failure is not the prefill's: it comes from the "
+                         "needle's keys, read at 2 bits far outside the window.")]
     lines += ["", LONG_MARKS[1]]
     return lines
 
