@@ -562,7 +562,7 @@ def long_context_section(folder: Path) -> list[str]:
             lines += ["", "Reading every prompt token's 128 newest exactly "
                       + ("brings the preset closer to fp: the prefill is part of the passkey failure." if helps else
                          "does not bring the preset closer to fp. The failure is not the prefill's: it comes from the "
-                         "needle's keys, read at 2 bits far outside the window.")]
+                         f"needle's keys, read at {pr['config']['bits']} bits far outside the window.")]
     lines += ["", LONG_MARKS[1]]
     return lines
 
