@@ -126,6 +126,12 @@ def _ppl_plot(by_label: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _top1_table(m: dict, buckets: list[str]) -> list[str]:
+    """Top-1 agreement with fp per bucket, a row per quantized method."""
+    return ["| method | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)] + [
+        f"| {name} | " + " | ".join(f"{b['top1']:.3f}" for b in v["buckets"]) + " |" for name, v in m.items() if name != "fp"]
+
+
 def fidelity_section(data: dict, passkey: dict | None, docs: Path) -> list[str]:
     env, res = data["environment"], data["result"]
     m = res["methods"]
@@ -149,10 +155,7 @@ def fidelity_section(data: dict, passkey: dict | None, docs: Path) -> list[str]:
             continue
         cells = [f"{b['kl']:.4f} ± {b['kl_doc_std']:.4f}" for b in v["buckets"]]
         lines.append(f"| {name} | {v['avg_bits']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "Top-1 agreement with fp:", "", "| method | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
-    for name, v in m.items():
-        if name != "fp":
-            lines.append(f"| {name} | " + " | ".join(f"{b['top1']:.3f}" for b in v["buckets"]) + " |")
+    lines += ["", "Top-1 agreement with fp:", ""] + _top1_table(m, buckets)
     lines += ["", "Perplexity per bucket (fp first):", "", "| method | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
     for name, v in m.items():
         lines.append(f"| {name} | " + " | ".join(f"{b['ppl']:.2f}" for b in v["buckets"]) + " |")
@@ -669,11 +672,7 @@ def _fidelity_preset_run(folder: Path) -> list[str]:
             w = _fidelity_whole_ppl(v)
             lines.append(f"| {name} | {v['avg_bits']:.2f} | {w:.3f} | {100 * (w / fp - 1):+.2f} | "
                          + " | ".join(f"{b['kl']:.4f}" for b in v["buckets"]) + " |")
-    lines += ["", "Top-1 agreement with fp by bucket:", "", "| method | " + " | ".join(buckets) + " |",
-              "|---|" + "---|" * len(buckets)]
-    for name, v in m.items():
-        if name != "fp":
-            lines.append(f"| {name} | " + " | ".join(f"{b['top1']:.3f}" for b in v["buckets"]) + " |")
+    lines += ["", "Top-1 agreement with fp by bucket:", ""] + _top1_table(m, buckets)
     lines += ["", "Checks against the issue's bars (the perplexity of all 8K positions):", ""]
     for label, most_bits, most_pct in PRESET_BARS:
         v = m.get(label)

@@ -295,13 +295,12 @@ def append_slots(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, p
         h, cache.capacity, n, max(ring, 1),
     )
     meta = dict(D=d, BITS=cache.bits, SK=sk, SV=sv, N_SINK=cache.sink_slot.shape[1], EXACT=ring > 0)
-    warps = 4 if h * d <= 4096 else 8
     if n == 1:  # a decode step: one launch, each program finding the token's value range itself
         _append_kernel[(n, b, h)](*args, **meta, PHASE=0, VR=rows, num_warps=step_warps(h, d))
     else:
         # many tokens (a prefill chunk): their value ranges first, a program per token, then the rest, each program
         # reading only its own head (one launch per token would read every head once per head: H times the bytes)
-        _append_kernel[(n, b, 1)](*args, **meta, PHASE=1, VR=rows, num_warps=warps)
+        _append_kernel[(n, b, 1)](*args, **meta, PHASE=1, VR=rows, num_warps=4 if h * d <= 4096 else 8)
         _append_kernel[(n, b, h)](*args, **meta, PHASE=2, VR=2, num_warps=PREFILL_WARPS)
 
 

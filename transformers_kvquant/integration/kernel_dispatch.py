@@ -142,8 +142,8 @@ def fused_attention(layer, module, query, attention_mask, ctx, inner, **kwargs):
     return inner(module, q, k, v, attention_mask, **kwargs)
 
 
-_VERDICT: list = [None, None, None]
-MASK_CHECK_ELEMENTS = 1 << 26  # mask elements compared at once by _plain_causal  # (weak reference to the last mask given, its slice's shape, whether plain causal)
+_VERDICT: list = [None, None, None]  # (weak reference to the last mask given, its slice's shape, whether plain causal)
+MASK_CHECK_ELEMENTS = 1 << 26  # mask elements compared at once by _plain_causal
 
 
 def _plain_causal(mask: torch.Tensor, given: torch.Tensor) -> bool:
@@ -159,7 +159,7 @@ def _plain_causal(mask: torch.Tensor, given: torch.Tensor) -> bool:
     q, kv = mask.shape[-2], mask.shape[-1]
     # compared a block of rows at a time: the mask of a 32K chunk over a 512K prefix is 16 GiB, and whole-size
     # temporaries beside it ran an H200 out of memory (docs/e2e.md)
-    rows = max(1, MASK_CHECK_ELEMENTS // max(kv, 1))
+    rows = max(1, MASK_CHECK_ELEMENTS // max(kv * mask[..., :1, :1].numel(), 1))  # rows of every batch entry
     cols = torch.arange(kv, device=mask.device)
     ok = torch.ones((), dtype=torch.bool, device=mask.device)
     for r0 in range(0, q, rows):
