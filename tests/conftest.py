@@ -5,6 +5,10 @@ import os
 if os.environ.get("KVQUANT_TEST_COMPILED") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# transformers >= 5.25 loads Hub kernels in from_pretrained by default (use_kernels): a download, which the tests
+# (offline, like CI) must not attempt, and with an older `kernels` package installed an error. Child processes inherit it.
+os.environ.setdefault("USE_HUB_KERNELS", "0")
+
 import pytest
 import torch
 

@@ -57,7 +57,7 @@ def _convert_gguf(gguf: Path, target: Path, stamp: dict) -> None:
 
     print(f"Converting {gguf.name} to safetensors in {target} (once)...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, use_kernels=False)
     # The weights are dequantized on load; drop the GGUF quantizer so the model saves as plain fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -98,6 +98,8 @@ def load_model(name_or_path: str = SMOLLM2_ALIAS, *, dtype=None, device_map=None
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    # no Hub kernels (transformers >= 5.25 loads them by default): nothing here may download at run time
+    kwargs.setdefault("use_kernels", False)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or torch.float32, device_map=device_map, attn_implementation=attn_implementation, **kwargs
     )
