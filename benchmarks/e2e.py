@@ -1,7 +1,7 @@
 """End-to-end decode speed, time to first token and capacity of a LLaMA-shaped model (random fp16 weights).
 
     python benchmarks/e2e.py --out runs/e2e [--shapes LLaMA-2-7B,Llama-3-8B] [--contexts 32768,131072]
-        [--stages decode,ttft,throughput,capacity,profile] [--budget 400]
+        [--stages decode,ttft,throughput,capacity,profile,trace] [--budget 400]
 
 decode: a context of ``--contexts`` tokens is written into each cache directly (random fp16 K/V for the fp16
 caches, random packed codes for KVQuant: the decode cost does not depend on the values), then ``--steps`` greedy
@@ -16,6 +16,7 @@ ttft: a real prompt of ``--ttft-tokens`` tokens prefilled through the cache (KVQ
 throughput: at 32K, the cache memory of fp16 at batch 4, and the largest KVQuant-3 batch that fits in it.
 capacity: the longest context each KVQuant format holds beside the model, proven by decode steps.
 profile: the GPU time of a compiled decode step by kernel (torch.profiler), KVQuant-3 against fp16 StaticCache.
+trace: where a compiled decode step's wall time goes (CPU + GPU timeline: kernels, idle time between them, CPU ops).
 
 Writes ``e2e.jsonl`` as it goes and ``e2e.json``: ``{"rows": [{"shape", "cache", "compiled", "context", "batch",
 "ms_per_token", "tokens_per_s", "ttft_s", "peak_gib", "cache_gib"}], "capacity": [...]}``.
@@ -48,6 +49,7 @@ CAPACITY_STEP = 0.96  # --capacity-step: the next context tried when one does no
 SKIP: set = set()  # --skip: rows ("name:eager" / "name:compiled") not to run
 TTFT_ONCE = False  # --ttft-once: one timed prefill per case after a short warm-up (prompts too long to run three times)
 BACKEND = "inductor"  # --compile-backend: "inductor" (mode="reduce-overhead") or "cudagraphs" (no kernel fusion)
+TREES = True  # --no-cudagraph-trees: inductor's plain CUDA graphs instead of its graph trees (their per-replay checks)
 
 
 def make_model(shape: str):
@@ -214,7 +216,7 @@ def free():
 class Run:
     def __init__(self, out: Path, budget: float):
         self.out, self.budget, self.start = out, budget, time.time()
-        self.rows, self.capacity, self.profile = [], [], []
+        self.rows, self.capacity, self.profile, self.trace = [], [], [], []
         self.log = (out / "e2e.jsonl").open("a")
 
     def left(self) -> float:
@@ -229,6 +231,7 @@ class Run:
 
     def save(self):
         (self.out / "e2e.json").write_text(json.dumps({"rows": self.rows, "capacity": self.capacity, "profile": self.profile,
+                                                       "trace": self.trace,
                                                        "seconds": round(time.time() - self.start, 1)}, indent=1))
 
 
@@ -332,6 +335,82 @@ def stage_profile(run, model, shape, context, steps, configs):
             lambda: one("kvquant-3", fill_kvquant(model, configs[3], 1, context, context + 64, static=True)))
     guarded(run, {"shape": shape, "cache": "fp16-static", "stage": "profile"},
             lambda: one("fp16-static", fill_fp16(model, "fp16-static", 1, context, context + 64)))
+
+
+def stage_trace(run, model, shape, context, steps, configs):
+    """Where a compiled decode step's wall time goes, KVQuant-3 against fp16 StaticCache: a CPU + GPU timeline of
+    ``steps`` steps (synchronized each, as the decode stage times them) -> ``trace_<cache>_<context>.json``: per step
+    the wall time, the GPU kernels' count, summed and merged busy time, the idle time inside the step before the first
+    kernel, between kernels (by size) and after the last, and the CPU operators by inclusive time."""
+    import torch._dynamo
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def one(name, cache):
+        torch._dynamo.reset()
+        forwards: dict = {}
+        decode_ms(model, cache, 1, context, 3, True, forwards)  # compile and warm up
+        forward = next(iter(forwards.values()))
+        token = torch.full((1, 1), 5, device=DEV, dtype=torch.long)
+        pos = context + 8
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
+            for _ in range(steps):
+                with record_function("decode_step"):
+                    where = torch.tensor([pos], device=DEV)
+                    out = forward(input_ids=token, past_key_values=cache, cache_position=where,
+                                  position_ids=where[None], use_cache=True)
+                    token = out.logits[:, -1:].argmax(-1).clone()
+                    sync()
+                pos += 1
+        tag = "" if TREES else "_no_trees"
+        path = run.out / f"trace_{name}_{context}{tag}.raw.json"
+        prof.export_chrome_trace(str(path))
+        summary = summarize_trace(json.loads(path.read_text()))
+        path.unlink()
+        (run.out / f"trace_{name}_{context}{tag}.json").write_text(json.dumps(summary, indent=1))
+        med = summary["median"]
+        run.add({"shape": shape, "cache": name, "context": context, "cudagraph_trees": TREES, **med}, "trace")
+
+    if "kvquant-3:trace" not in SKIP:
+        guarded(run, {"shape": shape, "cache": "kvquant-3", "stage": "trace"},
+                lambda: one("kvquant-3", fill_kvquant(model, configs[3], 1, context, context + 64, static=True)))
+    if "fp16-static:trace" not in SKIP and run.left() > 60:
+        guarded(run, {"shape": shape, "cache": "fp16-static", "stage": "trace"},
+                lambda: one("fp16-static", fill_fp16(model, "fp16-static", 1, context, context + 64)))
+
+
+def summarize_trace(trace: dict) -> dict:
+    """Per decode step of a chrome trace (``decode_step`` ranges): wall, GPU kernels and the idle time among them."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    steps = sorted((e for e in events if e.get("name") == "decode_step"), key=lambda e: e["ts"])
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    cpu_ops = [e for e in events if e.get("cat") == "cpu_op"]
+    rows = []
+    for st in steps:
+        t0, t1 = st["ts"], st["ts"] + st["dur"]
+        ks = [k for k in kernels if t0 <= k["ts"] < t1]
+        gaps, busy, end = [], 0.0, None
+        for k in ks:
+            if end is not None and k["ts"] > end:
+                gaps.append(k["ts"] - end)
+            start = k["ts"] if end is None else max(k["ts"], end)
+            busy += max(0.0, k["ts"] + k["dur"] - start)
+            end = k["ts"] + k["dur"] if end is None else max(end, k["ts"] + k["dur"])
+        ops: dict = {}
+        for e in cpu_ops:
+            if t0 <= e["ts"] < t1:
+                ops[e["name"]] = ops.get(e["name"], 0.0) + e["dur"]
+        rows.append({
+            "wall_us": st["dur"], "kernels": len(ks), "kernel_sum_us": sum(k["dur"] for k in ks), "gpu_busy_us": busy,
+            "lead_us": (ks[0]["ts"] - t0) if ks else None, "tail_us": (t1 - end) if ks else None,
+            "gaps_us": sum(gaps), "gaps_over_5us": sum(g for g in gaps if g > 5), "gap_count_over_5us": sum(g > 5 for g in gaps),
+            "cpu_ops_inclusive_top": sorted(ops.items(), key=lambda kv: -kv[1])[:25],
+        })
+    med = {}
+    for key in ("wall_us", "kernels", "kernel_sum_us", "gpu_busy_us", "lead_us", "tail_us", "gaps_us", "gaps_over_5us",
+                "gap_count_over_5us"):
+        vals = sorted(r[key] for r in rows if r[key] is not None)
+        med[key] = round(vals[len(vals) // 2], 1) if vals else None
+    return {"median": med, "steps": rows}
 
 
 def stage_ttft(run, model, shape, tokens, chunks, configs, profile_chunk=0):
@@ -474,12 +553,20 @@ def main() -> None:
     ap.add_argument("--capacity-step", type=float, default=0.96)
     ap.add_argument("--ttft-once", action="store_true", help="ttft: one timed prefill per case after a short warm-up")
     ap.add_argument("--skip", default="", help="rows to leave out, e.g. quanto-int4:eager,kvquant-2:compiled")
+    ap.add_argument("--no-cudagraph-trees", action="store_true",
+                    help="inductor's plain CUDA graphs, not its graph trees (trace rows say which)")
     ap.add_argument("--compile-backend", default="inductor", choices=("inductor", "cudagraphs"),
                     help="cudagraphs: torch.compile's CUDA-graph backend without inductor (compiles in seconds)")
     args = ap.parse_args()
     global BACKEND
     BACKEND = args.compile_backend
     SKIP.update(filter(None, args.skip.split(",")))
+    global TREES
+    TREES = not args.no_cudagraph_trees
+    if not TREES:
+        import torch._inductor.config
+
+        torch._inductor.config.triton.cudagraph_trees = False
     global TTFT_ONCE
     TTFT_ONCE = args.ttft_once
     global CAPACITY_STEP
@@ -500,6 +587,8 @@ def main() -> None:
                 stage_decode(run, model, shape, contexts, args.steps, configs)
             elif stage == "profile":
                 stage_profile(run, model, shape, contexts[0], 4, configs)
+            elif stage == "trace":
+                stage_trace(run, model, shape, contexts[0], 6, configs)
             elif stage == "ttft":
                 prompts = [int(t) for t in args.ttft_tokens.split(",")]
                 for tokens in prompts:  # the first prompt length is the one profiled

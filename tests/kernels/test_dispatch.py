@@ -205,3 +205,19 @@ def test_plain_causal_recognizes_only_the_bottom_right_pattern(monkeypatch, elem
             late = causal.clone()
             late[1, 0, 0, nk - nq + 1] = True  # the first query sees the second's key
             assert not check(late)
+
+
+def test_prefill_chunks_read_their_window_exactly_with_the_kernels():
+    """A prompt in two chunks through the kernels (dequantized prefix + the chunk's exact window) gives the logits of
+    the reference path fed one token at a time (each a decode step reading its newest tokens exactly)."""
+    from tests.integration.test_chunk_window import logits_by_chunks, worst
+
+    model = tiny_llama(layers=1, heads=4, kv_heads=2, head_dim=64).to(DEVICE)
+    cfg = quick_config(model, bits=2, outlier_fraction=0.05)
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    opts = dict(recent_window=5, sink_tokens=1)
+    ref = logits_by_chunks(model, cfg, ids, (1,) * 24, backend="reference", **opts)
+    fused = logits_by_chunks(model, cfg, ids, (9, 15), backend="triton", **opts)
+    assert worst(fused.float().cpu(), ref.float().cpu()) < 2e-3
+    plain = logits_by_chunks(model, cfg, ids, (9, 15), backend="triton", recent_window=0, sink_tokens=1)
+    assert worst(plain.float().cpu(), ref.float().cpu()) > 2e-2

@@ -16,9 +16,11 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..calibration.support import check_supported, find_rotary
 from ..quant.memory import MemoryReport, store_report
-from . import kernel_dispatch
+from ..kernels.rope import apply_rope
+from . import chunk_window, kernel_dispatch
+from .chunk_window import ChunkWindow
 from .patch import patch_model
-from .prerope import PreRopeCache, PreRopeLayer
+from .prerope import PreRopeCache, PreRopeLayer, key_rotation
 from .settings import CacheSettings, resolve_settings
 
 
@@ -41,6 +43,7 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         self.kernel_tables = None  # (the codebook they were made for, kernels.layout.KernelConstants)
         self.store = None
         self._staged = None
+        self._chunk = None  # the exact window of a prefill chunk, from update to attention (chunk_window)
         self._returned_begin = 0  # first slot of the keys returned by the last update
         self._kernels = None
 
@@ -80,6 +83,9 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
                 f"{key_states.shape[0]}; call cache.reset() or create a new cache for a new batch"
             )
         self._before_append()
+        # a chunk's queries read their own W newest slots exactly, as decode steps do (the ring's copies of the slots
+        # before the chunk are taken now: the append may overwrite them)
+        self._chunk = ChunkWindow.capture(self.store, self.store.start, key_states, value_states)
         self.store.append(key_states, value_states, positions)
         self._returned_begin = self._visible_begin(key_states.shape[-2])
         if self.uses_kernels:
@@ -165,6 +171,7 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
     def reset(self) -> None:
         self.store = None
         self._staged = None
+        self._chunk = None
         self._kernels = None
         self.kernel_tables = None
         self.is_initialized = False
@@ -175,7 +182,18 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         attend over the packed store with the Triton kernels."""
         if self.uses_kernels:
             return kernel_dispatch.fused_attention(self, module, query, attention_mask, ctx, inner, **kwargs)
+        chunk = self.take_chunk()
+        if chunk is not None:
+            cos_k, sin_k = self.key_rotation(key, ctx)
+            ek = apply_rope(chunk.keys, *key_rotation(ctx.rotary, chunk.keys, chunk.positions(self.store)))
+            return chunk_window.attend(module, self.rotate_query(query, ctx), apply_rope(key, cos_k, sin_k), value, ek,
+                                       chunk.values, attention_mask, chunk, self._returned_begin, inner, **kwargs)
         return super().attend(module, query, key, value, attention_mask, ctx, inner, **kwargs)
+
+    def take_chunk(self) -> ChunkWindow | None:
+        """The exact window of the chunk the last update stored (once), or None."""
+        chunk, self._chunk = self._chunk, None
+        return chunk
 
     @property
     def batch_size(self) -> int:

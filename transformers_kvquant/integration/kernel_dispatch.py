@@ -19,6 +19,7 @@ from ..kernels.layout import block_size, kernel_constants, supported_head_dim
 from ..kernels.naive import LOG2E
 from ..kernels.rope import apply_rope
 from ..quant.store import PackedStore
+from . import chunk_window
 from .prerope import key_rotation
 
 
@@ -130,11 +131,16 @@ def fused_attention(layer, module, query, attention_mask, ctx, inner, **kwargs):
     begin = layer.returned_begin
     end = store.length  # a host value (in a static cache after compiled steps, one synchronization per prefill)
     k, v = store.read(begin, end)
+    given = attention_mask  # the mask the layer received (the plain-causal verdict is kept for it)
     cos_k, sin_k = key_rotation(ctx.rotary, k, store.cache.positions[:, begin:end])
     k = apply_rope(k, cos_k, sin_k)
+    chunk = layer.take_chunk()
     if isinstance(attention_mask, torch.Tensor):
-        given = attention_mask
         attention_mask = attention_mask[..., begin:end] if store.static else attention_mask[..., : end - begin]
+    if chunk is not None:  # a recent window: each query reads its own newest slots exactly
+        ek = apply_rope(chunk.keys, *key_rotation(ctx.rotary, chunk.keys, chunk.positions(store)))
+        return chunk_window.attend(module, q, k, v, ek, chunk.values, attention_mask, chunk, begin, inner, **kwargs)
+    if isinstance(attention_mask, torch.Tensor):
         if window == 0 and _plain_causal(attention_mask, given):
             # a chunk after a prefix without padding: the causal pattern aligned at the bottom right, which SDPA's
             # flash and efficient kernels take without materializing a mask

@@ -405,6 +405,15 @@ class PackedStore(KVStore):
         begin = self.start if begin is None else begin
         return self.cache.positions[:, begin : self.read_end()]
 
+    def exact_tail(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact pre-RoPE keys and values of the newest ``count`` slots (at most the recent window), from the
+        window's ring: what a prefill chunk's first queries read exactly before the chunk's append overwrites it."""
+        if count > self.recent_window or count > self.length:
+            raise ValueError(f"the exact tail holds at most {min(self.recent_window, self.length)} tokens, asked for {count}")
+        c = self.cache
+        ring = torch.arange(self.length - count, self.length, device=self.device) % c.window_keys.shape[2]
+        return c.window_keys[:, :, ring].to(self.dtype), c.window_values[:, :, ring].to(self.dtype)
+
     # ------------------------------------------------------------------------------------------ edits
     def crop(self, n: int) -> None:
         """Forget the newest ``n`` tokens (packed tokens stay packed: each token is quantized on its own)."""

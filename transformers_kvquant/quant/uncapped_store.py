@@ -246,6 +246,13 @@ class UncappedPackedStore(KVStore):
         v = torch.cat(parts_v, dim=2) if len(parts_v) > 1 else parts_v[0]
         return self._apply_sink(k, v, begin)
 
+    def exact_tail(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact pre-RoPE keys and values of the newest ``count`` slots (at most the recent window's tokens)."""
+        held = self.window_keys.shape[2]
+        if count > held:
+            raise ValueError(f"the exact tail holds at most {held} tokens, asked for {count}")
+        return self.window_keys[:, :, held - count :], self.window_values[:, :, held - count :]
+
     def _apply_sink(self, k, v, begin):
         if self.sink_tokens == 0:
             return k, v
