@@ -9,7 +9,7 @@ T0=$(date +%s)
 ( nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   KVQUANT_TEST_COMPILED=1 timeout ${TESTS:-120} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_dispatch.py 2>&1 | tail -6
-  echo "tests $(( $(date +%s) - T0 )) s" ) 2>&1 | tee "$OUT/kernel_tests.log"
+  echo "tests $(( $(date +%s) - T0 )) s" ) 2>&1 | tee "$OUT/dispatch_tests.log"
 left() { echo $(( ${TOTAL:-570} - ($(date +%s) - T0) )); }
 SKIPS=fp16-dynamic:eager,quanto-int4:eager,quanto-int2:eager,kvquant-3:eager,kvquant-4:compiled,kvquant-2:compiled
 ( timeout $(left) python3 benchmarks/e2e.py --out "$OUT" --shapes LLaMA-2-7B --contexts ${CONTEXT:-32768} --stages trace,decode \

@@ -553,9 +553,10 @@ def long_context_section(folder: Path) -> list[str]:
         lines += ["", f"Passkey and the prompt's prefill (`python benchmarks/passkey_prefill_probe.py --bits "
                   f"{pr['config']['bits']} --samples {pr['samples']}`, {pr['samples']} samples per length, "
                   f"{pr['seconds']:.0f} s on the CPU): the {pr['config']['bits']}-bit 1% preset with the prompt in one "
-                  "forward, as `generate` does (a chunk is appended, then attended, so the prompt's queries read exactly "
-                  "only its last 128 tokens), and one token at a time (each prompt token reads its 128 newest exactly, as "
-                  "a decode step does); same prompts, 8 greedy tokens after each.", "",
+                  "forward, as `generate` did before chunk windows (a chunk was appended, then attended, so the prompt's "
+                  "queries read exactly only its last 128 tokens), and one token at a time (each prompt token reads its "
+                  "128 newest exactly, as a decode step does, and as every chunk's query has since chunk windows, "
+                  "docs/fidelity.md); same prompts, 8 greedy tokens after each.", "",
                   "| prefill | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
         for way, a in acc.items():
             lines.append(f"| {way} | " + " | ".join(f"{a[n]:.2f}" for n in lengths) + " |")
@@ -651,15 +652,17 @@ def _fidelity_whole_ppl(v: dict) -> float:
     return math.exp(sum(b["tokens"] * math.log(b["ppl"]) for b in v["buckets"]) / n)
 
 
-def _fidelity_preset_run(folder: Path) -> list[str]:
-    """One run of the preset fidelity: its table, top-1 agreement and the bars' checks."""
+def _fidelity_preset_run(folder: Path, before: bool = False) -> list[str]:
+    """One run of the preset fidelity: its table, top-1 agreement and the bars' checks (``before``: a run of the
+    earlier chunk semantics, kept for comparison, without checks)."""
     data = _load(folder, "fidelity")
     env, res = data["environment"], data["result"]
     m = res["methods"]
     buckets = [f"{b['start'] // 1024}-{b['end'] // 1024}K" for b in m["fp"]["buckets"]]
     fp = _fidelity_whole_ppl(m["fp"])
     chunk = res["chunk"]
-    lines = [f"### {chunk}-token chunks", "",
+    title = f"### {chunk}-token chunks" + (", before chunk windows" if before else "")
+    lines = [title, "",
              f"{res['documents']} documents of {res['context']:,} tokens ({res['dataset']}), {chunk}-token chunks through "
              f"the real `KVQuantCache` ({res['backend']} path) against the fp `DynamicCache`. Measured on {_env_line(env)}. "
              f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages fidelity --fidelity-methods presets "
@@ -673,6 +676,8 @@ def _fidelity_preset_run(folder: Path) -> list[str]:
             lines.append(f"| {name} | {v['avg_bits']:.2f} | {w:.3f} | {100 * (w / fp - 1):+.2f} | "
                          + " | ".join(f"{b['kl']:.4f}" for b in v["buckets"]) + " |")
     lines += ["", "Top-1 agreement with fp by bucket:", ""] + _top1_table(m, buckets)
+    if before:
+        return lines + [""]
     lines += ["", "Checks against the issue's bars (the perplexity of all 8K positions):", ""]
     for label, most_bits, most_pct in PRESET_BARS:
         v = m.get(label)
@@ -683,24 +688,27 @@ def _fidelity_preset_run(folder: Path) -> list[str]:
     return lines + [""]
 
 
-def fidelity_preset_section(folders: list[Path]) -> list[str]:
+def fidelity_preset_section(specs: list[str]) -> list[str]:
     """The long-context preset at 4/3/2 bits through the 8K fidelity harness (``smollm2_results.py --stages fidelity
-    --fidelity-methods presets``), one run per chunk size, the whole-context perplexity checked against the bars."""
-    runs = [(_load(f, "fidelity")["result"], f) for f in folders]
+    --fidelity-methods presets``), one run per chunk size, the whole-context perplexity checked against the bars. A
+    folder given as ``PATH@before`` is a run of the earlier chunk semantics, shown for comparison."""
+    runs = []
+    for spec in specs:
+        path, _, tag = spec.partition("@")
+        runs.append((_load(Path(path), "fidelity")["result"], Path(path), tag == "before", spec))
     lines = [FIDELITY_PRESET_MARKS[0], "## The long-context preset at 8K", "",
              "The shipped 1% configs with the `long-context` preset (the newest 128 tokens exact beside the sink) through "
-             "the fidelity harness. The harness feeds each document in chunks; a chunk is appended to the cache, then "
-             "attended, and a read replaces the cache's newest 128 slots by their exact copies, which are the chunk's own "
-             "last 128 tokens. A query at position i of a chunk of C tokens therefore reads max(0, i - C + 129) of its "
-             "recent tokens exactly: none for the first 383 queries of a 512-token chunk, i + 1 (1 to 128) in a "
-             "128-token chunk. A decode step appends one token and reads its 128 newest exactly (the streaming semantics "
-             "of docs/results.md). So 512-token chunks measure prefill-time predictions, and 128-token chunks sit between "
-             "those and what generation sees (half the exact recent tokens on average). "
+             "the fidelity harness, which feeds each document in chunks. Each query of a chunk reads its own 128 newest "
+             "tokens exactly, as a decode step does (`integration/chunk_window.py`, since 2026-12-02), so the chunk size "
+             "does not change what a query sees. The runs marked *before chunk windows* were measured when a chunk was "
+             "appended, then attended with the cache's newest 128 slots exact (the chunk's own last 128 tokens): a query "
+             "at position i of a chunk of C tokens then read only max(0, i - C + 129) of its recent tokens exactly, none "
+             "for the first 383 queries of a 512-token chunk. "
              "The bits at 8K count the exact copies in the model's dtype, fp32 on these CPU runs: the 192-slot "
              "ring adds 0.75 bits per element here and 0.375 for a 16-bit model. Render with `python "
-             "benchmarks/make_results_doc.py --fidelity-presets " + ",".join(str(f) for _, f in runs) + "`.", ""]
-    for _, folder in sorted(runs, key=lambda r: -r[0]["chunk"]):
-        lines += _fidelity_preset_run(folder)
+             "benchmarks/make_results_doc.py --fidelity-presets " + ",".join(spec for *_, spec in runs) + "`.", ""]
+    for _, folder, before, _ in sorted(runs, key=lambda r: (r[2], -r[0]["chunk"])):
+        lines += _fidelity_preset_run(folder, before)
     return lines + [FIDELITY_PRESET_MARKS[1]]
 
 
@@ -731,7 +739,7 @@ def main(argv=None) -> int:
     docs = Path(args.docs)
     if args.fidelity_presets:
         path = docs / "fidelity.md"
-        section = fidelity_preset_section([Path(f) for f in args.fidelity_presets.split(",")])
+        section = fidelity_preset_section(args.fidelity_presets.split(","))
         path.write_text(_put_section(path.read_text(), section, FIDELITY_PRESET_MARKS))
         return 0
     if args.outliers or args.windows or args.mixed or args.presets or args.block or args.long_context or args.head_codebooks:

@@ -3,9 +3,10 @@
     python benchmarks/passkey_prefill_probe.py [--bits 2] [--lengths 512,1024] [--samples 10] [--out DIR]
 
 The passkey prompt through the long-context preset (the newest 128 tokens exact), three ways, then 8 greedy tokens:
-fp (`DynamicCache`); the prompt in one forward, as `generate` does (a chunk is appended, then attended: its queries
-read exactly only the prompt's last 128 tokens); one token at a time (each prompt token reads its 128 newest exactly,
-as a decode step does). Same prompts for the three. A research probe on the CPU: the result and what it means are in
+fp (`DynamicCache`); the prompt in one forward, as `generate` does; one token at a time (each prompt token reads its
+128 newest exactly, as a decode step does). Same prompts for the three. The committed result was measured before
+chunk windows (integration/chunk_window.py), when a chunk was appended, then attended, and its queries read exactly
+only the prompt's last 128 tokens; since then the two prefills differ only by rounding. A research probe on the CPU: the result and what it means are in
 docs/results.md's long-context section. Writes DIR/passkey_prefill.json (default docs/cpu_runs/passkey-prefill).
 """
 

@@ -43,7 +43,8 @@ def load_runs(roots: list[Path]):
                 extra["generations"] = [line for line in (call / "checks.log").read_text().splitlines() if " triton-" in line]
                 extra["generations_source"] = source
             if (call / "kernel_tests.log").exists():
-                tail = (call / "kernel_tests.log").read_text().strip().splitlines()
+                tail = [ln for ln in (call / "kernel_tests.log").read_text().strip().splitlines()
+                        if " passed" in ln or " failed" in ln or " error" in ln]
                 extra["kernel_tests"] = (tail[-1] if tail else "", source)
             if (call / "versions.txt").exists():
                 versions = (call / "versions.txt").read_text().strip()
@@ -65,6 +66,8 @@ def load_runs(roots: list[Path]):
                 variant = r.get("prefill") if kind == "ttft" else None  # TTFT rows differ by chunk size too
                 e2e[(r.get("shape"), r.get("cache"), r.get("compiled"), r.get("context"), r.get("batch") or 1, kind, variant)] = dict(r, source=source)
             capacity += [dict(c, source=source) for c in caps]
+            for f in sorted(call.glob("trace_*.json")) + sorted(call.glob("*/trace_*.json")):
+                TRACES.append(dict(json.loads(f.read_text()), source=f"{source}/{f.relative_to(call)}"))
     decode = {"decode": list(decode_rows.values()), "append": list(appends.values())} if decode_rows else None
     return decode, env, list(e2e.values()), capacity, checks, versions, extra
 
@@ -328,6 +331,7 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
                   "(256K tokens of LLaMA-2-7B are 128 GiB of K/V). Each chunk dequantizes the whole packed prefix, so the "
                   "prefill time grows with the square of the prompt. The capacity below (1.2M tokens at nuq3-1%) was not "
                   "prefilled from a prompt: that would take longer than one 10-minute device call."]
+    lines += trace_section()
     lines += ["", "## Capacity (H200, 139.8 GiB)", "",
               "The longest context that fits beside the model, proven by decode steps; a larger one tried first that did "
               "not fit is in the call's log.", "",
@@ -342,6 +346,51 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
     lines += ["", "![end to end](figures/e2e.png)", ""]
     (DOCS / "e2e.md").write_text("\n".join(lines))
     plot_e2e(dec, capacity)
+
+
+TRACES: list = []  # e2e.py --stages trace summaries, by load_runs
+
+
+def trace_section() -> list[str]:
+    """Where a compiled decode step's wall time goes (e2e.py --stages trace): GPU kernels against the CPU's work."""
+    if not TRACES:
+        return []
+
+    def cpu(t, name):
+        vals = sorted(dict(st["cpu_ops_inclusive_top"]).get(name, 0.0) for st in t["steps"])
+        return vals[len(vals) // 2] / 1000
+
+    lines = ["", "## Where a compiled decode step's time goes", "",
+             "`python benchmarks/e2e.py --out OUT --stages trace --contexts 32768` (`bash benchmarks/call_m.sh`): six "
+             "compiled decode steps of the LLaMA-2-7B shape at 32K under `torch.profiler` (CPU and GPU), each step "
+             "synchronized as the decode rows time them; medians over the steps, ms. *GPU kernels*: the summed time of "
+             "the step's kernels (they never overlap here); *GPU idle*: the step's wall time in which no kernel ran. "
+             "*Guards*: TorchDynamo's cache lookup (the guards on every tensor and object the compiled forward reads); "
+             "*graph call*: the compiled graph's call, CUDA-graph replay and its input checks included.", "",
+             "| cache | CUDA graphs | wall | GPU kernels | kernels | GPU idle | guards | graph call | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t in TRACES:
+        m = t["median"]
+        name = t["source"].rsplit("/", 1)[-1].removeprefix("trace_").split("_")[0]
+        trees = "plain" if "no_trees" in t["source"] else "trees"
+        call = next((k for k in dict(t["steps"][0]["cpu_ops_inclusive_top"]) if k.startswith("## Call CompiledFxGraph")), "")
+        lines.append(f"| {name} | {trees} | {m['wall_us'] / 1000:.2f} | {m['kernel_sum_us'] / 1000:.2f} | {m['kernels']:.0f} | "
+                     f"{(m['wall_us'] - m['gpu_busy_us']) / 1000:.2f} | {cpu(t, 'TorchDynamo Cache Lookup'):.2f} | "
+                     f"{cpu(t, call):.2f} | {t['source']} |")
+    row = {("plain" if "no_trees" in t["source"] else "trees", t["source"].rsplit("/", 1)[-1].split("_")[1]): t for t in TRACES}
+    kv, fp = row.get(("trees", "kvquant-3")), row.get(("trees", "fp16-static"))
+    if kv and fp:
+        idle = lambda t: (t["median"]["wall_us"] - t["median"]["gpu_busy_us"]) / 1000
+        lines += ["", f"The GPU waits on the CPU for {idle(kv):.1f} ms of KVQuant-3's step ({idle(fp):.1f} ms of fp16's): "
+                  f"Dynamo's guards take {cpu(kv, 'TorchDynamo Cache Lookup') - cpu(fp, 'TorchDynamo Cache Lookup'):.1f} ms "
+                  "longer, because the packed cache hands the compiled forward about 30 tensors per layer (codes, ranges, "
+                  "outliers, positions, ring, sink, the kernels' tables) against StaticCache's two, and each tensor input "
+                  "is guarded, then checked again at the CUDA graph's replay. Inductor's plain CUDA graphs instead of its "
+                  "graph trees change little. The kernels take "
+                  f"{(kv['median']['kernel_sum_us'] - fp['median']['kernel_sum_us']) / 1000:.1f} ms longer (the decode "
+                  "attention and the append, docs/kernels.md). One buffer per layer, viewed inside the custom operators, "
+                  "would leave the guards a few tensors per layer; not built yet."]
+    return lines
 
 
 def _shape(c) -> str:

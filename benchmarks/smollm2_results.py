@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fidelity-methods", default="widths", choices=("widths", "presets"),
                         help="fidelity stage: the widths with and without outliers and the baselines, or the long-context preset at 4, 3 and 2 bits")
     parser.add_argument("--fidelity-chunk", type=int, default=512,
-                        help="fidelity stage: tokens fed per forward (a chunk is appended, then attended)")
+                        help="fidelity stage: tokens fed per forward (each query reads its recent window exactly)")
     parser.add_argument("--backend", default="reference", choices=("reference", "auto", "triton"))
     parser.add_argument("--budget", type=float, default=0, help="seconds; skip stages that start after this (0: none)")
     args = parser.parse_args(argv)
