@@ -49,6 +49,7 @@ CAPACITY_STEP = 0.96  # --capacity-step: the next context tried when one does no
 SKIP: set = set()  # --skip: rows ("name:eager" / "name:compiled") not to run
 TTFT_ONCE = False  # --ttft-once: one timed prefill per case after a short warm-up (prompts too long to run three times)
 BACKEND = "inductor"  # --compile-backend: "inductor" (mode="reduce-overhead") or "cudagraphs" (no kernel fusion)
+TTFT_WINDOW = 0  # --ttft-window W: also KVQuant-3 with an exact recent window of W tokens (each chunk query reads its own)
 TREES = True  # --no-cudagraph-trees: inductor's plain CUDA graphs instead of its graph trees (their per-replay checks)
 
 
@@ -429,7 +430,9 @@ def stage_ttft(run, model, shape, tokens, chunks, configs, profile_chunk=0):
         if name == "fp16-dynamic":
             cache = DynamicCache(config=model.config)
         else:
-            cache = KVQuantCache(model, configs[3], backend="triton" if gpu else "reference", max_cache_len=tokens + 8)
+            window = int(name.rsplit("window", 1)[1]) if "window" in name else 0  # the long-context preset's exact window
+            cache = KVQuantCache(model, configs[3], backend="triton" if gpu else "reference", max_cache_len=tokens + 8,
+                                 recent_window=window)
         with torch.no_grad():
             for a in range(0, n, step):
                 part = ids[:, a : min(a + step, n)]
@@ -440,6 +443,7 @@ def stage_ttft(run, model, shape, tokens, chunks, configs, profile_chunk=0):
         sync()
 
     cases = [("fp16-dynamic", tokens)] + [("kvquant-3", c) for c in chunks]
+    cases += [(f"kvquant-3-window{TTFT_WINDOW}", c) for c in chunks] if TTFT_WINDOW else []
     for name, step in cases:
         if run.left() < 40 or f"{name}:ttft" in SKIP:
             continue
@@ -553,6 +557,8 @@ def main() -> None:
     ap.add_argument("--capacity-step", type=float, default=0.96)
     ap.add_argument("--ttft-once", action="store_true", help="ttft: one timed prefill per case after a short warm-up")
     ap.add_argument("--skip", default="", help="rows to leave out, e.g. quanto-int4:eager,kvquant-2:compiled")
+    ap.add_argument("--ttft-window", type=int, default=0,
+                    help="ttft: also KVQuant-3 with this exact recent window (the long-context preset: 128)")
     ap.add_argument("--no-cudagraph-trees", action="store_true",
                     help="inductor's plain CUDA graphs, not its graph trees (trace rows say which)")
     ap.add_argument("--compile-backend", default="inductor", choices=("inductor", "cudagraphs"),
@@ -561,7 +567,8 @@ def main() -> None:
     global BACKEND
     BACKEND = args.compile_backend
     SKIP.update(filter(None, args.skip.split(",")))
-    global TREES
+    global TREES, TTFT_WINDOW
+    TTFT_WINDOW = args.ttft_window
     TREES = not args.no_cudagraph_trees
     if not TREES:
         import torch._inductor.config
