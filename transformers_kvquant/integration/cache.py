@@ -85,7 +85,8 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         self._before_append()
         # a chunk's queries read their own W newest slots exactly, as decode steps do (the ring's copies of the slots
         # before the chunk are taken now: the append may overwrite them)
-        self._chunk = ChunkWindow.capture(self.store, self.store.start, key_states, value_states)
+        if key_states.shape[-2] > 1 or self._chunk is not None:  # a decode step stores no attribute (compiled steps)
+            self._chunk = ChunkWindow.capture(self.store, self.store.start, key_states, value_states)
         self.store.append(key_states, value_states, positions)
         self._returned_begin = self._visible_begin(key_states.shape[-2])
         if self.uses_kernels:
@@ -192,7 +193,9 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
 
     def take_chunk(self) -> ChunkWindow | None:
         """The exact window of the chunk the last update stored (once), or None."""
-        chunk, self._chunk = self._chunk, None
+        chunk = self._chunk
+        if chunk is not None:
+            self._chunk = None
         return chunk
 
     @property
