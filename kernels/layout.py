@@ -314,6 +314,10 @@ class PackedCache:
     sink_keys: torch.Tensor  # [B, H, N, D]
     sink_values: torch.Tensor
     sink_slot: torch.Tensor  # [B, N] int64, -1 = none
+    # A static cache's tensors are views into one buffer (:func:`consolidate`); the operators of ``ops`` then hand
+    # a compiled step that buffer alone, so TorchDynamo guards one tensor per layer instead of twenty-one.
+    arena: torch.Tensor | None = None
+    arena_spec: int | None = None
 
     @property
     def batch(self) -> int:
@@ -335,9 +339,17 @@ class PackedCache:
     def outliers(self) -> int:
         return self.key_outlier_index.shape[2]
 
+    def device_length(self, from_arena: bool) -> torch.Tensor:
+        """The slots written, as a 0-d device tensor; ``from_arena``: read through the arena, for a compiled step
+        whose operators take the arena (another input aliasing it, mutated with another dtype, is something
+        torch.compile refuses), not for one that reads the tensors themselves (the reference path)."""
+        if self.arena is None or not from_arena:
+            return self.length[0]
+        return arena_views(self.arena, self.arena_spec, ("length",))["length"][0]
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor field by name."""
-        return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        """Every tensor field by name (the arena, when there is one, is their storage, not a field)."""
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor) and k != "arena"}
 
 
 BLOCK = 128  # capacities are whole blocks of slots: the decode kernel loads a block of codes unmasked
@@ -395,7 +407,7 @@ def allocate(
 def regrow(cache: PackedCache, capacity: int, used: int) -> PackedCache:
     """A copy of ``cache`` with room for ``capacity`` slots (whole blocks) and its first ``used`` slots copied."""
     cap = round_capacity(capacity)
-    fields = dict(cache.__dict__)
+    fields = _fields(cache)
     for name, axis in SLOT_AXIS.items():
         old = fields[name]
         shape = list(old.shape)
@@ -411,10 +423,60 @@ def map_rows(cache: PackedCache, fn) -> PackedCache:
     """``cache`` with a batch-axis operation (beam reorder, select, repeat) applied to every per-row tensor."""
     per_row = set(SLOT_AXIS) | {"window_keys", "window_values", "sink_keys", "sink_values", "sink_slot"}
     per_row.discard("length")
-    fields = dict(cache.__dict__)
+    fields = _fields(cache)
     for name in per_row:
         fields[name] = fn(fields[name]).contiguous()
     return PackedCache(**fields)
+
+
+def _fields(cache: PackedCache) -> dict:
+    """The fields of ``cache`` for a new one with new tensors (no arena: the new tensors are not views into it)."""
+    return {k: v for k, v in cache.__dict__.items() if k not in ("arena", "arena_spec")}
+
+
+# ---------------------------------------------------------------------------------------------- one buffer per layer
+ARENA_ALIGN = 256  # bytes: every view starts aligned (Triton specializes pointers on 16-byte alignment)
+_ARENA_SPECS: list[tuple] = []  # spec id -> ((name, dtype, shape, byte offset), ...)
+
+
+def _spec_id(spec: tuple) -> int:
+    """A small integer for a layout of views (one per distinct layout: a compiled graph keeps it as a constant)."""
+    if spec not in _ARENA_SPECS:
+        _ARENA_SPECS.append(spec)
+    return _ARENA_SPECS.index(spec)
+
+
+def arena_views(arena: torch.Tensor, spec_id: int, names=None) -> dict[str, torch.Tensor]:
+    """The named tensors that ``arena`` (uint8) holds in the layout ``spec_id`` (views: writes go to the arena);
+    ``names``: only those."""
+    out = {}
+    for name, dtype, shape, offset in _ARENA_SPECS[spec_id]:
+        if names is not None and name not in names:
+            continue
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out[name] = arena[offset : offset + size].view(dtype).view(shape)
+    return out
+
+
+def pack_arena(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """``tensors`` copied into one uint8 buffer: ``(arena, spec id, views in it by name)``."""
+    spec, offset = [], 0
+    for name, t in tensors.items():
+        spec.append((name, t.dtype, tuple(t.shape), offset))
+        offset += -(-t.numel() * t.element_size() // ARENA_ALIGN) * ARENA_ALIGN
+    device = next(iter(tensors.values())).device
+    arena = torch.zeros(max(offset, ARENA_ALIGN), dtype=torch.uint8, device=device)
+    spec_id = _spec_id(tuple(spec))
+    views = arena_views(arena, spec_id)
+    for name, t in tensors.items():
+        views[name].copy_(t)
+    return arena, spec_id, views
+
+
+def consolidate(cache: PackedCache) -> PackedCache:
+    """``cache`` with every tensor a view into one buffer (a static cache: its tensors never change size)."""
+    arena, spec_id, views = pack_arena(cache.tensors())
+    return PackedCache(**{**_fields(cache), **views}, arena=arena, arena_spec=spec_id)
 
 
 def nbytes(cache: PackedCache, slots: int) -> dict[str, int]:
@@ -444,6 +506,8 @@ class KernelConstants:
     key_table16: torch.Tensor  # [2**bits] fp16 (interpreter path)
     value_table16: torch.Tensor
     inv_freq: torch.Tensor  # [D/2] fp32
+    arena: torch.Tensor | None = None  # the buffer the tables are views into (:func:`pack_arena`)
+    arena_spec: int | None = None
 
 
 def block_size(bits: int) -> int:
@@ -456,8 +520,7 @@ def kernel_constants(cache: PackedCache, inv_freq: torch.Tensor, block_n: int) -
     dev = cache.key_codes.device
     d = cache.head_dim
     angle = torch.arange(block_n, device=dev, dtype=torch.float32)[:, None] * inv_freq.float().to(dev)[None, :]
-    return KernelConstants(
-        block_n=block_n,
+    tables = dict(
         key_tile_channels=torch.tensor(tile_channels(d, True), device=dev, dtype=torch.int32),
         value_tile_channels=torch.tensor(tile_channels(d, False), device=dev, dtype=torch.int32),
         offset_cos=angle.cos().to(torch.float16).contiguous(),
@@ -468,3 +531,5 @@ def kernel_constants(cache: PackedCache, inv_freq: torch.Tensor, block_n: int) -
         value_table16=cache.value_table.to(dev, torch.float16).contiguous(),
         inv_freq=inv_freq.to(dev).float().contiguous(),
     )
+    arena, spec_id, views = pack_arena(tables)
+    return KernelConstants(block_n=block_n, **views, arena=arena, arena_spec=spec_id)

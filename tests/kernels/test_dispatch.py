@@ -158,7 +158,7 @@ def test_every_tensor_a_compiled_step_reads_has_a_fixed_address():
     for layer in cache.layers:
         tables = [t for t in vars(layer.kernel_tables[1]).values() if isinstance(t, torch.Tensor)]
         buffers = list(layer.store.cache.tensors().values())
-        assert len(tables) == 9 and buffers
+        assert len(tables) == 10 and buffers  # nine tables and the buffer they are views into
         unmarked = [i for i, t in enumerate(tables + buffers) if getattr(t, "_dynamo_static_input_type", None) is None]
         assert unmarked == []
 
@@ -221,3 +221,39 @@ def test_prefill_chunks_read_their_window_exactly_with_the_kernels():
     assert worst(fused.float().cpu(), ref.float().cpu()) < 2e-3
     plain = logits_by_chunks(model, cfg, ids, (9, 15), backend="triton", recent_window=0, sink_tokens=1)
     assert worst(plain.float().cpu(), ref.float().cpu()) > 2e-2
+
+
+def test_compiled_step_with_the_kernels_reads_one_buffer_per_layer_and_matches_eager():
+    """gpt-fast style compiled decode steps over a static cache with the kernels: the same logits as eager steps,
+    and the compiled graph takes from the cache only each layer's buffer and kernel tables (two tensors per layer:
+    TorchDynamo guards every tensor input, and a view of a mutated buffer as a second input is refused)."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=64).to(DEVICE)
+    cfg = quick_config(model, bits=3, outlier_fraction=0.05)
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    placeholders = []
+
+    def recording(gm, example_inputs):
+        placeholders.append([n.name for n in gm.graph.nodes if n.op == "placeholder"])
+        return gm.forward
+
+    def steps(compiled):
+        cache = KVQuantCache(model, cfg, backend="triton", max_cache_len=64)
+        forward = torch.compile(model.forward, fullgraph=True, backend=recording) if compiled else model.forward
+        logits = []
+        with torch.no_grad():
+            token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            for p in range(5, 8):
+                where = torch.tensor([p], device=DEVICE)
+                out = forward(input_ids=token, past_key_values=cache, cache_position=where, position_ids=where[None],
+                              use_cache=True)
+                logits.append(out.logits[:, -1])
+                token = out.logits[:, -1:].argmax(-1)
+        return torch.stack(logits)
+
+    eager = steps(False)
+    torch._dynamo.reset()
+    compiled = steps(True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert len(placeholders) == 1  # one graph for every step
+    from_cache = [n for n in placeholders[0] if "past_key_values" in n]
+    assert len(from_cache) == 4 and all(n.endswith("arena") for n in from_cache), from_cache

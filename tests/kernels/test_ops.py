@@ -5,9 +5,10 @@ in a row see each other's writes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers_kvquant.kernels import ops
-from transformers_kvquant.kernels.layout import block_size, kernel_constants
+from transformers_kvquant.kernels.layout import block_size, consolidate, kernel_constants
 from transformers_kvquant.kernels.rope import rope_inv_freq
 from transformers_kvquant.kernels.synthetic import random_cache
 
@@ -19,13 +20,28 @@ def _step(cache, consts, k, v, pos, q):
     return ops.decode(q, cache, consts)
 
 
-def test_compiled_step_equals_eager():
+@pytest.mark.parametrize("one_buffer", [False, True], ids=["tensors", "arena"])
+def test_compiled_step_equals_eager(one_buffer):
+    """Both forms of the operators: the cache's tensors one by one, and a static cache's one buffer (``consolidate``),
+    whose compiled step reads two tensors of the layer (cache and kernel tables) instead of thirty."""
+    from torch._dynamo.backends.common import aot_autograd
+
     b, h, g, d, bits = 2, 2, 2, 64, 3
     caches = [random_cache(b, h, d, bits, 60, outliers=1, recent_window=4, sink_tokens=1, capacity=128, device=DEVICE,
                            seed=7) for _ in range(2)]
+    if one_buffer:
+        caches = [consolidate(c) for c in caches]
     consts = kernel_constants(caches[0], rope_inv_freq(d).to(DEVICE), block_size(bits))
+    if not one_buffer:
+        consts.arena = None
     gen = torch.Generator().manual_seed(3)
-    compiled = torch.compile(_step, fullgraph=True, backend="aot_eager")
+    inputs = []
+
+    def counting(gm, example_inputs):
+        inputs.append(len(example_inputs))
+        return gm.forward
+
+    compiled = torch.compile(_step, fullgraph=True, backend=aot_autograd(fw_compiler=counting))
     for step in range(2):  # two steps: the second reads what the first appended
         k = torch.randn(b, h, 1, d, generator=gen).to(DEVICE, torch.float16)
         v = torch.randn(b, h, 1, d, generator=gen).to(DEVICE, torch.float16)
@@ -39,3 +55,5 @@ def test_compiled_step_equals_eager():
     for name, t in caches[0].tensors().items():
         assert torch.equal(t, caches[1].tensors()[name]), name
     assert int(caches[1].length) == 62
+    # graph inputs: k, v, positions, q and the cache (+ the kernel tables): 6 with the buffers, 34 without
+    assert inputs and inputs[0] == (6 if one_buffer else 4 + 21 + 9), inputs

@@ -131,7 +131,7 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         if self.store is None:
             return 0
         if self.static:  # a device value (no synchronization), like StaticLayer's
-            return self.store.device_length[0] if self.settings.bits == 16 else self.store.cache.length[0]
+            return self.store.device_length[0] if self.settings.bits == 16 else self.store.cache.device_length(self.uses_kernels)
         return self.store.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

@@ -328,8 +328,16 @@ class PackedStore(KVStore):
             self.cache.window_keys = keys.new_zeros(b, h, ring, d)
             self.cache.window_values = values.new_zeros(b, h, ring, d)
         if self.static:
-            _mark_static(*self.cache.tensors().values())
+            self._fix_buffers()
         self.initialized = True
+
+    def _fix_buffers(self) -> None:
+        """A static store's tensors become views into one buffer with a fixed address (a compiled step reads and
+        CUDA graphs capture that one buffer per layer: kernels.layout.consolidate)."""
+        from ..kernels.layout import consolidate
+
+        self.cache = consolidate(self.cache)
+        _mark_static(self.cache.arena, *self.cache.tensors().values())
 
     @property
     def capacity(self) -> int:
@@ -444,7 +452,7 @@ class PackedStore(KVStore):
         self.cache = map_rows(self.cache, fn)
         self.batch = self.cache.batch
         if self.static:
-            _mark_static(*self.cache.tensors().values())
+            self._fix_buffers()
 
     # ------------------------------------------------------------------------------------------ accounting
     @property
