@@ -102,9 +102,9 @@ def cache_gib(cache) -> float:
                 q = getattr(layer, name, None)
                 if q is not None:
                     tensors += [t for t in vars(q).values() if isinstance(t, torch.Tensor)]
-        for t in tensors:
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
+        for t in tensors:  # by storage: a static packed cache's tensors are views into one buffer per layer
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
                 total += t.untyped_storage().nbytes()
     return total / GIB
 

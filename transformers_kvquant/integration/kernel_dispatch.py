@@ -75,10 +75,13 @@ def prepare(layer, rotary, device) -> None:
 
 def _constants(layer, rotary, device):
     """The layer's decode tables: they depend on the codebooks and the frequencies only, so they stay valid when
-    the store regrows or reorders its rows (the codebook tensors travel unchanged)."""
+    the store regrows or reorders its rows; they are made again for another store's quantizers (keyed by the key
+    quantizer, a Python object: a compiled step guards it by identity, not as one more tensor)."""
     store = layer.store
     tables = layer.kernel_tables
-    if tables is None or tables[0] is not store.cache.key_table:
+    if tables is not None and torch.compiler.is_compiling():
+        return tables[1]  # made with the store (prepare); a compiled step only reads them and guards no comparison
+    if tables is None or tables[0] is not store.key_quantizer:
         consts = kernel_constants(store.cache, rotary.inv_freq.to(device), block_size(store.cache.bits))
         if not torch.compiler.is_compiling():
             # Fixed addresses, like the cache's own buffers: a CUDA graph (torch.compile's "reduce-overhead") copies
@@ -87,7 +90,7 @@ def _constants(layer, rotary, device):
             for t in vars(consts).values():
                 if isinstance(t, torch.Tensor):
                     torch._dynamo.mark_static_address(t)
-        tables = (store.cache.key_table, consts)
+        tables = (store.key_quantizer, consts)
         layer.kernel_tables = tables
     return tables[1]
 

@@ -337,10 +337,13 @@ class PackedStore(KVStore):
         from ..kernels.layout import consolidate
 
         self.cache = consolidate(self.cache)
+        self._static_capacity = self.cache.capacity
         _mark_static(self.cache.arena, *self.cache.tensors().values())
 
     @property
     def capacity(self) -> int:
+        if self.static and self.cache is not None:
+            return self._static_capacity  # a Python int: a compiled step reads no tensor for it
         return self.cache.capacity if self.cache is not None else 0
 
     @property
