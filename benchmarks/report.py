@@ -256,7 +256,11 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
         "*Eager*: `model.forward` per step. *Compiled*: `torch.compile(model.forward, mode=\"reduce-overhead\", "
         "fullgraph=True)` (inductor, CUDA graphs) over the static caches: the gpt-fast loop, and what generate does for "
         "a compileable cache. Batch 1, except the equal-memory rows (`--stages throughput`: fp16 at batch 4 against "
-        "the KVQuant-3 batch whose cache fits in the same bytes).",
+        "the KVQuant-3 batch whose cache fits in the same bytes). *Cache GiB* is what the cache allocated: a compiled "
+        "KVQuant cache is sized once for the run's longest context (one graph serves every context), so its shorter "
+        "rows show the longer context's bytes. The compiled 32K rows shown come from h200-2026-12-03/call3 (a 32K-only "
+        "run: x0.77); call2 timed 32K in a run with 128K on another machine (13.2 against fp16's 10.7 ms, x0.81). The "
+        "one-buffer static cache (that root) has the same layout and bytes as before.",
         "",
         "## Acceptance (issue: compiled decoding)",
         "",
