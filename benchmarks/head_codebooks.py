@@ -25,17 +25,19 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 from transformers_kvquant.calibration import calibration_windows, collect_statistics  # noqa: E402
 from transformers_kvquant.evaluation import simulation as sim  # noqa: E402
-from transformers_kvquant.evaluation.datasets import default_calibration_path, load_text, parse_documents  # noqa: E402
-from transformers_kvquant.evaluation.perplexity import evaluate_perplexity, make_method, token_windows  # noqa: E402
+from transformers_kvquant.evaluation.datasets import default_calibration_path, load_text  # noqa: E402
+from transformers_kvquant.evaluation.perplexity import make_method  # noqa: E402
 from transformers_kvquant.models import load_model  # noqa: E402
+
 from transformers_kvquant.quant.codebook import Codebook  # noqa: E402
 from transformers_kvquant.quant.kmeans import SortedSamples, weighted_kmeans_1d  # noqa: E402
 from transformers_kvquant.quant.quantizer import ChannelKeyQuantizer, fake_quantize  # noqa: E402
+
+from probe_rows import perplexity_rows  # noqa: E402
 
 
 def fit_books(stats, quantizers, bits: int, heads: int, head_dim: int, sink: int):
@@ -100,14 +102,7 @@ def main() -> None:
         methods[f"per-head nuq{bits}-1%"] = HeadBooks(base.config, per_head, f"head-{bits}", w)
     print(f"codebooks {time.time() - t0:.0f} s", flush=True)
     del stats
-    res = {"args": vars(args), "rows": {}}
-    for name, text in (("wikitext2", load_text(str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))),
-                       ("c4", load_text(str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"), parse_documents("150:")))):
-        wins = token_windows(tok, text, 2048, args.windows)
-        for label, m in [("fp", None), *methods.items()]:
-            r = evaluate_perplexity(model, wins, m, progress=False)
-            print(f"{name} {label:26s} ppl {r.ppl:8.3f} bits {r.avg_bits:.3f} ({r.seconds:.0f}s)", flush=True)
-            res["rows"].setdefault(label, {})[name] = {"ppl": r.ppl, "bits": r.avg_bits}
+    res = {"args": vars(args), "rows": perplexity_rows(model, tok, methods, args.windows)}
     out = REPO / "docs" / "cpu_runs" / f"head-codebooks-{args.windows}windows"
     out.mkdir(parents=True, exist_ok=True)
     res["seconds"] = round(time.time() - t0, 1)

@@ -23,34 +23,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 from transformers_kvquant.evaluation import simulation as sim  # noqa: E402
-from transformers_kvquant.evaluation.datasets import load_text, parse_documents  # noqa: E402
-from transformers_kvquant.evaluation.perplexity import evaluate_perplexity, make_method, token_windows  # noqa: E402
+from transformers_kvquant.evaluation.perplexity import make_method  # noqa: E402
 from transformers_kvquant.models import load_model  # noqa: E402
 
-
-class HeadValueRanges(sim.KVQuantMethod):
-    """Values with a zero and scale per (token, KV head) instead of per token over all heads, ``value_slots``
-    outliers per (token, head), ``key_slots`` for keys (the shipped value codebook)."""
-
-    def __init__(self, config, key_slots: int, value_slots: int, **kw):
-        super().__init__(config, **kw)
-        for q in self._key_q:
-            q.head_slots = key_slots
-            q.outliers = key_slots > 0
-        for q in self._value_q:
-            q.slots = value_slots
-
-    def avg_bits(self, heads, head_dim, tokens):
-        """The shipped layout's bits plus a 16-bit zero and scale per (token, head) beyond the first head's."""
-        return super().avg_bits(heads, head_dim, tokens) + 32 * (heads - 1) / (2 * heads * head_dim)
-
-    def values(self, layer, values):
-        q = self._value_q[layer]
-        return torch.cat([sim.fake_quantize(q, values[:, h : h + 1]) for h in range(values.shape[1])], 1)
+from probe_rows import perplexity_rows  # noqa: E402
 
 
 class SplitOutliers(sim.KVQuantMethod):
@@ -63,6 +42,19 @@ class SplitOutliers(sim.KVQuantMethod):
             q.outliers = key_slots > 0
         for q in self._value_q:
             q.slots = value_slots
+
+
+class HeadValueRanges(SplitOutliers):
+    """Values with a zero and scale per (token, KV head) instead of per token over all heads, ``value_slots``
+    outliers per (token, head), ``key_slots`` for keys (the shipped value codebook)."""
+
+    def avg_bits(self, heads, head_dim, tokens):
+        """The shipped layout's bits plus a 16-bit zero and scale per (token, head) beyond the first head's."""
+        return super().avg_bits(heads, head_dim, tokens) + 32 * (heads - 1) / (2 * heads * head_dim)
+
+    def values(self, layer, values):
+        q = self._value_q[layer]
+        return torch.cat([sim.fake_quantize(q, values[:, h : h + 1]) for h in range(values.shape[1])], 1)
 
 
 def main() -> None:
@@ -89,14 +81,7 @@ def main() -> None:
     if args.rows:
         methods = {k: m for k, m in methods.items() if any(r in k for r in args.rows.split(","))}
     t0 = time.time()
-    res = {"args": vars(args), "rows": {}}
-    for name, text in (("wikitext2", load_text(str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))),
-                       ("c4", load_text(str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"), parse_documents("150:")))):
-        wins = token_windows(tok, text, 2048, args.windows)
-        for label, m in [("fp", None), *methods.items()]:
-            r = evaluate_perplexity(model, wins, m, progress=False)
-            print(f"{name} {label:28s} ppl {r.ppl:8.3f} bits {r.avg_bits:.3f} ({r.seconds:.0f}s)", flush=True)
-            res["rows"].setdefault(label, {})[name] = {"ppl": r.ppl, "bits": r.avg_bits}
+    res = {"args": vars(args), "rows": perplexity_rows(model, tok, methods, args.windows)}
     out = REPO / "docs" / "cpu_runs" / f"outlier-split-{args.windows}windows"
     out.mkdir(parents=True, exist_ok=True)
     res["seconds"] = round(time.time() - t0, 1)
