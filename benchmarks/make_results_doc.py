@@ -603,16 +603,22 @@ def block_section(folder: Path) -> list[str]:
     return lines
 
 
+def _probe_table(run: dict) -> dict:
+    """A probe's ``{label: {dataset: {"ppl", "bits"}}}`` rows as ``_ppl_table`` takes them: rows by dataset."""
+    data: dict = {}
+    for label, per in run["rows"].items():
+        for name, r in per.items():
+            data.setdefault(name, []).append({"label": label, "ppl": r["ppl"], "avg_bits": r["bits"]})
+    return data
+
+
 HEAD_MARKS = ("<!-- head codebooks: begin -->", "<!-- head codebooks: end -->")
 
 
 def head_codebook_section(folder: Path) -> list[str]:
     """Per-head key codebooks against one per layer (``benchmarks/head_codebooks.py``)."""
     run = json.loads((folder / "head_codebooks.json").read_text())
-    data: dict = {}
-    for label, per in run["rows"].items():
-        for name, r in per.items():
-            data.setdefault(name, []).append({"label": label, "ppl": r["ppl"], "avg_bits": r["bits"]})
+    data = _probe_table(run)
     a = run["args"]
     lines = [HEAD_MARKS[0], "## Per-head key codebooks (issue lever 2: measured, dropped)", "",
              "The shipped 1% configs with the long-context preset, three times, differing only in the key codebook: the "
@@ -649,10 +655,7 @@ SPLIT_MARKS = ("<!-- outlier split: begin -->", "<!-- outlier split: end -->")
 def outlier_split_section(folder: Path) -> list[str]:
     """The 4-bit preset's remaining levers at equal bytes (``benchmarks/outlier_split.py``)."""
     run = json.loads((folder / "outlier_split.json").read_text())
-    data: dict = {}
-    for label, per in run["rows"].items():
-        for name, r in per.items():
-            data.setdefault(name, []).append({"label": label, "ppl": r["ppl"], "avg_bits": r["bits"]})
+    data = _probe_table(run)
     a = run["args"]
     by = {name: {r["label"]: r["ppl"] for r in rows} for name, rows in data.items()}
     lines = [SPLIT_MARKS[0], "## The 4-bit preset: outlier split, sink tokens, per-head value ranges (measured, dropped)", "",

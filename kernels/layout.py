@@ -436,7 +436,7 @@ def _fields(cache: PackedCache) -> dict:
 
 # ---------------------------------------------------------------------------------------------- one buffer per layer
 ARENA_ALIGN = 256  # bytes: every view starts aligned (Triton specializes pointers on 16-byte alignment)
-_ARENA_SPECS: list[tuple] = []  # spec id -> ((name, dtype, shape, byte offset), ...)
+_ARENA_SPECS: list[tuple] = []  # spec id -> ((name, dtype, shape, byte offset, bytes), ...)
 
 
 def _spec_id(spec: tuple) -> int:
@@ -450,11 +450,9 @@ def arena_views(arena: torch.Tensor, spec_id: int, names=None) -> dict[str, torc
     """The named tensors that ``arena`` (uint8) holds in the layout ``spec_id`` (views: writes go to the arena);
     ``names``: only those."""
     out = {}
-    for name, dtype, shape, offset in _ARENA_SPECS[spec_id]:
-        if names is not None and name not in names:
-            continue
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out[name] = arena[offset : offset + size].view(dtype).view(shape)
+    for name, dtype, shape, offset, size in _ARENA_SPECS[spec_id]:  # every operator call: no work beyond the views
+        if names is None or name in names:
+            out[name] = arena[offset : offset + size].view(dtype).view(shape)
     return out
 
 
@@ -462,8 +460,9 @@ def pack_arena(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dic
     """``tensors`` copied into one uint8 buffer: ``(arena, spec id, views in it by name)``."""
     spec, offset = [], 0
     for name, t in tensors.items():
-        spec.append((name, t.dtype, tuple(t.shape), offset))
-        offset += -(-t.numel() * t.element_size() // ARENA_ALIGN) * ARENA_ALIGN
+        size = t.numel() * t.element_size()
+        spec.append((name, t.dtype, tuple(t.shape), offset, size))
+        offset += -(-size // ARENA_ALIGN) * ARENA_ALIGN
     device = next(iter(tensors.values())).device
     arena = torch.zeros(max(offset, ARENA_ALIGN), dtype=torch.uint8, device=device)
     spec_id = _spec_id(tuple(spec))
