@@ -39,6 +39,7 @@ def test_register_is_idempotent():
     registration.register()
     registration.register()
     assert cu.ALL_CACHE_IMPLEMENTATIONS.count("kvquant") == 1
+    assert cu.ALL_STATIC_CACHE_IMPLEMENTATIONS.count("kvquant") == 1  # max_cache_len is not warned about as ignored
     assert GenerationMixin._prepare_cache_for_generation is before
     wrapped = GenerationMixin._prepare_cache_for_generation
     assert wrapped._kvquant and not getattr(wrapped.__wrapped__, "_kvquant", False)  # wrapped exactly once

@@ -124,6 +124,32 @@ def test_quantized_static_generates_the_growing_caches_tokens(bits, stories):
     assert worst < 5e-3  # the same keys and values; attention runs over the whole (masked) capacity
 
 
+def test_generate_keeps_the_largest_capacity_across_calls(stories, monkeypatch):
+    """As for transformers' "static": a later call with fewer tokens keeps the earlier, larger capacity (a compiled
+    step is specialized to it), and ``max_cache_len`` sizes the cache for the worst case up front."""
+    model, tok = stories
+    config = quick_config(model, bits=3)
+    batch = left_padded(tok)
+    prompt = batch["input_ids"].shape[1]
+    monkeypatch.setattr(model, "_previous_max_cache_length", -1, raising=False)
+    kv = {"cache_implementation": "kvquant", "cache_config": {"config": config}}
+    long = generate(model, batch, max_new_tokens=140, **kv)
+    capacity = long.past_key_values.layers[0].settings.capacity
+    assert capacity == 128 * -(-(prompt + 140) // 128) > 128
+    short = generate(model, batch, max_new_tokens=4, **kv)
+    assert short.past_key_values.layers[0].settings.capacity == capacity
+    assert torch.equal(short.sequences, long.sequences[:, : prompt + 4])
+    sized = generate(model, batch, max_new_tokens=4, max_cache_len=600, **kv)
+    assert sized.past_key_values.layers[0].settings.capacity == 640
+    with pytest.raises(ValueError, match="max_cache_len=600 sizes a static cache"):
+        generate(model, batch, max_new_tokens=4, max_cache_len=600, cache_implementation="kvquant",
+                 cache_config={"config": config, "static": False})
+    # an explicit capacity in cache_config is taken as it is
+    fixed = generate(model, batch, max_new_tokens=4, cache_implementation="kvquant", cache_config={"config": config, "max_cache_len": 64})
+    assert fixed.past_key_values.layers[0].settings.capacity == 128
+    unpatch_model(model)
+
+
 def test_capacity_overflow_is_a_clear_error_before_any_write(stories):
     model, tok = stories
     config = quick_config(model, bits=3)

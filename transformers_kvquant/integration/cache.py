@@ -308,16 +308,28 @@ class KVQuantCache(PreRopeCache):
 
     @classmethod
     def for_generate(cls, model, generate_length: int, /, **cache_config):
-        """The cache ``generate(cache_implementation="kvquant")`` makes: static with generate's own maximum length
-        unless ``cache_config`` sets ``max_cache_len`` or ``static=False``."""
+        """The cache ``generate(cache_implementation="kvquant")`` makes: static unless ``cache_config`` sets
+        ``static=False``, with ``cache_config["max_cache_len"]`` as its capacity if given, else the largest of
+        generate's maximum length and the capacity of this model's previous such cache.
+
+        Like transformers' static cache, the capacity never shrinks from one call to the next: a compiled decode
+        step is specialized to it, so a call with a longer prompt or more new tokens would otherwise recompile
+        (and after a few such calls, TorchDynamo gives up and runs eagerly)."""
         # positional-only: cache_config may hold its own max_cache_len
         opts = dict(cache_config)
         if opts.get("static") is not False and not opts.get("max_cache_len") and opts.get("outliers") != "uncapped":
-            opts["max_cache_len"] = generate_length
+            length = max(generate_length, getattr(model, _PREVIOUS_CAPACITY, 0))
+            setattr(model, _PREVIOUS_CAPACITY, length)
+            opts["max_cache_len"] = length
         return cls(model, **opts)
 
     def __repr__(self):
         return f"KVQuantCache({self.settings.describe()}, layers={len(self.layers)})"
+
+
+# The attribute transformers' own static cache keeps on the model (5.17 to 5.25 at least): shared, so "static" and
+# "kvquant" calls size their caches alike; if a release drops it, this one is still ours to keep.
+_PREVIOUS_CAPACITY = "_previous_max_cache_length"
 
 
 def _layer_types(text_config):

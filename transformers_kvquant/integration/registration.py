@@ -3,8 +3,9 @@
 transformers 5.x has no public registry of cache implementations, so ``import transformers_kvquant`` makes
 three changes (each checked against the generation API it relies on, not against a list of versions):
 
-1. adds ``"kvquant"`` to ``generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS`` (validation reads that
-   module global at call time);
+1. adds ``"kvquant"`` to ``generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS`` and
+   ``ALL_STATIC_CACHE_IMPLEMENTATIONS`` (validation reads these module globals at call time; the second only decides
+   whether ``generation_config.max_cache_len`` is warned about as ignored, and a kvquant cache honours it);
 2. wraps ``GenerationMixin._prepare_cache_for_generation`` so that name builds a :class:`KVQuantCache` from
    ``cache_config`` (any other name goes to the original method untouched);
 3. wraps ``GenerationConfig.save_pretrained`` and ``GenerationConfig.__init__`` so a saved
@@ -49,8 +50,9 @@ def check_transformers() -> None:
             f"transformers-kvquant needs transformers >=5.17,<6, found {transformers.__version__}"
         )
     problems = []
-    if not isinstance(getattr(cu, "ALL_CACHE_IMPLEMENTATIONS", None), tuple):
-        problems.append("generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS is not a tuple")
+    for name in ("ALL_CACHE_IMPLEMENTATIONS", "ALL_STATIC_CACHE_IMPLEMENTATIONS"):
+        if not isinstance(getattr(cu, name, None), tuple):
+            problems.append(f"generation.configuration_utils.{name} is not a tuple")
     method = getattr(GenerationMixin, "_prepare_cache_for_generation", None)
     original = getattr(method, "__wrapped__", method)
     if original is None or list(inspect.signature(original).parameters)[:6] != _EXPECTED_PARAMS:
@@ -84,6 +86,8 @@ def register() -> None:
     check_transformers()
     if NAME not in cu.ALL_CACHE_IMPLEMENTATIONS:
         cu.ALL_CACHE_IMPLEMENTATIONS = cu.ALL_CACHE_IMPLEMENTATIONS + (NAME,)
+    if NAME not in cu.ALL_STATIC_CACHE_IMPLEMENTATIONS:
+        cu.ALL_STATIC_CACHE_IMPLEMENTATIONS = cu.ALL_STATIC_CACHE_IMPLEMENTATIONS + (NAME,)
 
     current = GenerationMixin._prepare_cache_for_generation
     if not getattr(current, "_kvquant", False):
@@ -123,7 +127,15 @@ def _wrap_prepare_cache(original):
         cache_config = copy.deepcopy(generation_config.cache_config) if generation_config.cache_config else {}
         if not isinstance(cache_config, dict):
             raise TypeError(f"cache_config for cache_implementation='kvquant' must be a dict, got {type(cache_config).__name__}")
-        model_kwargs[created[0]] = KVQuantCache.for_generate(self, max_cache_length, **cache_config)
+        # generation_config.max_cache_len: the capacity for the worst case across calls, as for "static"
+        worst_case = getattr(generation_config, "max_cache_len", None)
+        if worst_case and (cache_config.get("static") is False or cache_config.get("outliers") == "uncapped"):
+            raise ValueError(
+                f"generation_config.max_cache_len={worst_case} sizes a static cache, but cache_config asks for a growing "
+                "one (static=False or outliers='uncapped'); drop one of the two"
+            )
+        length = max(max_cache_length, worst_case or 0)
+        model_kwargs[created[0]] = KVQuantCache.for_generate(self, length, **cache_config)
 
     _prepare_cache_for_generation._kvquant = True
     _prepare_cache_for_generation.__wrapped__ = original
