@@ -9,6 +9,7 @@
 3. A quantized cache with the kernels against the reference path (tokens, max |delta logit|), eager and compiled:
    generate's own compile and a gpt-fast loop with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); and with
    an exact recent window of 128 tokens (growing, and static compiled by generate).
+4. Two compiled generate calls in a row, the second shorter: no recompilation (the capacity is kept), as "static".
 Writes ``gpu_checks.json``.
 """
 
@@ -139,6 +140,40 @@ def quantized(out: dict) -> dict:
     return res
 
 
+def repeated(out: dict) -> dict:
+    """Two compiled ``generate`` calls in a row, the second with fewer new tokens: the cache keeps the first call's
+    capacity, so the second compiles nothing new (graphs counted by TorchDynamo), for "kvquant" as for "static"."""
+    import torch._dynamo
+
+    from tests.helpers import quick_config, tiny_llama
+    from transformers_kvquant import unpatch_model
+
+    model = tiny_llama(layers=2, heads=8, kv_heads=2, head_dim=128, vocab=256, dtype=torch.float16 if DEV == "cuda" else torch.float32).to(DEV)
+    cfg = quick_config(model, bits=3, outlier_fraction=0.01)
+    ids = torch.randint(3, 256, (1, DRY["prompt"]), generator=torch.Generator().manual_seed(1)).to(DEV)
+    res = {}
+    for name, kwargs in (("static", {"cache_implementation": "static"}),
+                         ("kvquant", {"cache_implementation": "kvquant", "cache_config": {"config": cfg, "backend": "triton"}})):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        for attr in ("_compiled_call", "_previous_max_cache_length"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        row = {}
+        for call, new in (("first", 8 * DRY["new"]), ("second", 4)):
+            t = time.time()
+            got = run_generate(model, {"input_ids": ids}, max_new_tokens=new, **kwargs)
+            cache = got.past_key_values
+            row[call] = {"new_tokens": new, "seconds": round(time.time() - t, 2),
+                         "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+                         "capacity": int(cache.get_max_length())}
+        row["recompiled"] = row["second"]["graphs"] != row["first"]["graphs"]
+        res[name] = row
+        print("repeated", name, row, flush=True)
+        unpatch_model(model)
+    return res
+
+
 def gpt_fast(model, cfg, inputs, steps=None) -> dict:
     """Prefill eagerly, then decode with torch.compile(mode="reduce-overhead") vs eager, both over the kernels."""
     from transformers_kvquant import KVQuantCache
@@ -183,7 +218,8 @@ def main() -> None:
 
     result.update(transformers=transformers.__version__, triton=triton.__version__)
     for name, fn in (("kernel_tests", lambda: kernel_tests(args.out)) if not args.skip_tests else (None, None),
-                     ("exactness", lambda: exactness(args.stories)) if not args.skip_exactness else (None, None), ("quantized", lambda: quantized(result))):
+                     ("exactness", lambda: exactness(args.stories)) if not args.skip_exactness else (None, None), ("quantized", lambda: quantized(result)),
+                     ("repeated", lambda: repeated(result))):
         if name is None:
             continue
         t = time.time()
