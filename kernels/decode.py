@@ -25,14 +25,18 @@ import triton.language as tl
 
 from .layout import KernelConstants, PackedCache, on_input_device
 from .triton_common import (
+    dot_position,
     interpreting,
     lane_tables,
     load_words,
+    load_words_dot,
     lookup,
     pad16,
     selectors,
+    selectors_dot,
     sincos,
     tile,
+    tile_dot,
 )
 
 
@@ -45,7 +49,7 @@ def _decode_packed_kernel(
     H, cap, m_sb, max_split_blocks, n_splits, n_window, window,
     G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, N_SINK: tl.constexpr,
     BN: tl.constexpr, MASK_KIND: tl.constexpr, USE_ASM: tl.constexpr, FAST: tl.constexpr, SLOW_PATH: tl.constexpr = True,
-    PF: tl.constexpr = 1,
+    PF: tl.constexpr = 1, DOT_A: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -67,16 +71,26 @@ def _decode_packed_kernel(
     dd = tl.arange(0, D)
     greal = gr < G
     # ---- per program constants
-    pchan = tl.load(pchan_ptr + dd)  # channel of each tile position
+    if DOT_A:  # keys decoded straight into the tensor-core operand (load_words_dot): the tile's columns are permuted
+        pchan = tl.load(pchan_ptr + dot_position(dd))
+    else:
+        pchan = tl.load(pchan_ptr + dd)  # channel of each tile position
     pj = pchan % HALF
     py = pchan >= HALF
-    ptheta = tl.load(theta_ptr + pj)
+    # the frequencies as [GR, D], like the query: the per-block rotation of the query then needs no layout change
+    ptheta = tl.load(theta_ptr + pj[None, :] + 0 * gr[:, None])
+    py = py[None, :] | (gr[:, None] < 0)
     qbase = qrot_ptr + (b * HQ + h * G) * D
     q_lo = tl.load(qbase + gr[:, None] * D + pj[None, :], mask=greal[:, None], other=0.0)  # [GR, D] position order
     q_hi = tl.load(qbase + gr[:, None] * D + HALF + pj[None, :], mask=greal[:, None], other=0.0)
     # RoPE pairs of selector w: a = pairs 4w + z, b = pairs 4w + 2 + z
-    ws = tl.arange(0, NS)[None, :, None]
-    zz = tl.arange(0, 2)[None, None, :]
+    NG: tl.constexpr = D // 32
+    if DOT_A:  # [slot, group, selector of the group, z]
+        ws = (tl.arange(0, NG)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :, None]
+        zz = tl.arange(0, 2)[None, None, None, :]
+    else:  # [slot, selector, z]
+        ws = tl.arange(0, NS)[None, :, None]
+        zz = tl.arange(0, 2)[None, None, :]
     ja = ws * 4 + zz
     jb = ja + 2
     kzb = kz_ptr + h * D
@@ -85,11 +99,17 @@ def _decode_packed_kernel(
     s_lo_b = tl.load(ksb + jb).to(tl.float16); s_hi_b = tl.load(ksb + HALF + jb).to(tl.float16)
     z_lo_a = tl.load(kzb + ja).to(tl.float16); z_hi_a = tl.load(kzb + HALF + ja).to(tl.float16)
     z_lo_b = tl.load(kzb + jb).to(tl.float16); z_hi_b = tl.load(kzb + HALF + jb).to(tl.float16)
-    nn = n[:, None, None]
+    if DOT_A:
+        nn = n[:, None, None, None]
+    else:
+        nn = n[:, None, None]
     oca = tl.load(offc_ptr + nn * HALF + ja); osa = tl.load(offs_ptr + nn * HALF + ja)  # fp16 [BN, NS, 2]
     ocb = tl.load(offc_ptr + nn * HALF + jb); osb = tl.load(offs_ptr + nn * HALF + jb)
+    if DOT_A:
+        kt = lane_tables(ktab_ptr, tl.zeros((BN, NG, 4, 2), tl.int32), BITS, USE_ASM)
+    else:
+        kt = lane_tables(ktab_ptr, tl.zeros((BN, NS, 2), tl.int32), BITS, USE_ASM)
     like = tl.zeros((BN, NS, 2), tl.int32)
-    kt = lane_tables(ktab_ptr, like, BITS, USE_ASM)
     ns = tl.arange(0, max(4, N_SINK))
     sinks = tl.load(sink_ptr + b * N_SINK + ns, mask=ns < N_SINK, other=-1)
     kc_row = kc_ptr + bh.to(tl.int64) * W * cap
@@ -100,8 +120,12 @@ def _decode_packed_kernel(
     # block), the value pass uses the final max (no rescaling), and each pass holds only its own working set.
     m_lane = tl.full((BN, GR), float("-inf"), tl.float32)
     last = cap - BN  # the next block's prefetch never reads past the buffers
-    kw_next = load_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
-    kw_next2 = load_words(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, NS)  # PF = 2: two blocks in flight
+    if DOT_A:
+        kw_next = load_words_dot(kc_row, cap, tl.minimum(lo, last), BITS, BN, NG, USE_ASM)
+        kw_next2 = load_words_dot(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, NG, USE_ASM)  # PF = 2
+    else:
+        kw_next = load_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
+        kw_next2 = load_words(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, NS)  # PF = 2: two blocks in flight
     pos_next = tl.load(pos_ptr + b * cap + lo + n, mask=lo + n < hi, other=0)
     ee = tl.arange(0, SP)[None, :]
     if S > 0:
@@ -116,11 +140,18 @@ def _decode_packed_kernel(
         # software prefetch: this iteration's words and positions were loaded during the previous one (every load
         # the block needs first is in flight a whole iteration ahead: the loop is latency-bound, not issue-bound)
         kw = kw_next
-        if PF == 2:
-            kw_next = kw_next2
-            kw_next2 = load_words(kc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
+        if DOT_A:
+            if PF == 2:
+                kw_next = kw_next2
+                kw_next2 = load_words_dot(kc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NG, USE_ASM)
+            else:
+                kw_next = load_words_dot(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NG, USE_ASM)
         else:
-            kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
+            if PF == 2:
+                kw_next = kw_next2
+                kw_next2 = load_words(kc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
+            else:
+                kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
         pos = pos_next
         pos_next = tl.load(pos_ptr + b * cap + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
         if S > 0:
@@ -150,9 +181,12 @@ def _decode_packed_kernel(
         # (a slot whose rel = pos - n differs from the base is scored again below with its own base)
         rel = pos - n
         cq, sq = sincos(base.to(tl.float32) * ptheta, FAST)
-        u = tl.where(py[None, :], q_hi * cq[None, :] - q_lo * sq[None, :], q_lo * cq[None, :] + q_hi * sq[None, :])  # [GR, D]
+        u = tl.where(py, q_hi * cq - q_lo * sq, q_lo * cq + q_hi * sq)  # [GR, D]
         uT = pad16(tl.trans(u), GR, D).to(tl.float16)  # [D, 16]
-        ksel = selectors(kw, BITS, BN, NS)
+        if DOT_A:
+            ksel = selectors_dot(kw, BITS, BN, NG)
+        else:
+            ksel = selectors(kw, BITS, BN, NS)
         lo_a, hi_a, lo_b, hi_b = lookup(ksel, kt, kt16_ptr, BITS, USE_ASM)
         k_lo_a = lo_a * s_lo_a + z_lo_a
         k_hi_a = hi_a * s_hi_a + z_hi_a
@@ -162,7 +196,10 @@ def _decode_packed_kernel(
         r_hi_a = k_hi_a * oca + k_lo_a * osa
         r_lo_b = k_lo_b * ocb - k_hi_b * osb
         r_hi_b = k_hi_b * ocb + k_lo_b * osb
-        kr = tile(r_lo_a, r_hi_a, r_lo_b, r_hi_b, BN, D)
+        if DOT_A:
+            kr = tile_dot(r_lo_a, r_hi_a, r_lo_b, r_hi_b, BN, D)
+        else:
+            kr = tile(r_lo_a, r_hi_a, r_lo_b, r_hi_b, BN, D)
         sacc = tl.zeros((BN, 16), tl.float32)
         if S > 0:
             # key outliers as score corrections: a residual r at channel j of the pre-RoPE key adds r times the
@@ -190,7 +227,7 @@ def _decode_packed_kernel(
             while n_pending > 0:
                 base2 = tl.max(tl.where(pending, rel, -2147483647))
                 cq2, sq2 = sincos(base2.to(tl.float32) * ptheta, FAST)
-                u2 = tl.where(py[None, :], q_hi * cq2[None, :] - q_lo * sq2[None, :], q_lo * cq2[None, :] + q_hi * sq2[None, :])
+                u2 = tl.where(py, q_hi * cq2 - q_lo * sq2, q_lo * cq2 + q_hi * sq2)
                 s2 = tl.sum(tl.reshape(tl.dot(kr, pad16(tl.trans(u2), GR, D).to(tl.float16), sacc), (BN, GR, 16 // GR)), 2)
                 hit = pending & (rel == base2)
                 sR = tl.where(hit[:, None], s2, sR)
@@ -401,8 +438,16 @@ def _variant(cache: PackedCache, groups: int, block_n: int, warps: int, unmasked
 
 def planned_splits(cache: PackedCache, groups: int, block_n: int, *, masked: bool = False) -> int:
     """The split count :func:`decode_attention` uses for ``cache`` (after the first launch of its variant)."""
-    variant = _variant(cache, groups, block_n, default_warps(cache.bits), not masked)
+    warps = default_warps(cache.bits)
+    variant = _variant(cache, groups, block_n, warps, not masked) + (1, None, _direct(cache.head_dim, block_n, warps))
     return default_splits(cache, block_n, _RESIDENT.get(variant, 2))
+
+
+def _direct(head_dim: int, block_n: int, warps: int) -> bool:
+    """Whether the keys can be decoded straight into the tensor-core operand: the layout of load_words_dot (64-slot
+    blocks, 4 warps, four 32-code groups); other shapes build the tile in registers and pass it through shared
+    memory."""
+    return head_dim == 128 and block_n == 64 and warps == 4
 
 
 def default_splits(cache: PackedCache, block_n: int, resident: int = 4) -> int:
@@ -417,13 +462,15 @@ def default_splits(cache: PackedCache, block_n: int, resident: int = 4) -> int:
 @on_input_device
 def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, *, mask: torch.Tensor | None = None,
                      sliding_window: int = 0, n_splits: int | None = None, num_warps: int | None = None,
-                     prefetch: int = 1, maxnreg: int | None = None) -> torch.Tensor:
+                     prefetch: int = 1, maxnreg: int | None = None, direct_keys: bool = True) -> torch.Tensor:
     """Attention of one query per row over ``cache``.
 
     ``q_rot``: fp32 ``[B, Hq, D]``, RoPE'd at the query position and scaled by ``softmax_scale * log2(e)`` (and the
     rotary's attention scaling). ``mask``: ``[B, >= length]`` bool (True: attend) or additive float, by slot, or None.
     ``sliding_window``: attend to the newest that many slots only (0: all). ``maxnreg``: a register cap for the
-    packed kernel (more resident programs per SM, paid in spills; None: the compiler's choice). Returns fp32
+    packed kernel (more resident programs per SM, paid in spills; None: the compiler's choice). ``direct_keys``:
+    decode the keys straight into the tensor-core operand where the shape allows (False: the earlier tile, for
+    comparison). Returns fp32
     ``[B, Hq, D]``.
     """
     b, hq, d = q_rot.shape
@@ -436,7 +483,8 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     use_asm = not interpreting()
     s = cache.key_outlier_index.shape[2]
     warps = num_warps or default_warps(cache.bits)
-    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch, maxnreg)
+    dot_a = direct_keys and _direct(d, bn, warps)
+    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch, maxnreg, dot_a)
     splits = n_splits or default_splits(cache, bn, _RESIDENT.get(variant, 2))
     max_split_blocks = triton.cdiv(cap // bn, splits)
     parts = b * h * (splits + 1) * gr
@@ -466,7 +514,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
         G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
-        PF=prefetch, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PF=prefetch, DOT_A=dot_a, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if variant not in _RESIDENT and dev.type == "cuda" and getattr(compiled, "n_regs", None):
         # the first launch of a variant uses 2 programs per SM; later ones how many its registers and shared

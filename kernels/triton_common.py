@@ -139,6 +139,72 @@ def load_words(c_ptr, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, NS: tl.cons
 
 
 @triton.jit
+def load_words_dot(c_ptr, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, USE_ASM: tl.constexpr):
+    """The code words of slots ``t0 .. t0 + BN`` as :func:`load_words` reads them, but each kind ``[BN, NG, R]``
+    (``NG`` 32-code groups, ``R`` words of a group: 1 for 3 bits, of which there are three kinds, 2 for 2 bits, 4 for 4
+    bits) and loaded so that a thread holds one group of two slots eight apart: the tensor-core A-operand layout of a
+    64-slot block with 4 warps (``NG = 4``), so the decoded key tile feeds the dot from registers, with no
+    shared-memory round trip. The loads are shaped ``[NG, 8, BN // 8, R]`` with their contiguity hidden from the
+    compiler (which would otherwise vectorize along the slots, the other layout); element ``(g, sl, sh, r)`` is slot
+    ``sl + 8 (sh >> 2) + 16 (sh & 3)``, which is its row after :func:`_rows`, so rows are slots."""
+    gg = tl.arange(0, NG)[:, None, None, None]
+    sl = tl.arange(0, 8)[None, :, None, None]
+    sh = tl.arange(0, BN // 8)[None, None, :, None]
+    R: tl.constexpr = 4 if BITS == 4 else (2 if BITS == 2 else 1)
+    rr = tl.arange(0, R)[None, None, None, :]
+    step: tl.constexpr = 3 if BITS == 3 else R  # words per group
+    off = (gg * step + rr) * cap + t0 + sl + 8 * (sh >> 2) + 16 * (sh & 3)
+    if USE_ASM:
+        off = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [off], dtype=tl.int32, is_pure=True, pack=1)
+    wa = _rows(tl.load(c_ptr + off), BN, NG, R)
+    if BITS == 3:
+        return wa, _rows(tl.load(c_ptr + off + cap), BN, NG, R), _rows(tl.load(c_ptr + off + 2 * cap), BN, NG, R)
+    else:
+        return wa, wa, wa
+
+
+@triton.jit
+def _rows(w, BN: tl.constexpr, NG: tl.constexpr, R: tl.constexpr):
+    """``[NG, 8, BN // 8, R]`` -> ``[BN, NG, R]``, row ``sl + 8 (sh >> 2) + 16 (sh & 3)`` (``BN = 64``)."""
+    w = tl.reshape(w, (NG, 8, 2, BN // 16, R))
+    return tl.reshape(tl.permute(w, (3, 2, 1, 0, 4)), (BN, NG, R))
+
+
+@triton.jit
+def selectors_dot(words, BITS: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr):
+    """:func:`selectors` of :func:`load_words_dot`'s words: ``[BN, NG, 4, 2]``, selector ``4 g + s`` as there."""
+    wa, wb, wc = words
+    if BITS == 3:
+        wa = tl.reshape(wa, (BN, NG))
+        wb = tl.reshape(wb, (BN, NG))
+        wc = tl.reshape(wc, (BN, NG))
+        sp = ((wa >> 3) & 0x11111111) | ((wb >> 2) & 0x22222222) | ((wc >> 1) & 0x44444444)
+        s = tl.reshape(tl.join(tl.join(wa & 0x77777777, wc & 0x77777777), tl.join(wb & 0x77777777, sp)), (BN, NG, 4))
+    elif BITS == 2:
+        s = tl.reshape(tl.join(wa & 0x33333333, (wa >> 2) & 0x33333333), (BN, NG, 4))
+    else:
+        s = wa
+    return tl.join(s, (s >> 16) & 0xFFFF)
+
+
+@triton.jit
+def tile_dot(x0, x1, x2, x3, BN: tl.constexpr, D: tl.constexpr):
+    """The four lookup results ``[BN, NG, 4, 2]`` of :func:`selectors_dot` as one ``[BN, D]`` tile whose column
+    ``z + 2 g + 8 k + 32 s`` is nibble ``2 k + z`` of selector ``4 g + s`` (:func:`dot_position` maps it to
+    :func:`tile`'s position): each thread's values already sit where the tensor-core A operand wants them."""
+    t = tl.join(tl.join(x0, x1), tl.join(x2, x3))  # [BN, NG, S, Z, KLO, KHI]
+    return tl.reshape(tl.permute(t, (0, 2, 5, 4, 1, 3)), (BN, D))
+
+
+@triton.jit
+def dot_position(c):
+    """The :func:`tile` position of :func:`tile_dot`'s column ``c`` (the same selector and nibble)."""
+    w = 4 * ((c >> 1) & 3) + (c >> 5)
+    k = (c >> 3) & 3
+    return 8 * w + 4 * (k & 1) + 2 * (k >> 1) + (c & 1)
+
+
+@triton.jit
 def selectors(words, BITS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr):
     """Selector pairs ``[BN, NS, 2]`` (word, word >> 16) whose nibbles are the codes (see the layout)."""
     wa, wb, wc = words

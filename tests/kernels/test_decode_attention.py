@@ -34,14 +34,14 @@ def case_id(c):
     return f"B{b}-H{h}x{g}-D{d}-L{n}-b{bits}-o{s}"
 
 
-def run(cache, groups=1, mask=None, window=0, splits=3, seed=0, prefetch=1):
+def run(cache, groups=1, mask=None, window=0, splits=3, seed=0, prefetch=1, block=BLOCK, direct_keys=True):
     g = torch.Generator().manual_seed(seed)
     b, h, d = cache.batch, cache.heads, cache.head_dim
     inv_freq = rope_inv_freq(d)
     q = (torch.randn(b, h * groups, d, generator=g) * 0.4).to(DEVICE)
     length = int(cache.length)
-    out = decode_attention(q, cache, kernel_constants(cache, inv_freq.to(DEVICE), BLOCK), mask=mask, sliding_window=window, n_splits=splits,
-                           prefetch=prefetch)
+    out = decode_attention(q, cache, kernel_constants(cache, inv_freq.to(DEVICE), block), mask=mask, sliding_window=window, n_splits=splits,
+                           prefetch=prefetch, direct_keys=direct_keys)
     ref = decode_reference(q, cache, inv_freq.to(DEVICE), length, mask=mask, sliding_window=window)
     return out, ref
 
@@ -53,6 +53,21 @@ def test_decode_matches_reference(c):
     out, ref = run(cache, groups=g)
     assert out.shape == (b, h * g, d) and out.dtype == torch.float32
     assert rel_err(out, ref) < TOL  # fp16 codebook lookups and key rotation in the kernel
+
+
+@pytest.mark.parametrize("c", [(2, 1, 4, 128, 150, 3, 2), (1, 2, 1, 128, 131, 2, 0), (1, 1, 8, 128, 70, 4, 1)], ids=case_id)
+def test_keys_decoded_straight_into_the_tensor_core_operand(c):
+    """head_dim 128, 64-slot blocks, 4 warps: the key tile is built in the tensor-core operand's layout (its columns
+    and slots permuted, decode.load_words_dot); several blocks, so each block's slots and in-block RoPE offsets must
+    land on the right rows. It equals the reference and the tile built the other way."""
+    from transformers_kvquant.kernels.decode import _direct
+
+    b, h, g, d, n, bits, s = c
+    assert _direct(d, 64, 4)
+    cache = random_cache(b, h, d, bits, n, outliers=s, sink_tokens=1, recent_window=2, pads=[0, 3][:b], device=DEVICE, seed=n)
+    direct, ref = run(cache, groups=g, splits=2, block=64)
+    tiled, _ = run(cache, groups=g, splits=2, block=64, direct_keys=False)
+    assert rel_err(direct, ref) < TOL and rel_err(direct, tiled) < 1e-3
 
 
 @pytest.mark.parametrize("c", [GRID[0], GRID[3], GRID[7]], ids=case_id)
