@@ -15,6 +15,6 @@ T0=$(date +%s)
     --cases ${CASES:-MHA:1:131072:nuq3-1%,GQA:1:131072:nuq3-1%,MHA:1:131072:nuq3,MHA:1:131072:nuq2,MHA:1:131072:nuq4,GQA:8:32768:nuq3,MHA:1:32768:nuq3-1%,MHA:1:8192:nuq3-1%} \
     --variants "default,key tile through shared memory" 2>&1 | grep -v -i "warn\|us = timer"
   echo "== variants $(( $(date +%s) - T0 )) s"
-  timeout $(( ${TOTAL:-540} - ($(date +%s) - T0) )) python3 benchmarks/decode.py --out "$OUT/grid" --budget $(( ${TOTAL:-540} - 20 - ($(date +%s) - T0) )) 2>&1 | grep -v -i "warn\|us = timer" | tail -12
+  [ "${GRID:-1}" = 1 ] && timeout $(( ${TOTAL:-540} - ($(date +%s) - T0) )) python3 benchmarks/decode.py --out "$OUT/grid" --budget $(( ${TOTAL:-540} - 20 - ($(date +%s) - T0) )) 2>&1 | grep -v -i "warn\|us = timer" | tail -12
   rm -f "$OUT"/grid/decode.jsonl
   echo "total $(( $(date +%s) - T0 )) s" ) 2>&1 | tee "$OUT/call.log"
