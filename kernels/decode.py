@@ -41,6 +41,39 @@ from .triton_common import (
 
 
 @triton.jit
+def _key_words(kc_row, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_A: tl.constexpr, USE_ASM: tl.constexpr):
+    """A block's key code words, for the tile :func:`_key_tile` builds."""
+    if DOT_A:
+        return load_words_dot(kc_row, cap, t0, BITS, BN, D // 32, USE_ASM)
+    else:
+        return load_words(kc_row, cap, t0, BITS, BN, D // 8)
+
+
+@triton.jit
+def _key_tile(kw, tab, t16_ptr, s_lo_a, z_lo_a, s_hi_a, z_hi_a, s_lo_b, z_lo_b, s_hi_b, z_hi_b, oca, osa, ocb, osb,
+              BITS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_A: tl.constexpr, USE_ASM: tl.constexpr):
+    """The ``[BN, D]`` fp16 key tile of a block: codebook lookup, per-channel scale and zero, rotation by the in-block
+    offsets; in the tensor-core operand's layout with ``DOT_A`` (columns as :func:`dot_position` maps them)."""
+    if DOT_A:
+        sel = selectors_dot(kw, BITS, BN, D // 32)
+    else:
+        sel = selectors(kw, BITS, BN, D // 8)
+    lo_a, hi_a, lo_b, hi_b = lookup(sel, tab, t16_ptr, BITS, USE_ASM)
+    k_lo_a = lo_a * s_lo_a + z_lo_a
+    k_hi_a = hi_a * s_hi_a + z_hi_a
+    k_lo_b = lo_b * s_lo_b + z_lo_b
+    k_hi_b = hi_b * s_hi_b + z_hi_b
+    r_lo_a = k_lo_a * oca - k_hi_a * osa
+    r_hi_a = k_hi_a * oca + k_lo_a * osa
+    r_lo_b = k_lo_b * ocb - k_hi_b * osb
+    r_hi_b = k_hi_b * ocb + k_lo_b * osb
+    if DOT_A:
+        return tile_dot(r_lo_a, r_hi_a, r_lo_b, r_hi_b, BN, D)
+    else:
+        return tile(r_lo_a, r_hi_a, r_lo_b, r_hi_b, BN, D)
+
+
+@triton.jit
 def _decode_packed_kernel(
     qrot_ptr, pchan_ptr, vchan_ptr, theta_ptr, offc_ptr, offs_ptr,
     kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kt16_ptr, vt16_ptr, kz_ptr, ks_ptr, vz_ptr, vs_ptr,
@@ -78,8 +111,8 @@ def _decode_packed_kernel(
     pj = pchan % HALF
     py = pchan >= HALF
     # the frequencies as [GR, D], like the query: the per-block rotation of the query then needs no layout change
-    ptheta = tl.load(theta_ptr + pj[None, :] + 0 * gr[:, None])
-    py = py[None, :] | (gr[:, None] < 0)
+    ptheta = tl.load(theta_ptr + tl.broadcast_to(pj[None, :], (GR, D)))
+    py = tl.broadcast_to(py[None, :], (GR, D))
     qbase = qrot_ptr + (b * HQ + h * G) * D
     q_lo = tl.load(qbase + gr[:, None] * D + pj[None, :], mask=greal[:, None], other=0.0)  # [GR, D] position order
     q_hi = tl.load(qbase + gr[:, None] * D + HALF + pj[None, :], mask=greal[:, None], other=0.0)
@@ -120,12 +153,8 @@ def _decode_packed_kernel(
     # block), the value pass uses the final max (no rescaling), and each pass holds only its own working set.
     m_lane = tl.full((BN, GR), float("-inf"), tl.float32)
     last = cap - BN  # the next block's prefetch never reads past the buffers
-    if DOT_A:
-        kw_next = load_words_dot(kc_row, cap, tl.minimum(lo, last), BITS, BN, NG, USE_ASM)
-        kw_next2 = load_words_dot(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, NG, USE_ASM)  # PF = 2
-    else:
-        kw_next = load_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, NS)
-        kw_next2 = load_words(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, NS)  # PF = 2: two blocks in flight
+    kw_next = _key_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, D, DOT_A, USE_ASM)
+    kw_next2 = _key_words(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, D, DOT_A, USE_ASM)  # PF = 2: two blocks in flight
     pos_next = tl.load(pos_ptr + b * cap + lo + n, mask=lo + n < hi, other=0)
     ee = tl.arange(0, SP)[None, :]
     if S > 0:
@@ -140,18 +169,11 @@ def _decode_packed_kernel(
         # software prefetch: this iteration's words and positions were loaded during the previous one (every load
         # the block needs first is in flight a whole iteration ahead: the loop is latency-bound, not issue-bound)
         kw = kw_next
-        if DOT_A:
-            if PF == 2:
-                kw_next = kw_next2
-                kw_next2 = load_words_dot(kc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NG, USE_ASM)
-            else:
-                kw_next = load_words_dot(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NG, USE_ASM)
+        if PF == 2:
+            kw_next = kw_next2
+            kw_next2 = _key_words(kc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, D, DOT_A, USE_ASM)
         else:
-            if PF == 2:
-                kw_next = kw_next2
-                kw_next2 = load_words(kc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
-            else:
-                kw_next = load_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, NS)
+            kw_next = _key_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, D, DOT_A, USE_ASM)
         pos = pos_next
         pos_next = tl.load(pos_ptr + b * cap + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
         if S > 0:
@@ -183,23 +205,8 @@ def _decode_packed_kernel(
         cq, sq = sincos(base.to(tl.float32) * ptheta, FAST)
         u = tl.where(py, q_hi * cq - q_lo * sq, q_lo * cq + q_hi * sq)  # [GR, D]
         uT = pad16(tl.trans(u), GR, D).to(tl.float16)  # [D, 16]
-        if DOT_A:
-            ksel = selectors_dot(kw, BITS, BN, NG)
-        else:
-            ksel = selectors(kw, BITS, BN, NS)
-        lo_a, hi_a, lo_b, hi_b = lookup(ksel, kt, kt16_ptr, BITS, USE_ASM)
-        k_lo_a = lo_a * s_lo_a + z_lo_a
-        k_hi_a = hi_a * s_hi_a + z_hi_a
-        k_lo_b = lo_b * s_lo_b + z_lo_b
-        k_hi_b = hi_b * s_hi_b + z_hi_b
-        r_lo_a = k_lo_a * oca - k_hi_a * osa
-        r_hi_a = k_hi_a * oca + k_lo_a * osa
-        r_lo_b = k_lo_b * ocb - k_hi_b * osb
-        r_hi_b = k_hi_b * ocb + k_lo_b * osb
-        if DOT_A:
-            kr = tile_dot(r_lo_a, r_hi_a, r_lo_b, r_hi_b, BN, D)
-        else:
-            kr = tile(r_lo_a, r_hi_a, r_lo_b, r_hi_b, BN, D)
+        kr = _key_tile(kw, kt, kt16_ptr, s_lo_a, z_lo_a, s_hi_a, z_hi_a, s_lo_b, z_lo_b, s_hi_b, z_hi_b, oca, osa, ocb, osb,
+                       BITS, BN, D, DOT_A, USE_ASM)
         sacc = tl.zeros((BN, 16), tl.float32)
         if S > 0:
             # key outliers as score corrections: a residual r at channel j of the pre-RoPE key adds r times the
@@ -430,16 +437,17 @@ def default_warps(bits: int) -> int:
     return 4  # with block_size(bits): 8 warps (and 128-slot blocks) were slower on an H200 (docs/kernels.md)
 
 
-def _variant(cache: PackedCache, groups: int, block_n: int, warps: int, unmasked: bool) -> tuple:
+def _variant(cache: PackedCache, groups: int, block_n: int, warps: int, unmasked: bool, prefetch: int = 1,
+             maxnreg: int | None = None, direct: bool = True) -> tuple:
+    """What one compiled packed kernel is specialized to (its registers decide how many programs fit an SM)."""
     dev = cache.key_codes.device
     return (dev.index, cache.bits, cache.key_outlier_index.shape[2], groups, cache.head_dim, block_n, warps, unmasked,
-            cache.sink_slot.shape[1])
+            cache.sink_slot.shape[1], prefetch, maxnreg, direct and _direct(cache.head_dim, block_n, warps))
 
 
 def planned_splits(cache: PackedCache, groups: int, block_n: int, *, masked: bool = False) -> int:
     """The split count :func:`decode_attention` uses for ``cache`` (after the first launch of its variant)."""
-    warps = default_warps(cache.bits)
-    variant = _variant(cache, groups, block_n, warps, not masked) + (1, None, _direct(cache.head_dim, block_n, warps))
+    variant = _variant(cache, groups, block_n, default_warps(cache.bits), not masked)
     return default_splits(cache, block_n, _RESIDENT.get(variant, 2))
 
 
@@ -483,8 +491,8 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     use_asm = not interpreting()
     s = cache.key_outlier_index.shape[2]
     warps = num_warps or default_warps(cache.bits)
-    dot_a = direct_keys and _direct(d, bn, warps)
-    variant = _variant(cache, g, bn, warps, mask is None) + (prefetch, maxnreg, dot_a)
+    variant = _variant(cache, g, bn, warps, mask is None, prefetch, maxnreg, direct_keys)
+    dot_a = variant[-1]
     splits = n_splits or default_splits(cache, bn, _RESIDENT.get(variant, 2))
     max_split_blocks = triton.cdiv(cap // bn, splits)
     parts = b * h * (splits + 1) * gr
