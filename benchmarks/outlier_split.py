@@ -74,6 +74,9 @@ def main() -> None:
         methods[f"nuq{bits}-1% k1/v1 (shipped)"] = sim.KVQuantMethod(cfg, recent_window=w, label=f"k1v1-{bits}")
         methods[f"nuq{bits}-1% k2/v0"] = SplitOutliers(cfg, 2, 0, recent_window=w, label=f"k2v0-{bits}")
         methods[f"nuq{bits}-1% k0/v2"] = SplitOutliers(cfg, 0, 2, recent_window=w, label=f"k0v2-{bits}")
+        # more slots than the shipped bytes, up to KIVI-4's bits at 128K (5.01): is there a point that dominates it?
+        for ks, vs in ((2, 1), (3, 0), (3, 1), (2, 2)):
+            methods[f"nuq{bits}-1% k{ks}/v{vs}"] = SplitOutliers(cfg, ks, vs, recent_window=w, label=f"k{ks}v{vs}-{bits}")
         methods[f"nuq{bits}-1% k1/v1 sink 4"] = sim.KVQuantMethod(cfg, recent_window=w, sink_tokens=4, label=f"sink4-{bits}")
         methods[f"nuq{bits}-1% head value ranges k1/v0"] = HeadValueRanges(cfg, 1, 0, recent_window=w, label=f"hv10-{bits}")
         methods[f"nuq{bits}-1% head value ranges k2/v0"] = HeadValueRanges(cfg, 2, 0, recent_window=w, label=f"hv20-{bits}")

@@ -143,6 +143,22 @@ def test_every_slot_of_a_block_off_the_base():
     assert rel_err(moved, out) > 1e-2  # the positions really enter the scores
 
 
+def test_outlier_passes_over_many_slots_and_a_dominant_outlier():
+    """The outliers' own passes (key corrections into the stored scores, value residuals into the partial output)
+    cover several of their iterations (4 blocks each, one split) and GQA with batch 2; one key outlier so large that
+    its corrected score exceeds every uncorrected one by far (the softmax max must be taken after the corrections:
+    before, ``2^(s - max)`` would overflow)."""
+    cache = random_cache(2, 2, 64, 3, 3 * 4 * BLOCK + 9, outliers=2, recent_window=2, pads=[0, 5], device=DEVICE, seed=19)
+    out, ref = run(cache, groups=2, splits=1)
+    assert rel_err(out, ref) < TOL
+    # large residuals: a corrected score far above every uncorrected one
+    cache.key_outlier_values[1, 0, 0, 4 * BLOCK + 3] = -240.0  # signs that raise the scores (this seed's queries)
+    cache.key_outlier_values[0, 1, 1, 2 * BLOCK + 1] = 240.0
+    big, big_ref = run(cache, groups=2, splits=1)
+    assert torch.isfinite(big).all() and rel_err(big, big_ref) < TOL
+    assert rel_err(big, out) > 0.5  # those slots took their rows' attention
+
+
 def test_outliers_window_and_sink_change_the_output():
     """The comparison can fail: dropping outliers, the exact window or the sink moves the result beyond tolerance."""
     cache = random_cache(1, 2, 64, 2, 33, outliers=2, recent_window=3, device=DEVICE, seed=15)
