@@ -8,8 +8,9 @@ Three launches, fixed shapes whatever the length (the length is read on the devi
    scores the G query heads of the KV head in one tensor-core dot into a scratch. Pass 2 takes ``p = exp2(s - max)``
    with the split's final max, folds the per-token value scale into ``p`` and the zero point into a running sum, and
    accumulates ``V^T p`` in one dot. Outliers (a fixed number per token and head) have short passes of their own over
-   the stored scores, where each thread owns whole slots: the key residuals' score corrections before the max, the
-   value residuals' ``p * r`` after pass 2, with atomics (in the dense loops they cost layout changes every block).
+   the stored scores, where each thread owns whole slots: the key residuals' score corrections before the max; the
+   value residuals' ``p * r``, with atomics, in pass 2's loop but in a layout of their own (in the dense loops'
+   layouts they cost layout changes every block).
    What a block needs first is loaded a block ahead; the split count fills one wave of programs.
 2. ``_decode_exact_kernel``: the recent-window ring and the sink tokens, exact.
 3. ``_combine_kernel``: merges the partial softmaxes.
@@ -35,6 +36,7 @@ from .triton_common import (
     lookup,
     opaque,
     pad16,
+    red_add,
     selectors,
     selectors_dot,
     sincos,
@@ -128,42 +130,6 @@ def _key_outlier_pass(sbase, koi_ptr, kov_ptr, pos_row, theta_ptr, qbase, bh, ca
 
 
 @triton.jit
-def _value_outlier_pass(sbase, voi_ptr, vov_ptr, out_row, m_safe, bh, cap, lo, hi,
-                        G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, S: tl.constexpr, BO: tl.constexpr,
-                        USE_ASM: tl.constexpr):
-    """Adds each value outlier's ``p[t, g] * residual`` at its channel of the split's partial output ``out_row``
-    (``[GR, D]`` fp32, summed atomically), ``p`` from the stored scores and the split's max ``m_safe``. Each thread
-    owns whole slots, as in :func:`_key_outlier_pass`."""
-    gr = tl.arange(0, GR)
-    greal = (gr < G)[None, :]
-    o = opaque(tl.arange(0, BO), USE_ASM)
-    so = opaque(tl.arange(0, BO)[:, None] * GR + gr[None, :], USE_ASM)
-    live_n = (lo + o) < hi
-    sc_n = tl.load(sbase + so, mask=live_n[:, None], other=float("-inf"))
-    idx_n = tl.load(voi_ptr + bh * S * cap + lo + o, mask=live_n, other=0)
-    res_n = tl.load(vov_ptr + bh * S * cap + lo + o, mask=live_n, other=0.0)
-    for t0 in range(lo, hi, BO):
-        t = t0 + o
-        live = live_n
-        p = tl.exp2(sc_n - m_safe[None, :])
-        idx0 = idx_n
-        res0 = res_n
-        live_n = (t + BO) < hi
-        sc_n = tl.load(sbase + (t0 + BO - lo) * GR + so, mask=live_n[:, None], other=float("-inf"))
-        idx_n = tl.load(voi_ptr + bh * S * cap + t + BO, mask=live_n, other=0)
-        res_n = tl.load(vov_ptr + bh * S * cap + t + BO, mask=live_n, other=0.0)
-        for e in tl.static_range(S):
-            if e == 0:
-                idx = idx0.to(tl.int32)
-                res = res0.to(tl.float32)
-            else:
-                idx = tl.load(voi_ptr + (bh * S + e) * cap + t, mask=live, other=0).to(tl.int32)
-                res = tl.load(vov_ptr + (bh * S + e) * cap + t, mask=live, other=0.0).to(tl.float32)
-            tl.atomic_add(out_row + gr[None, :] * D + idx[:, None], p * res[:, None], mask=greal & (res != 0.0)[:, None],
-                          sem="relaxed")
-
-
-@triton.jit
 def _decode_packed_kernel(
     qrot_ptr, pchan_ptr, vchan_ptr, theta_ptr, offc_ptr, offs_ptr,
     kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kt16_ptr, vt16_ptr, kz_ptr, ks_ptr, vz_ptr, vs_ptr,
@@ -242,7 +208,7 @@ def _decode_packed_kernel(
     # Two passes instead of an online softmax: the key pass keeps a per-lane running max (no cross-warp reduction per
     # block), the value pass uses the final max (no rescaling), and each pass holds only its own working set.
     m_lane = tl.full((BN, GR), float("-inf"), tl.float32)
-    BO: tl.constexpr = 4 * BN  # the outlier passes' slots per iteration (with 4 warps and BN = 64: two per thread)
+    BO: tl.constexpr = 32 * BN // GR  # the outlier passes' slots per iteration: a thread holds 16 scores (and their next), enough loads in flight
     last = cap - BN  # the next block's prefetch never reads past the buffers
     kw_next = _key_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, D, DOT_A, USE_ASM)
     kw_next2 = _key_words(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, D, DOT_A, USE_ASM)  # PF = 2: two blocks in flight
@@ -329,6 +295,16 @@ def _decode_packed_kernel(
     sc_next = tl.load(sbase + n[:, None] * GR + gr[None, :], mask=(lo + n < hi)[:, None], other=float("-inf"))
     vs_next = tl.load(vs_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
     vz_next = tl.load(vz_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
+    if S > 0:
+        # value outliers: each adds p[t, g] * residual at its channel of the partial output (atomics). Computed in a
+        # layout of their own, one (slot, head) per thread, from their own loads of the stored scores (a block
+        # ahead, as the residuals): nothing crosses into the dense loop's layouts, whose latency hides these loads.
+        so = opaque(n[:, None] * GR + gr[None, :], USE_ASM)  # [BN, GR]
+        to = opaque(n[:, None] + 0 * gr[None, :], USE_ASM)
+        greal_o = (gr < G)[None, :]
+        osc_next = tl.load(sbase + so, mask=lo + to < hi, other=float("-inf"))
+        ovi_next = tl.load(voi_ptr + bh * S * cap + lo + to, mask=lo + to < hi, other=0)
+        ovr_next = tl.load(vov_ptr + bh * S * cap + lo + to, mask=lo + to < hi, other=0.0)
     for t0 in range(lo, hi, BN):
         vw = vw_next
         if PF == 2:
@@ -344,6 +320,20 @@ def _decode_packed_kernel(
         vs_next = tl.load(vs_ptr + b * cap + tn, mask=tn < hi, other=0.0)
         vz_next = tl.load(vz_ptr + b * cap + tn, mask=tn < hi, other=0.0)
         pR = tl.exp2(sc - m_safe[None, :])  # [BN, GR]
+        if S > 0:
+            po = tl.exp2(osc_next - m_safe[None, :])
+            ovi = ovi_next
+            ovr = ovr_next
+            tno = t0 + BN + to
+            osc_next = tl.load(sbase + (t0 + BN - lo) * GR + so, mask=tno < hi, other=float("-inf"))
+            ovi_next = tl.load(voi_ptr + bh * S * cap + tno, mask=tno < hi, other=0)
+            ovr_next = tl.load(vov_ptr + bh * S * cap + tno, mask=tno < hi, other=0.0)
+            for e in tl.static_range(S):
+                if e > 0:
+                    ovi = tl.load(voi_ptr + (bh * S + e) * cap + t0 + to, mask=t0 + to < hi, other=0)
+                    ovr = tl.load(vov_ptr + (bh * S + e) * cap + t0 + to, mask=t0 + to < hi, other=0.0)
+                r = ovr.to(tl.float32)
+                red_add(part_o_ptr + (part + gr[None, :]) * D + ovi.to(tl.int32), po * r, greal_o & (r != 0.0), USE_ASM)
         l_acc += pR
         z_acc += pR * vzr[:, None]
         pv = pad16((pR * vsc[:, None]).to(tl.float16), GR, BN)  # [BN, 16]
@@ -351,10 +341,6 @@ def _decode_packed_kernel(
         v0, v1, v2, v3 = lookup(vsel, vt, vt16_ptr, BITS, USE_ASM)
         v = tile(v0, v1, v2, v3, BN, D)
         acc = tl.dot(tl.trans(v), pv, acc)
-    if S > 0:
-        # value outliers: each adds p[t, g] * residual at its channel of the partial output, in a pass of their own
-        # over the stored scores (in the value loop they cost a layout change every block)
-        _value_outlier_pass(sbase, voi_ptr, vov_ptr, part_o_ptr + part * D, m_safe, bh, cap, lo, hi, G, GR, D, S, BO, USE_ASM)
     l_i = tl.sum(l_acc, 0)
     zs = tl.sum(z_acc, 0)
     tl.store(part_m_ptr + part + gr, m_i)

@@ -149,6 +149,18 @@ def opaque(off, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def red_add(ptrs, values, mask, USE_ASM: tl.constexpr):
+    """``*ptrs += values`` where ``mask``, fire-and-forget (``red.global.add.f32``): as inline assembly the adds keep
+    their operands' layout (``tl.atomic_add`` gets one of its own from its addresses, and a layout change each time)."""
+    if USE_ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p red.relaxed.gpu.global.add.f32 [$1], $2; mov.b32 $0, 0; }",
+            "=r,l,f,r", [ptrs.to(tl.int64, bitcast=True), values, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def load_words_dot(c_ptr, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, USE_ASM: tl.constexpr):
     """The code words of slots ``t0 .. t0 + BN`` as :func:`load_words` reads them, but each kind ``[BN, NG, R]``
     (``NG`` 32-code groups, ``R`` words of a group: 1 for 3 bits, of which there are three kinds, 2 for 2 bits, 4 for 4
