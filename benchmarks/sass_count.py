@@ -77,7 +77,7 @@ def decode_variant(bits, s, g, d, block_n=64, warps=None):
     per_elem = block_n * d / (32 * warps)  # elements (of K, or of V) one thread decodes per loop iteration
     row = {"kernel": "decode", "bits": bits, "outliers": s, "groups": g, "head_dim": d, "block_n": block_n, "warps": warps}
     for suffix, slow in (("_static", True), ("", False)):
-        const = dict(G=g, GR=gr, D=d, BITS=bits, S=s, N_SINK=1, BN=block_n, MASK_KIND=1,
+        const = dict(G=g, GR=gr, D=d, BITS=bits, S=s, SP=max(1, next_pow2(s)), N_SINK=1, BN=block_n, MASK_KIND=1,
                      USE_ASM=True, FAST=True, SLOW_PATH=slow, DOT_A=decode._direct(d, block_n, warps))  # as launched
         k = compile_kernel(decode._decode_packed_kernel, const, warps)
         sass, res = sass_of(k)

@@ -5,13 +5,10 @@ Three launches, fixed shapes whatever the length (the length is read on the devi
 1. ``_decode_packed_kernel``, a grid of (split, row x KV head): the packed slots of each split, in two passes. Pass 1
    decodes each block of keys (byte-permute codebook lookup, per-channel scale and zero in fp16), rotates them by a
    fixed table of in-block offsets while the query is rotated once per block to the block's base position, and
-   scores the G query heads of the KV head in one tensor-core dot into a scratch. Pass 2 takes ``p = exp2(s - max)``
-   with the split's final max, folds the per-token value scale into ``p`` and the zero point into a running sum, and
-   accumulates ``V^T p`` in one dot. Outliers (a fixed number per token and head) have short passes of their own over
-   the stored scores, where each thread owns whole slots: the key residuals' score corrections before the max; the
-   value residuals' ``p * r``, with atomics, in pass 2's loop but in a layout of their own (in the dense loops'
-   layouts they cost layout changes every block).
-   What a block needs first is loaded a block ahead; the split count fills one wave of programs.
+   scores the G query heads of the KV head in one tensor-core dot; key outliers enter as score corrections. Pass 2
+   takes ``p = exp2(s - max)`` with the split's final max, folds the per-token value scale into ``p`` and the zero
+   point into a running sum, and accumulates ``V^T p`` in one dot; value outliers are added in the same loop, with
+   atomics. What a block needs first is loaded a block ahead; the split count fills one wave of programs.
 2. ``_decode_exact_kernel``: the recent-window ring and the sink tokens, exact.
 3. ``_combine_kernel``: merges the partial softmaxes.
 
@@ -34,9 +31,7 @@ from .triton_common import (
     load_words,
     load_words_dot,
     lookup,
-    opaque,
     pad16,
-    red_add,
     selectors,
     selectors_dot,
     sincos,
@@ -79,64 +74,13 @@ def _key_tile(kw, tab, t16_ptr, s_lo_a, z_lo_a, s_hi_a, z_hi_a, s_lo_b, z_lo_b, 
 
 
 @triton.jit
-def _key_outlier_pass(sbase, koi_ptr, kov_ptr, pos_row, theta_ptr, qbase, bh, cap, lo, hi,
-                      G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, S: tl.constexpr, BO: tl.constexpr, FAST: tl.constexpr,
-                      USE_ASM: tl.constexpr):
-    """Adds the key outliers' score corrections to a split's stored raw scores and returns the max of the corrected
-    scores per query head ``[GR]``. A residual ``r`` at channel ``j`` of a pre-RoPE key adds ``r`` times the query's
-    component there rotated to the slot's position (one sin/cos per outlier, none per element). Each thread owns
-    whole slots (their indices, residuals and scores): no layout changes. What an iteration needs first is loaded one
-    iteration ahead."""
-    HALF: tl.constexpr = D // 2
-    gr = tl.arange(0, GR)
-    greal = (gr < G)[None, :]
-    o = opaque(tl.arange(0, BO), USE_ASM)  # one slot per thread (and a slot's heads with it): no layout changes
-    so = opaque(tl.arange(0, BO)[:, None] * GR + gr[None, :], USE_ASM)
-    m = tl.full((BO, GR), float("-inf"), tl.float32)
-    live_n = (lo + o) < hi
-    sc_n = tl.load(sbase + so, mask=live_n[:, None], other=float("-inf"))
-    pos_n = tl.load(pos_row + lo + o, mask=live_n, other=0)
-    idx_n = tl.load(koi_ptr + bh * S * cap + lo + o, mask=live_n, other=0)
-    res_n = tl.load(kov_ptr + bh * S * cap + lo + o, mask=live_n, other=0.0)
-    for t0 in range(lo, hi, BO):
-        t = t0 + o
-        live = live_n
-        sc = sc_n
-        pos = pos_n.to(tl.float32)
-        idx0 = idx_n
-        res0 = res_n
-        live_n = (t + BO) < hi
-        sc_n = tl.load(sbase + (t0 + BO - lo) * GR + so, mask=live_n[:, None], other=float("-inf"))
-        pos_n = tl.load(pos_row + t + BO, mask=live_n, other=0)
-        idx_n = tl.load(koi_ptr + bh * S * cap + t + BO, mask=live_n, other=0)
-        res_n = tl.load(kov_ptr + bh * S * cap + t + BO, mask=live_n, other=0.0)
-        for e in tl.static_range(S):
-            if e == 0:
-                idx = idx0.to(tl.int32)
-                res = res0.to(tl.float32)
-            else:
-                idx = tl.load(koi_ptr + (bh * S + e) * cap + t, mask=live, other=0).to(tl.int32)
-                res = tl.load(kov_ptr + (bh * S + e) * cap + t, mask=live, other=0.0).to(tl.float32)
-            j = idx % HALF
-            c1, s1 = sincos(pos * tl.load(theta_ptr + j), FAST)
-            ql = tl.load(qbase + gr[None, :] * D + j[:, None], mask=greal, other=0.0)  # [BO, GR]
-            qh = tl.load(qbase + gr[None, :] * D + HALF + j[:, None], mask=greal, other=0.0)
-            c = c1[:, None]
-            sn = s1[:, None]
-            sc += res[:, None] * tl.where((idx >= HALF)[:, None], qh * c - ql * sn, ql * c + qh * sn)
-        tl.store(sbase + (t0 - lo) * GR + so, sc, mask=live[:, None])
-        m = tl.maximum(m, sc)
-    return tl.max(m, 0)
-
-
-@triton.jit
 def _decode_packed_kernel(
     qrot_ptr, pchan_ptr, vchan_ptr, theta_ptr, offc_ptr, offs_ptr,
     kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kt16_ptr, vt16_ptr, kz_ptr, ks_ptr, vz_ptr, vs_ptr,
     kov_ptr, koi_ptr, vov_ptr, voi_ptr, pos_ptr, len_ptr, mask_ptr, sink_ptr,
     part_m_ptr, part_l_ptr, part_o_ptr, uscr_ptr,
     H, cap, m_sb, max_split_blocks, n_splits, n_window, window,
-    G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr, N_SINK: tl.constexpr,
+    G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, N_SINK: tl.constexpr,
     BN: tl.constexpr, MASK_KIND: tl.constexpr, USE_ASM: tl.constexpr, FAST: tl.constexpr, SLOW_PATH: tl.constexpr = True,
     PF: tl.constexpr = 1, DOT_A: tl.constexpr = False,
 ):
@@ -208,11 +152,14 @@ def _decode_packed_kernel(
     # Two passes instead of an online softmax: the key pass keeps a per-lane running max (no cross-warp reduction per
     # block), the value pass uses the final max (no rescaling), and each pass holds only its own working set.
     m_lane = tl.full((BN, GR), float("-inf"), tl.float32)
-    BO: tl.constexpr = 32 * BN // GR  # the outlier passes' slots per iteration: a thread holds 16 scores (and their next), enough loads in flight
     last = cap - BN  # the next block's prefetch never reads past the buffers
     kw_next = _key_words(kc_row, cap, tl.minimum(lo, last), BITS, BN, D, DOT_A, USE_ASM)
     kw_next2 = _key_words(kc_row, cap, tl.minimum(lo + BN, last), BITS, BN, D, DOT_A, USE_ASM)  # PF = 2: two blocks in flight
     pos_next = tl.load(pos_ptr + b * cap + lo + n, mask=lo + n < hi, other=0)
+    ee = tl.arange(0, SP)[None, :]
+    if S > 0:
+        koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0)
+        kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0.0)
     if MASK_KIND != 0:  # the attention mask by slot (a compiled static cache always has one), a block ahead too
         mk_next = tl.load(mask_ptr + b * m_sb + lo + n, mask=lo + n < hi, other=0)
     # the block's RoPE base is taken from its last written slot (a scalar load, no reduction across the block)
@@ -229,6 +176,12 @@ def _decode_packed_kernel(
             kw_next = _key_words(kc_row, cap, tl.minimum(t0 + BN, last), BITS, BN, D, DOT_A, USE_ASM)
         pos = pos_next
         pos_next = tl.load(pos_ptr + b * cap + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
+        if S > 0:
+            koi = koi_next
+            kov = kov_next
+            em_next = ((t0 + BN + n) < hi)[:, None] & (ee < S)
+            koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0)
+            kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (t0 + BN + n)[:, None], mask=em_next, other=0.0)
         if MASK_KIND != 0:
             mk = mk_next
             mk_next = tl.load(mask_ptr + b * m_sb + t0 + BN + n, mask=t0 + BN + n < hi, other=0)
@@ -255,6 +208,21 @@ def _decode_packed_kernel(
         kr = _key_tile(kw, kt, kt16_ptr, s_lo_a, z_lo_a, s_hi_a, z_hi_a, s_lo_b, z_lo_b, s_hi_b, z_hi_b, oca, osa, ocb, osb,
                        BITS, BN, D, DOT_A, USE_ASM)
         sacc = tl.zeros((BN, 16), tl.float32)
+        if S > 0:
+            # key outliers as score corrections: a residual r at channel j of the pre-RoPE key adds r times the
+            # query's component there rotated to the slot's position (one sin/cos per item, none per element); fed to
+            # the dot as its accumulator
+            idx = koi.to(tl.int32)  # [BN, SP], loaded a block ahead (masked slots: residual 0)
+            res = kov.to(tl.float32)
+            j = idx % HALF
+            hh = idx >= HALF
+            c1, s1 = sincos(pos.to(tl.float32)[:, None] * tl.load(theta_ptr + j), FAST)
+            g3 = gr[None, None, :]
+            ql = tl.load(qbase + g3 * D + j[:, :, None], mask=greal[None, None, :], other=0.0)  # [BN, S, GR]
+            qh = tl.load(qbase + g3 * D + HALF + j[:, :, None], mask=greal[None, None, :], other=0.0)
+            c3 = c1[:, :, None]
+            s3 = s1[:, :, None]
+            sacc = pad16(tl.sum(res[:, :, None] * tl.where(hh[:, :, None], qh * c3 - ql * s3, ql * c3 + qh * s3), 1), GR, BN)
         sT = tl.dot(kr, uT, sacc)  # [BN, 16]
         sR = tl.sum(tl.reshape(sT, (BN, GR, 16 // GR)), 2)
         if SLOW_PATH:
@@ -275,14 +243,7 @@ def _decode_packed_kernel(
         sR = sR + bias[:, None]
         tl.store(sbase + (t - lo)[:, None] * GR + gr[None, :], sR)
         m_lane = tl.maximum(m_lane, sR)
-    if S > 0:
-        # key outliers: their score corrections in a pass of their own over the stored scores (in the key loop they
-        # cost layout changes through shared memory every block), which also takes the max of the corrected scores
-        tl.debug_barrier()
-        m_i = _key_outlier_pass(sbase, koi_ptr, kov_ptr, pos_ptr + b * cap, theta_ptr, qbase, bh, cap, lo, hi,
-                                G, GR, D, S, BO, FAST, USE_ASM)
-    else:
-        m_i = tl.max(m_lane, 0)
+    m_i = tl.max(m_lane, 0)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     tl.debug_barrier()
     # ---------------------------------------------------------------- pass 2: values with the final max
@@ -295,16 +256,11 @@ def _decode_packed_kernel(
     sc_next = tl.load(sbase + n[:, None] * GR + gr[None, :], mask=(lo + n < hi)[:, None], other=float("-inf"))
     vs_next = tl.load(vs_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
     vz_next = tl.load(vz_ptr + b * cap + lo + n, mask=lo + n < hi, other=0.0)
+    e3 = tl.arange(0, SP)[None, :, None]
+    g3 = gr[None, None, :]
     if S > 0:
-        # value outliers: each adds p[t, g] * residual at its channel of the partial output (atomics). Computed in a
-        # layout of their own, one (slot, head) per thread, from their own loads of the stored scores (a block
-        # ahead, as the residuals): nothing crosses into the dense loop's layouts, whose latency hides these loads.
-        so = opaque(n[:, None] * GR + gr[None, :], USE_ASM)  # [BN, GR]
-        to = opaque(n[:, None] + 0 * gr[None, :], USE_ASM)
-        greal_o = (gr < G)[None, :]
-        osc_next = tl.load(sbase + so, mask=lo + to < hi, other=float("-inf"))
-        ovi_next = tl.load(voi_ptr + bh * S * cap + lo + to, mask=lo + to < hi, other=0)
-        ovr_next = tl.load(vov_ptr + bh * S * cap + lo + to, mask=lo + to < hi, other=0.0)
+        voi_next = tl.load(voi_ptr + (bh * S + e3) * cap + (lo + n)[:, None, None], mask=((lo + n) < hi)[:, None, None] & (e3 < S), other=0)
+        vov_next = tl.load(vov_ptr + (bh * S + e3) * cap + (lo + n)[:, None, None], mask=((lo + n) < hi)[:, None, None] & (e3 < S), other=0.0)
     for t0 in range(lo, hi, BN):
         vw = vw_next
         if PF == 2:
@@ -321,19 +277,15 @@ def _decode_packed_kernel(
         vz_next = tl.load(vz_ptr + b * cap + tn, mask=tn < hi, other=0.0)
         pR = tl.exp2(sc - m_safe[None, :])  # [BN, GR]
         if S > 0:
-            po = tl.exp2(osc_next - m_safe[None, :])
-            ovi = ovi_next
-            ovr = ovr_next
-            tno = t0 + BN + to
-            osc_next = tl.load(sbase + (t0 + BN - lo) * GR + so, mask=tno < hi, other=float("-inf"))
-            ovi_next = tl.load(voi_ptr + bh * S * cap + tno, mask=tno < hi, other=0)
-            ovr_next = tl.load(vov_ptr + bh * S * cap + tno, mask=tno < hi, other=0.0)
-            for e in tl.static_range(S):
-                if e > 0:
-                    ovi = tl.load(voi_ptr + (bh * S + e) * cap + t0 + to, mask=t0 + to < hi, other=0)
-                    ovr = tl.load(vov_ptr + (bh * S + e) * cap + t0 + to, mask=t0 + to < hi, other=0.0)
-                r = ovr.to(tl.float32)
-                red_add(part_o_ptr + (part + gr[None, :]) * D + ovi.to(tl.int32), po * r, greal_o & (r != 0.0), USE_ASM)
+            # value outliers: each adds p[t, g] * residual at its channel of the partial output. Few (S per token and
+            # head), so fire-and-forget atomic adds (the partial starts at zero) cost far less than any per-element
+            # work in the dense dot; their indices and residuals were loaded a block ahead.
+            vidx = voi_next.to(tl.int32)  # [BN, SP, 1]
+            vres = vov_next.to(tl.float32)
+            em3 = (tn < hi)[:, None, None] & (e3 < S)
+            voi_next = tl.load(voi_ptr + (bh * S + e3) * cap + tn[:, None, None], mask=em3, other=0)
+            vov_next = tl.load(vov_ptr + (bh * S + e3) * cap + tn[:, None, None], mask=em3, other=0.0)
+            tl.atomic_add(part_o_ptr + (part + g3) * D + vidx, pR[:, None, :] * vres, mask=(vres != 0.0) & (g3 < G), sem="relaxed")
         l_acc += pR
         z_acc += pR * vzr[:, None]
         pv = pad16((pR * vsc[:, None]).to(tl.float16), GR, BN)  # [BN, 16]
@@ -569,7 +521,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         kov, koi, vov, voi, cache.positions, cache.length, m, sink_slot,
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
-        G=g, GR=gr, D=d, BITS=cache.bits, S=s, N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
+        G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
         PF=prefetch, DOT_A=dot_a, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if variant not in _RESIDENT and dev.type == "cuda" and getattr(compiled, "n_regs", None):

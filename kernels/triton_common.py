@@ -139,28 +139,6 @@ def load_words(c_ptr, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, NS: tl.cons
 
 
 @triton.jit
-def opaque(off, USE_ASM: tl.constexpr):
-    """``off`` (int32) with what the compiler knows of its contiguity hidden (an identity ``mov``), so that a load
-    through it is laid out one element per thread in index order instead of vectorized along the contiguous axis."""
-    if USE_ASM:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [off], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        return off
-
-
-@triton.jit
-def red_add(ptrs, values, mask, USE_ASM: tl.constexpr):
-    """``*ptrs += values`` where ``mask``, fire-and-forget (``red.global.add.f32``): as inline assembly the adds keep
-    their operands' layout (``tl.atomic_add`` gets one of its own from its addresses, and a layout change each time)."""
-    if USE_ASM:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p red.relaxed.gpu.global.add.f32 [$1], $2; mov.b32 $0, 0; }",
-            "=r,l,f,r", [ptrs.to(tl.int64, bitcast=True), values, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
-
-
-@triton.jit
 def load_words_dot(c_ptr, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, USE_ASM: tl.constexpr):
     """The code words of slots ``t0 .. t0 + BN`` as :func:`load_words` reads them, but each kind ``[BN, NG, R]``
     (``NG`` 32-code groups, ``R`` words of a group: 1 for 3 bits, of which there are three kinds, 2 for 2 bits, 4 for 4
@@ -176,7 +154,8 @@ def load_words_dot(c_ptr, cap, t0, BITS: tl.constexpr, BN: tl.constexpr, NG: tl.
     rr = tl.arange(0, R)[None, None, None, :]
     step: tl.constexpr = 3 if BITS == 3 else R  # words per group
     off = (gg * step + rr) * cap + t0 + sl + 8 * (sh >> 2) + 16 * (sh & 3)
-    off = opaque(off, USE_ASM)
+    if USE_ASM:
+        off = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [off], dtype=tl.int32, is_pure=True, pack=1)
     wa = _rows(tl.load(c_ptr + off), BN, NG, R)
     if BITS == 3:
         return wa, _rows(tl.load(c_ptr + off + cap), BN, NG, R), _rows(tl.load(c_ptr + off + 2 * cap), BN, NG, R)

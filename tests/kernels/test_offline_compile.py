@@ -44,7 +44,7 @@ def attempt(name, fn, const, warps, over=None):
         failures.append(f"{name}: {str(e).strip().splitlines()[-1][:300]}")
 
 for bits, s, g, d, mask_kind, pf in decode_cases:
-    const = dict(G=g, GR=max(2, next_pow2(g)), D=d, BITS=bits, S=s, N_SINK=1,
+    const = dict(G=g, GR=max(2, next_pow2(g)), D=d, BITS=bits, S=s, SP=max(1, next_pow2(s)), N_SINK=1,
                  BN=block_size(bits), MASK_KIND=mask_kind, USE_ASM=True, FAST=True, PF=pf,
                  DOT_A=decode._direct(d, block_size(bits), decode.default_warps(bits)))  # as the launcher picks
     attempt(f"decode {bits, s, g, d, mask_kind, pf}", decode._decode_packed_kernel, const, decode.default_warps(bits),
