@@ -104,3 +104,33 @@ def test_uncapped_outliers():
     opts = dict(recent_window=WINDOW, sink_tokens=1, outliers="uncapped", backend="reference")
     ref = logits_by_chunks(model, cfg, ids, (1,) * 30, **opts)
     assert worst(logits_by_chunks(model, cfg, ids, (11, 19), **opts), ref) < TOL
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_row_blocks_read_only_the_columns_they_can_see(llama, monkeypatch, static):
+    """With the queries split into many blocks (a small mask budget), each block's attention call leaves out the
+    store slots that are exact for all its queries and the slots after its newest query (a static cache's unwritten
+    ones too): fewer keys per call, the same logits as token by token."""
+    from transformers_kvquant.integration import chunk_window
+
+    model, cfg = llama
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    opts = dict(recent_window=WINDOW, sink_tokens=1, backend="reference")
+    if static:
+        opts["max_cache_len"] = 64
+    ref = logits_by_chunks(model, cfg, ids, (1,) * 40, **opts)
+    monkeypatch.setattr(chunk_window, "MASK_ELEMENTS", 400)  # a few query rows per call
+    calls = []
+    original = chunk_window.attend
+
+    def spy(module, q, k, v, ek, ev, attention_mask, chunk, begin, inner, **kw):
+        def counted(mod, qq, kk, vv, mask, **kw2):
+            calls.append((qq.shape[2], kk.shape[2], k.shape[2] + ek.shape[2]))
+            return inner(mod, qq, kk, vv, mask, **kw2)
+        return original(module, q, k, v, ek, ev, attention_mask, chunk, begin, counted, **kw)
+
+    monkeypatch.setattr(chunk_window, "attend", spy)
+    got = logits_by_chunks(model, cfg, ids, (25, 15), **opts)
+    assert worst(got, ref) < TOL
+    assert len(calls) > 4 and all(q >= 1 for q, _, _ in calls)
+    assert sum(k for _, k, _ in calls) < 0.7 * sum(full for _, _, full in calls)  # the causal half left out

@@ -8,7 +8,7 @@ fidelity.md measured what that costs at 8K). Here query ``i`` (slot ``s_i``) rea
 ``W - 1`` exact slots before it (taken from the ring before the append, :meth:`ChunkWindow.capture`) are attended
 beside the store's dequantized slots, and the mask picks, for each query, the exact copy of a slot inside its window
 and the quantized one outside it. The model's own attention function does the work (one call per block of queries,
-so the mask's memory stays bounded).
+so the mask's memory stays bounded, over only the columns the block can read).
 """
 
 from __future__ import annotations
@@ -58,27 +58,37 @@ def attend(module, q, k, v, ek, ev, attention_mask, chunk: ChunkWindow, begin: i
     slot = torch.arange(kv, device=dev) + begin  # the store part's slot per column
     e_slot = torch.arange(ne, device=dev) + (chunk.first - chunk.tail)
     e_col = e_slot - begin  # the exact part's column in the model's mask (>= 0: the tail starts at `begin` or later)
-    keys, values = torch.cat([k, ek.to(k.dtype)], 2), torch.cat([v, ev.to(v.dtype)], 2)
     rows = max(1, MASK_ELEMENTS // max(b * (kv + ne), 1))
     outs = []
     for r0 in range(0, c, rows):
         r1 = min(c, r0 + rows)
         s_i = torch.arange(r0, r1, device=dev) + chunk.first  # the queries' slots
+        last = chunk.first + r1 - 1  # the block's newest query slot
+        # the columns no query of the block can read are left out of its call (the causal half of the work, and a
+        # static cache's unwritten slots): store slots past ``last - W`` are exact for every query of the block, and
+        # exact slots past ``last`` are in the future (unless the model's mask says otherwise)
+        lim = min(kv, max(0, last - chunk.window - begin + 1))
+        e_lim = min(ne, max(0, last - (chunk.first - chunk.tail) + 1))
         if attention_mask is None:
-            allowed = (slot[None, :] <= s_i[:, None])[None, None]  # causal by slot (static caches: unwritten slots too)
+            allowed = (slot[None, :lim] <= s_i[:, None])[None, None]  # causal by slot (static caches: unwritten slots too)
         else:
             m = attention_mask[:, :, r0:r1, :kv]
             allowed = m if m.dtype == torch.bool else m == 0
-        exact = s_i[:, None] - e_slot[None, :] < chunk.window  # [rows, ne]
-        quantized = slot[None, :] <= s_i[:, None] - chunk.window  # [rows, kv]
-        store_part = allowed & quantized
-        exact_part = allowed.index_select(-1, e_col) & exact
+            if bool(allowed.index_select(-1, e_col[e_lim:]).any()):  # a mask that is not causal: keep every column
+                e_lim = ne
+        exact = s_i[:, None] - e_slot[None, :e_lim] < chunk.window  # [rows, e_lim]
+        quantized = slot[None, :lim] <= s_i[:, None] - chunk.window  # [rows, lim]
+        store_part = allowed[..., :lim] & quantized
+        exact_part = (allowed.index_select(-1, e_col[:e_lim]) if attention_mask is not None
+                      else (e_slot[None, :e_lim] <= s_i[:, None])[None, None]) & exact
         full = torch.cat([store_part, exact_part], -1)
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             full = torch.zeros(full.shape, dtype=attention_mask.dtype, device=dev).masked_fill(
                 ~full, torch.finfo(attention_mask.dtype).min)
         elif attention_mask is None:
             full = torch.zeros(full.shape, dtype=q.dtype, device=dev).masked_fill(~full, torch.finfo(q.dtype).min)
+        keys = torch.cat([k[:, :, :lim], ek[:, :, :e_lim].to(k.dtype)], 2)
+        values = torch.cat([v[:, :, :lim], ev[:, :, :e_lim].to(v.dtype)], 2)
         out, _ = inner(module, q[:, :, r0:r1], keys, values, full, **kwargs)
         outs.append(out)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None
