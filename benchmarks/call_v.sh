@@ -1,23 +1,7 @@
 #!/usr/bin/env bash
 # Device call of 2026-12-03 (twelfth session), at ab26274: value outliers inside pass 2's loop in a layout of their
-# own, the key-outlier pass with 32*BN/GR slots per iteration. The decode tests compiled, the decode grid, then the
-# compiled decode rows end to end at 128K (LLaMA-2-7B shape, batch 1, KVQuant-3 beside fp16 StaticCache). carry: .whl
-set -u
-. "$(dirname "$0")/device_prelude.sh"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt"
-python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt"
-T0=$(date +%s)
-left() { echo $(( ${TOTAL:-560} - ($(date +%s) - T0) )); }
-( KVQUANT_TEST_COMPILED=1 timeout ${TESTS:-120} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py 2>&1 | tail -4
-  echo "== compiled kernel tests $(( $(date +%s) - T0 )) s"
-  timeout ${GRID_S:-120} python3 benchmarks/decode.py --out "$OUT" --budget $(( ${GRID_S:-120} - 15 )) 2>&1 | grep -v -i "warn\|us = timer" | tail -6
-  rm -f "$OUT"/decode.jsonl
-  echo "== grid $(( $(date +%s) - T0 )) s"
-  SKIPS=fp16-dynamic:eager,quanto-int4:eager,quanto-int2:eager,kvquant-3:eager,kvquant-4:compiled,kvquant-2:compiled
-  for c in ${CONTEXTS:-131072}; do
-    mkdir -p "$OUT/c$c"
-    timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --out "$OUT/c$c" --shapes LLaMA-2-7B --contexts $c --stages decode \
-      --skip $SKIPS --steps 8 --budget $(( $(left) - 10 )) 2>&1 | grep -v -i "warn\|perf_hints\|USDT"
-    rm -f "$OUT/c$c/e2e.jsonl"
-    echo "== e2e $c done at $(( $(date +%s) - T0 )) s"
-  done ) 2>&1 | tee "$OUT/call.log"
+# own, the key-outlier pass with 32*BN/GR slots per iteration. call_u.sh's steps (the decode tests compiled, the decode
+# grid) with the compiled end-to-end rows at 128K only, KVQuant-3 beside fp16 StaticCache (LLaMA-2-7B shape,
+# batch 1). carry: .whl
+SKIPS=fp16-dynamic:eager,quanto-int4:eager,quanto-int2:eager,kvquant-3:eager,kvquant-4:compiled,kvquant-2:compiled \
+CONTEXTS=131072 TOTAL=${TOTAL:-560} exec bash "$(dirname "$0")/call_u.sh"

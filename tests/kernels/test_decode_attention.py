@@ -143,9 +143,8 @@ def test_every_slot_of_a_block_off_the_base():
     assert rel_err(moved, out) > 1e-2  # the positions really enter the scores
 
 
-def test_outlier_passes_over_many_slots_and_a_dominant_outlier():
-    """The outliers' own passes (key corrections into the stored scores, value residuals into the partial output)
-    cover several of their iterations (4 blocks each, one split) and GQA with batch 2; one key outlier so large that
+def test_outliers_over_many_blocks_and_a_dominant_outlier():
+    """Key and value outliers over a dozen blocks of one split, GQA with batch 2; then one key outlier so large that
     its corrected score exceeds every uncorrected one by far (the softmax max must be taken after the corrections:
     before, ``2^(s - max)`` would overflow)."""
     cache = random_cache(2, 2, 64, 3, 3 * 4 * BLOCK + 9, outliers=2, recent_window=2, pads=[0, 5], device=DEVICE, seed=19)

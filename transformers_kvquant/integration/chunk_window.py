@@ -69,18 +69,19 @@ def attend(module, q, k, v, ek, ev, attention_mask, chunk: ChunkWindow, begin: i
         # exact slots past ``last`` are in the future (unless the model's mask says otherwise)
         lim = min(kv, max(0, last - chunk.window - begin + 1))
         e_lim = min(ne, max(0, last - (chunk.first - chunk.tail) + 1))
-        if attention_mask is None:
-            allowed = (slot[None, :lim] <= s_i[:, None])[None, None]  # causal by slot (static caches: unwritten slots too)
-        else:
+        if attention_mask is not None:
             m = attention_mask[:, :, r0:r1, :kv]
             allowed = m if m.dtype == torch.bool else m == 0
             if bool(allowed.index_select(-1, e_col[e_lim:]).any()):  # a mask that is not causal: keep every column
                 e_lim = ne
+        quantized = slot[None, :lim] <= s_i[:, None] - chunk.window  # [rows, lim]: older than the query's window
         exact = s_i[:, None] - e_slot[None, :e_lim] < chunk.window  # [rows, e_lim]
-        quantized = slot[None, :lim] <= s_i[:, None] - chunk.window  # [rows, lim]
-        store_part = allowed[..., :lim] & quantized
-        exact_part = (allowed.index_select(-1, e_col[:e_lim]) if attention_mask is not None
-                      else (e_slot[None, :e_lim] <= s_i[:, None])[None, None]) & exact
+        if attention_mask is None:  # causal by slot (static caches: unwritten slots too); quantized slots are older
+            store_part = quantized[None, None]
+            exact_part = (exact & (e_slot[None, :e_lim] <= s_i[:, None]))[None, None]
+        else:
+            store_part = allowed[..., :lim] & quantized
+            exact_part = allowed.index_select(-1, e_col[:e_lim]) & exact
         full = torch.cat([store_part, exact_part], -1)
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             full = torch.zeros(full.shape, dtype=attention_mask.dtype, device=dev).masked_fill(
