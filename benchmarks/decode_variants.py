@@ -26,20 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode import ALIASES, SHAPES, Timer, fp16_sdpa, parse_format  # noqa: E402
 
-# name: (block_n or None for block_size(bits), warps or None for the launcher's, code-word blocks in flight,
-# diagnostic module or None, register cap or None, with a bool attention mask by slot, keys decoded straight into the
-# tensor-core operand where the shape allows: decode.load_words_dot)
+# name: (block_n or None for block_size(bits), warps or None for the launcher's, code-word blocks in flight in the key
+# loop, diagnostic module or None, register cap or None, with a bool attention mask by slot, keys decoded straight into
+# the tensor-core operand where the shape allows: decode.load_words_dot, code-word blocks in flight in the value loop)
 VARIANTS = {
-    "default": (None, None, 1, None, None, False, True),
-    "bool mask": (None, None, 1, None, None, True, True),
-    "168 registers": (None, None, 1, None, 168, False, True),
-    "128 registers": (None, None, 1, None, 128, False, True),
-    "key tile through shared memory": (None, None, 1, None, None, False, False),
-    "2 blocks in flight": (None, None, 2, None, None, False, True),
-    "BN32 4 warps": (32, 4, 1, None, None, False, True),
-    "BN128 8 warps": (128, 8, 1, None, None, False, True),
-    "no key-outlier corrections (diagnostic)": (None, None, 1, "nokey", None, False, True),
-    "no value-outlier adds (diagnostic)": (None, None, 1, "novalue", None, False, True),
+    "default": (None, None, 1, None, None, False, True, 2),
+    "values 1 block ahead": (None, None, 1, None, None, False, True, 1),
+    "bool mask": (None, None, 1, None, None, True, True, 2),
+    "168 registers": (None, None, 1, None, 168, False, True, 2),
+    "128 registers": (None, None, 1, None, 128, False, True, 2),
+    "key tile through shared memory": (None, None, 1, None, None, False, False, 2),
+    "2 blocks in flight": (None, None, 2, None, None, False, True, 2),
+    "BN32 4 warps": (32, 4, 1, None, None, False, True, 2),
+    "BN128 8 warps": (128, 8, 1, None, None, False, True, 2),
+    "no key-outlier corrections (diagnostic)": (None, None, 1, "nokey", None, False, True, 2),
+    "no value-outlier adds (diagnostic)": (None, None, 1, "novalue", None, False, True, 2),
 }
 CASES = "MHA:1:131072:nuq3-1%,MHA:1:131072:nuq3,GQA:1:131072:nuq3-1%,GQA:1:131072:nuq3,MHA:8:32768:nuq3-1%,SmolLM2:1:131072:nuq3-1%,MHA:1:131072:nuq4,MHA:1:131072:nuq2"
 
@@ -92,7 +93,7 @@ def main() -> None:
         row = {"shape": shape, "batch": batch, "context": context, "format": fmt, "recent_window": window,
                "fp16_us": round(fp_us, 2), "variants": {}}
         mask = torch.ones(batch, cache.capacity, dtype=torch.bool, device="cuda")
-        for name, (bn, warps, pf, diag, maxnreg, masked, direct) in VARIANTS.items():
+        for name, (bn, warps, pf, diag, maxnreg, masked, direct, pfv) in VARIANTS.items():
             if name not in args.variants.split(","):
                 continue
             if time.time() - start > args.budget:
@@ -104,7 +105,7 @@ def main() -> None:
             try:
                 kw = {"maxnreg": maxnreg} if maxnreg else {}
                 us = timer(lambda: fn(q, cache, consts, num_warps=warps, prefetch=pf, mask=mask if masked else None,
-                                      direct_keys=direct, **kw))
+                                      direct_keys=direct, value_prefetch=pfv, **kw))
             except Exception as e:  # noqa: BLE001 (a variant that does not compile or fit is reported, not fatal)
                 row["variants"][name] = f"failed: {str(e).splitlines()[0][:160]}"
                 continue

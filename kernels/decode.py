@@ -82,7 +82,7 @@ def _decode_packed_kernel(
     H, cap, m_sb, max_split_blocks, n_splits, n_window, window,
     G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, N_SINK: tl.constexpr,
     BN: tl.constexpr, MASK_KIND: tl.constexpr, USE_ASM: tl.constexpr, FAST: tl.constexpr, SLOW_PATH: tl.constexpr = True,
-    PF: tl.constexpr = 1, DOT_A: tl.constexpr = False,
+    PF: tl.constexpr = 1, PFV: tl.constexpr = 1, DOT_A: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -263,7 +263,10 @@ def _decode_packed_kernel(
         vov_next = tl.load(vov_ptr + (bh * S + e3) * cap + (lo + n)[:, None, None], mask=((lo + n) < hi)[:, None, None] & (e3 < S), other=0.0)
     for t0 in range(lo, hi, BN):
         vw = vw_next
-        if PF == 2:
+        if PFV == 2:
+            # two blocks in flight: the words loaded here are first read a whole iteration later (with one, the copy
+            # into the loop-carried registers at the iteration's end waited on them: the value loop's largest stall
+            # in Nsight Compute, docs/kernels.md)
             vw_next = vw_next2
             vw_next2 = load_words(vc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
         else:
@@ -433,16 +436,19 @@ def programs_per_sm(registers: int, shared: int, warps: int, limits: tuple[int, 
     return max(1, min(by_regs, by_smem, threads_sm // (32 * warps), 32))
 
 
+VALUE_PREFETCH = 2  # blocks of value code words in flight in the value loop (the key loop: one, ``prefetch``)
+
+
 def default_warps(bits: int) -> int:
     return 4  # with block_size(bits): 8 warps (and 128-slot blocks) were slower on an H200 (docs/kernels.md)
 
 
 def _variant(cache: PackedCache, groups: int, block_n: int, warps: int, unmasked: bool, prefetch: int = 1,
-             maxnreg: int | None = None, direct: bool = True) -> tuple:
+             maxnreg: int | None = None, direct: bool = True, value_prefetch: int = VALUE_PREFETCH) -> tuple:
     """What one compiled packed kernel is specialized to (its registers decide how many programs fit an SM)."""
     dev = cache.key_codes.device
     return (dev.index, cache.bits, cache.key_outlier_index.shape[2], groups, cache.head_dim, block_n, warps, unmasked,
-            cache.sink_slot.shape[1], prefetch, maxnreg, direct and _direct(cache.head_dim, block_n, warps))
+            cache.sink_slot.shape[1], prefetch, value_prefetch, maxnreg, direct and _direct(cache.head_dim, block_n, warps))
 
 
 def planned_splits(cache: PackedCache, groups: int, block_n: int, *, masked: bool = False) -> int:
@@ -470,7 +476,8 @@ def default_splits(cache: PackedCache, block_n: int, resident: int = 4) -> int:
 @on_input_device
 def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, *, mask: torch.Tensor | None = None,
                      sliding_window: int = 0, n_splits: int | None = None, num_warps: int | None = None,
-                     prefetch: int = 1, maxnreg: int | None = None, direct_keys: bool = True) -> torch.Tensor:
+                     prefetch: int = 1, maxnreg: int | None = None, direct_keys: bool = True,
+                     value_prefetch: int = VALUE_PREFETCH) -> torch.Tensor:
     """Attention of one query per row over ``cache``.
 
     ``q_rot``: fp32 ``[B, Hq, D]``, RoPE'd at the query position and scaled by ``softmax_scale * log2(e)`` (and the
@@ -478,8 +485,8 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     ``sliding_window``: attend to the newest that many slots only (0: all). ``maxnreg``: a register cap for the
     packed kernel (more resident programs per SM, paid in spills; None: the compiler's choice). ``direct_keys``:
     decode the keys straight into the tensor-core operand where the shape allows (False: the earlier tile, for
-    comparison). Returns fp32
-    ``[B, Hq, D]``.
+    comparison). ``prefetch`` / ``value_prefetch``: blocks of code words in flight in the key / value loop (1 or 2).
+    Returns fp32 ``[B, Hq, D]``.
     """
     b, hq, d = q_rot.shape
     h, cap, bn = cache.heads, cache.capacity, consts.block_n
@@ -491,7 +498,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     use_asm = not interpreting()
     s = cache.key_outlier_index.shape[2]
     warps = num_warps or default_warps(cache.bits)
-    variant = _variant(cache, g, bn, warps, mask is None, prefetch, maxnreg, direct_keys)
+    variant = _variant(cache, g, bn, warps, mask is None, prefetch, maxnreg, direct_keys, value_prefetch)
     dot_a = variant[-1]
     splits = n_splits or default_splits(cache, bn, _RESIDENT.get(variant, 2))
     max_split_blocks = triton.cdiv(cap // bn, splits)
@@ -522,7 +529,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
         G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
-        PF=prefetch, DOT_A=dot_a, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PF=prefetch, PFV=value_prefetch, DOT_A=dot_a, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if variant not in _RESIDENT and dev.type == "cuda" and getattr(compiled, "n_regs", None):
         # the first launch of a variant uses 2 programs per SM; later ones how many its registers and shared
