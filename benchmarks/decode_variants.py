@@ -30,17 +30,17 @@ from decode import ALIASES, SHAPES, Timer, fp16_sdpa, parse_format  # noqa: E402
 # loop, diagnostic module or None, register cap or None, with a bool attention mask by slot, keys decoded straight into
 # the tensor-core operand where the shape allows: decode.load_words_dot, code-word blocks in flight in the value loop)
 VARIANTS = {
-    "default": (None, None, 1, None, None, False, True, 2),
-    "values 1 block ahead": (None, None, 1, None, None, False, True, 1),
-    "bool mask": (None, None, 1, None, None, True, True, 2),
-    "168 registers": (None, None, 1, None, 168, False, True, 2),
-    "128 registers": (None, None, 1, None, 128, False, True, 2),
-    "key tile through shared memory": (None, None, 1, None, None, False, False, 2),
+    "default": (None, None, 1, None, None, False, True, 1),
+    "values 2 blocks ahead": (None, None, 1, None, None, False, True, 2),
+    "bool mask": (None, None, 1, None, None, True, True, 1),
+    "168 registers": (None, None, 1, None, 168, False, True, 1),
+    "128 registers": (None, None, 1, None, 128, False, True, 1),
+    "key tile through shared memory": (None, None, 1, None, None, False, False, 1),
     "2 blocks in flight": (None, None, 2, None, None, False, True, 2),
-    "BN32 4 warps": (32, 4, 1, None, None, False, True, 2),
-    "BN128 8 warps": (128, 8, 1, None, None, False, True, 2),
-    "no key-outlier corrections (diagnostic)": (None, None, 1, "nokey", None, False, True, 2),
-    "no value-outlier adds (diagnostic)": (None, None, 1, "novalue", None, False, True, 2),
+    "BN32 4 warps": (32, 4, 1, None, None, False, True, 1),
+    "BN128 8 warps": (128, 8, 1, None, None, False, True, 1),
+    "no key-outlier corrections (diagnostic)": (None, None, 1, "nokey", None, False, True, 1),
+    "no value-outlier adds (diagnostic)": (None, None, 1, "novalue", None, False, True, 1),
 }
 CASES = "MHA:1:131072:nuq3-1%,MHA:1:131072:nuq3,GQA:1:131072:nuq3-1%,GQA:1:131072:nuq3,MHA:8:32768:nuq3-1%,SmolLM2:1:131072:nuq3-1%,MHA:1:131072:nuq4,MHA:1:131072:nuq2"
 

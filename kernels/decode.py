@@ -265,8 +265,8 @@ def _decode_packed_kernel(
         vw = vw_next
         if PFV == 2:
             # two blocks in flight: the words loaded here are first read a whole iteration later (with one, the copy
-            # into the loop-carried registers at the iteration's end waited on them: the value loop's largest stall
-            # in Nsight Compute, docs/kernels.md)
+            # into the loop-carried registers at the iteration's end waits on them: the value loop's largest stall in
+            # Nsight Compute; taking it away did not make the loop faster, docs/kernels.md)
             vw_next = vw_next2
             vw_next2 = load_words(vc_row, cap, tl.minimum(t0 + 2 * BN, last), BITS, BN, NS)
         else:
@@ -436,7 +436,7 @@ def programs_per_sm(registers: int, shared: int, warps: int, limits: tuple[int, 
     return max(1, min(by_regs, by_smem, threads_sm // (32 * warps), 32))
 
 
-VALUE_PREFETCH = 2  # blocks of value code words in flight in the value loop (the key loop: one, ``prefetch``)
+VALUE_PREFETCH = 1  # blocks of value code words in flight in the value loop (2: no faster on an H200, docs/kernels.md)
 
 
 def default_warps(bits: int) -> int:

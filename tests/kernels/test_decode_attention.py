@@ -73,7 +73,7 @@ def test_keys_decoded_straight_into_the_tensor_core_operand(c):
 
 @pytest.mark.parametrize("c", [GRID[0], GRID[3], GRID[7]], ids=case_id)
 def test_two_blocks_in_flight(c):
-    """Two blocks of code words in flight in the key loop, the value loop (the default) or both: the same attention."""
+    """Two blocks of code words in flight in the key loop, the value loop or both: the same attention."""
     b, h, g, d, n, bits, s = c
     cache = random_cache(b, h, d, bits, n, outliers=s, sink_tokens=1, recent_window=2, pads=[0, 2, 5][:b], device=DEVICE, seed=n)
     out, ref = run(cache, groups=g, prefetch=2, value_prefetch=2, splits=2)
