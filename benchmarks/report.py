@@ -246,8 +246,11 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
         "call it comes from; the LLaMA-2-7B capacity rows were measured in an earlier session (h200-2026-12-01: the layout "
         "has not changed since; the decode kernel has); the Llama-3-8B capacity and its latest decode rows by "
         "`bash benchmarks/call_d.sh` (h200-2026-12-01d); the TTFT rows by `bash benchmarks/call_j.sh` (h200-2026-12-02b: "
-        "call3 for 128K, call4 for 32K with `TOKENS=32768`), after the prefill changes of that session (call1 is the "
-        "before: the append 31% of a 32K prefill's GPU time, TTFT 2.85 s in 16K chunks and 2.44 s in one); the 256K and "
+        "call3 for 128K), after the prefill changes of that session (call1 is the "
+        "before: the append 31% of a 32K prefill's GPU time, TTFT 2.85 s in 16K chunks and 2.44 s in one), the 32K ones "
+        "by `bash benchmarks/call_w.sh` (h200-2026-12-03d/call1, with the exact window's prefill attending only the "
+        "columns each query block can read; h200-2026-12-02d/call2 before that: x3.62 with the window, x1.27 without, "
+        "x1.15 in one 32K chunk); the 256K and "
         "512K prompts by `bash benchmarks/call_l.sh` (h200-2026-12-02c: call2, where 512K ran out of memory in the "
         "mask check fixed since, and call3).",
         "",
@@ -260,7 +263,9 @@ def e2e_doc(root: Path, e2e: list, capacity: list, versions: str) -> None:
         "KVQuant cache is sized once for the run's longest context (one graph serves every context), so its shorter "
         "rows show the longer context's bytes. The same code measured on different machines gives KVQuant-3 against fp16 "
         "at 32K x0.77 (h200-2026-12-03/call3, where fp16 took 9.5 ms), x0.81 (h200-2026-12-03/call2) and x0.87 "
-        "(h200-2026-12-03b/call2, the rows shown; fp16 10.7 ms): compare within a call. The one-buffer static cache "
+        "(h200-2026-12-03b/call2; fp16 10.7 ms), and with the keys decoded straight into the tensor-core operand x0.84 "
+        "(h200-2026-12-03d/call1, `bash benchmarks/call_w.sh`, the rows shown; fp16 11.0 ms): compare within a call. "
+        "The one-buffer static cache "
         "(h200-2026-12-03 on) has the same layout and bytes as before.",
         "",
         "## Acceptance (issue: compiled decoding)",
