@@ -452,7 +452,7 @@ def _preset_plot(by: dict, peers: dict, extra: dict, path: Path) -> None:
         groups = {
             "KVQuant, long-context preset": [(r["avg_bits_128k"], 100 * (r["ppl"] / fp - 1), lab) for lab, r in by[name].items()
                                              if lab != "fp" and "avg_bits_128k" in r],
-            "KVQuant, shipped configs (no window; bits at 2K, an upper bound)": [(bits, pct, lab) for pct, bits, lab in extra.get(name, [])],
+            "KVQuant, shipped configs (no window)": [(bits, pct, lab) for pct, bits, lab in extra.get(name, [])],
             "int": [(b, pct, lab) for lab, per in peers.items() if lab.startswith("int") for pct, b in [per[name]]],
             "KIVI": [(b, pct, lab) for lab, per in peers.items() if lab.startswith("kivi") for pct, b in [per[name]]],
         }
@@ -489,10 +489,16 @@ def long_context_section(folder: Path) -> list[str]:
              "layer) is a large share; bits at 128K count a store of 131,072 tokens, where the ring is a constant. The "
              "checks compare the int and KIVI rows of the 40-window table at their bits at 128K (KIVI's 128 exact "
              "tokens are then a constant too) with these rows and the shipped configs without a window (bounded "
-             "outliers section, 40 windows).", "",
+             "outliers section, and the 2-bit config without outliers, 40 windows each, their bits at 128K).", "",
              f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages ppl --rows long-context --windows "
-             f"{windows}` (passkey: `--stages passkey --passkey-methods presets`) then `python benchmarks/make_results_doc.py "
-             f"--long-context {folder}`. " + (f"Measured on {_env_line(env)}." if env else "**Partial**."), ""]
+             f"{windows}` (passkey: `--stages passkey --passkey-methods presets`; the 2-bit row without outliers: "
+             f"`--rows no-outliers --out {folder.parent / 'no-outliers-40windows'}`) then `python "
+             f"benchmarks/make_results_doc.py --long-context {folder}`. " + (f"Measured on {_env_line(env)}." if env else "**Partial**.")]
+    recount = (_load(folder, "ppl") or {}).get("bits_recounted")
+    if recount:
+        lines[-1] += (f" Bits recounted ({recount}: `python benchmarks/recount_bits.py {folder}`, and `--at-128k "
+                      f"{folder.parent / 'outliers-40windows'}`); the perplexities are the run's.")
+    lines.append("")
     lines += _ppl_table(data, bits="2k+128k")
     by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
     lines += ["", f"{windows} windows of 2,048 tokens per dataset; fp is the 40-window fp of the tables above.", "",
@@ -509,14 +515,17 @@ def long_context_section(folder: Path) -> list[str]:
                          f"≤ {most_bits:g} bits): {'PASS' if ok else 'FAIL'}; at 2K it stores {r['avg_bits']:.2f} bits"
                          f"{'' if r['avg_bits'] <= most_bits else ' (over the bar)'}")
     peers = _peer_points(folder.parents[1]) if (folder.parents[1] / "results_ppl.json").exists() else {}
-    # the shipped configs without a window (bounded outliers, 40 windows): their bits at 2K (the sink's share
-    # included) bound those at 128K from above
+    # the shipped configs without a window (bounded outliers, 40 windows): their bits at 128K where the run or
+    # benchmarks/recount_bits.py counted them, else at 2K (the sink's share included: an upper bound)
     extra = {}
-    bounded = folder.parent / "outliers-40windows"
-    if bounded.exists():
-        for name, rows in _ppl_run(bounded)[0].items():
-            fp = next(r["ppl"] for r in rows if r["label"] == "fp")
-            extra[name] = [(100 * (r["ppl"] / fp - 1), r["avg_bits"], r["label"]) for r in rows if "bounded" in r["label"]]
+    for run in ("outliers-40windows", "no-outliers-40windows"):
+        if not (folder.parent / run).exists():
+            continue
+        for name, rows in _ppl_run(folder.parent / run)[0].items():
+            # a run without its own fp row (no-outliers) has the same 40 windows as this one
+            fp = next((r["ppl"] for r in rows if r["label"] == "fp"), by.get(name, {}).get("fp", {}).get("ppl"))
+            extra.setdefault(name, []).extend((100 * (r["ppl"] / fp - 1), r.get("avg_bits_128k", r["avg_bits"]), r["label"])
+                                              for r in rows if "bounded" in r["label"])
     for peer, per in peers.items():
         for name, (ppct, pbits) in per.items():
             fp = by.get(name, {}).get("fp")

@@ -127,7 +127,8 @@ def kvquant_cache_bytes(model, config, keys, values, length) -> tuple[int, int, 
         layer.lazy_initialization(k, v)
         layer.store.append(k, v, positions)
     report = cache.memory_report()
-    walked = sum(storage_bytes(layer.store) for layer in cache.layers)
+    seen = set()  # a storage the layers share (the slots' positions) counts once
+    walked = sum(storage_bytes(layer.store, seen) for layer in cache.layers)
     return report.total_bytes, walked, dict(report.bytes_by_component), [key_outlier_count(layer.store) for layer in cache.layers]
 
 

@@ -60,6 +60,15 @@ def outlier_rows(model):
     return rows
 
 
+def no_outlier_rows(model):
+    """(label, method): the shipped 2-bit config without outliers in the layout the cache stores (bounded: every key
+    clamped to its calibrated range), the KVQuant point at int2's bytes; no fp row (the long-context run's fp is the
+    same 40 windows)."""
+    from transformers_kvquant.evaluation.perplexity import make_method
+
+    return [("kvquant 2-bit bounded (no outliers)", make_method("kvquant", model, bits=2, outlier_fraction=0.0, outliers="bounded"))]
+
+
 def window_rows(model):
     """(label, method): fp and the shipped 3- and 2-bit 1% configs (bounded outliers) with an exact recent window of
     0-128 tokens beside the sink: what a window buys at each width, for choosing presets."""
@@ -195,7 +204,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
         rows = mixed_rows(model, Path(args.out))
     else:
         rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows, "presets": preset_rows,
-                "long-context": long_context_rows}[args.rows](model)
+                "long-context": long_context_rows, "no-outliers": no_outlier_rows}[args.rows](model)
     fp = model.config
     heads, head_dim = fp.num_key_value_heads, getattr(fp, "head_dim", None) or fp.hidden_size // fp.num_attention_heads
     bits_128k = {}  # label -> bits at 128K: a store of 131,072 tokens per layer, built once, not once per dataset
@@ -214,7 +223,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
             row = asdict(r)
             row["label"] = label
             row["config"] = getattr(method, "source", None)
-            if args.rows in ("presets", "long-context"):  # where the memory matters: the exact ring is a constant, not a share
+            if args.rows in ("presets", "long-context", "no-outliers"):  # where the memory matters: the exact ring is a constant
                 if label not in bits_128k:
                     bits_128k[label] = round(method.avg_bits(heads, head_dim, 131072), 3) if method else 16.0
                 row["avg_bits_128k"] = bits_128k[label]
@@ -287,11 +296,12 @@ def main(argv=None) -> int:
     parser.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--c4", default=str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"))
     parser.add_argument("--windows", type=int, default=80)
-    parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows", "mixed", "presets", "long-context"),
+    parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows", "mixed", "presets", "long-context",
+                                                            "no-outliers"),
                         help="ppl stage: the results table, bounded vs uncapped outliers at every width, exact windows, "
                              "mixed precision across layers (calibrated into OUT/configs first when missing), or the preset "
                              "candidates (windows on the 4-bit and mixed configs; with average bits at 128K), or the long-context preset at "
-                             "every width (with average bits at 128K)")
+                             "every width (with average bits at 128K), or the 2-bit config without outliers (bits at 128K)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--documents", type=int, default=8)

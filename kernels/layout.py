@@ -21,7 +21,9 @@ outliers per (token, head)):
 - outliers, bounded: ``S`` per (token, head) for keys and for values, ``*_outlier_values`` (16-bit *residual*:
   exact value minus the dequantized one, so they add) and ``*_outlier_index`` (uint8 channel) ``[B, H, S, cap]``.
   Unused entries have a zero residual.
-- ``positions``: int32 ``[B, cap]``, the RoPE position of every slot (rows differ under left padding); ``length``:
+- ``positions``: int32 ``[B, cap]``, the RoPE position of every slot (rows differ under left padding); the same in
+  every layer of a cache (each layer stores the same tokens at the same slots), so the layers of one cache on one
+  device may share one tensor (:class:`~transformers_kvquant.quant.store.SharedPositions`); ``length``:
   int32 ``[1]`` on the device, the slots written (so a compiled decode step needs no host value).
 - exact tokens: the recent window is a ring ``[B, H, WR, D]`` (slot ``t`` at ``t % WR``) holding the newest
   ``recent_window`` tokens exactly, and the sink ``[B, H, N, D]`` the first ``N`` positions of each row, at the
@@ -369,10 +371,13 @@ def round_capacity(slots: int) -> int:
 def allocate(
     *, batch: int, heads: int, head_dim: int, bits: int, capacity: int, key_outliers: int, value_outliers: int,
     dtype: torch.dtype, device, key_table, value_table, key_bounds, value_bounds, key_zero, key_scale,
-    recent_window: int = 0, sink_tokens: int = 0,
+    recent_window: int = 0, sink_tokens: int = 0, positions: torch.Tensor | None = None,
 ) -> PackedCache:
-    """An empty cache (length 0) of ``round_capacity(capacity)`` slots; ``dtype`` is the model's (exact copies)."""
+    """An empty cache (length 0) of ``round_capacity(capacity)`` slots; ``dtype`` is the model's (exact copies).
+    ``positions``: an int32 ``[batch, cap]`` tensor to use as the positions (shared with other layers), or None."""
     cap = round_capacity(capacity)
+    if positions is not None:
+        _check_positions(positions, batch, cap)
     half = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
     w = words_per_vector(head_dim, bits)
     z = dict(device=device)
@@ -393,7 +398,7 @@ def allocate(
         key_outlier_index=torch.zeros(batch, heads, key_outliers, cap, dtype=torch.uint8, **z),
         value_outlier_values=torch.zeros(batch, heads, value_outliers, cap, dtype=half, **z),
         value_outlier_index=torch.zeros(batch, heads, value_outliers, cap, dtype=torch.uint8, **z),
-        positions=torch.zeros(batch, cap, dtype=torch.int32, **z),
+        positions=torch.zeros(batch, cap, dtype=torch.int32, **z) if positions is None else positions,
         length=torch.zeros(1, dtype=torch.int32, **z),
         window_keys=torch.zeros(batch, heads, wr, head_dim, dtype=dtype, **z),
         window_values=torch.zeros(batch, heads, wr, head_dim, dtype=dtype, **z),
@@ -404,11 +409,22 @@ def allocate(
     )
 
 
-def regrow(cache: PackedCache, capacity: int, used: int) -> PackedCache:
-    """A copy of ``cache`` with room for ``capacity`` slots (whole blocks) and its first ``used`` slots copied."""
+def _check_positions(positions: torch.Tensor, batch: int, cap: int) -> None:
+    if positions.shape != (batch, cap) or positions.dtype != torch.int32:
+        raise ValueError(f"positions must be int32 [{batch}, {cap}], got {positions.dtype} {list(positions.shape)}")
+
+
+def regrow(cache: PackedCache, capacity: int, used: int, positions: torch.Tensor | None = None) -> PackedCache:
+    """A copy of ``cache`` with room for ``capacity`` slots (whole blocks) and its first ``used`` slots copied;
+    ``positions``: the grown positions to use (already holding those slots: shared with other layers), or None."""
     cap = round_capacity(capacity)
     fields = _fields(cache)
+    if positions is not None:
+        _check_positions(positions, cache.batch, cap)
+        fields["positions"] = positions
     for name, axis in SLOT_AXIS.items():
+        if name == "positions" and positions is not None:
+            continue
         old = fields[name]
         shape = list(old.shape)
         shape[axis] = cap
@@ -419,11 +435,14 @@ def regrow(cache: PackedCache, capacity: int, used: int) -> PackedCache:
     return PackedCache(**fields)
 
 
-def map_rows(cache: PackedCache, fn) -> PackedCache:
-    """``cache`` with a batch-axis operation (beam reorder, select, repeat) applied to every per-row tensor."""
+def map_rows(cache: PackedCache, fn, positions: torch.Tensor | None = None) -> PackedCache:
+    """``cache`` with a batch-axis operation (beam reorder, select, repeat) applied to every per-row tensor;
+    ``positions``: the positions with ``fn`` already applied (shared with other layers), or None to apply it here."""
     per_row = set(SLOT_AXIS) | {"window_keys", "window_values", "sink_keys", "sink_values", "sink_slot"}
-    per_row.discard("length")
     fields = _fields(cache)
+    if positions is not None:
+        per_row.discard("positions")
+        fields["positions"] = positions
     for name in per_row:
         fields[name] = fn(fields[name]).contiguous()
     return PackedCache(**fields)
@@ -472,9 +491,13 @@ def pack_arena(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dic
     return arena, spec_id, views
 
 
+ARENA_EXCLUDES = ("positions",)  # a tensor the layers of a cache may share stays out of each layer's buffer
+
+
 def consolidate(cache: PackedCache) -> PackedCache:
-    """``cache`` with every tensor a view into one buffer (a static cache: its tensors never change size)."""
-    arena, spec_id, views = pack_arena(cache.tensors())
+    """``cache`` with every tensor but the positions a view into one buffer (a static cache: its tensors never change
+    size); the operators of :mod:`.ops` take the positions beside the buffer."""
+    arena, spec_id, views = pack_arena({k: v for k, v in cache.tensors().items() if k not in ARENA_EXCLUDES})
     return PackedCache(**{**_fields(cache), **views}, arena=arena, arena_spec=spec_id)
 
 

@@ -1,9 +1,10 @@
 """The Triton launchers as PyTorch custom operators, so ``torch.compile`` (and the CUDA graphs of
 ``mode="reduce-overhead"``) treat each as one opaque call with declared shapes and mutations instead of tracing into
 the launchers' Python. :func:`decode` and :func:`append` take a :class:`~.layout.PackedCache` and flatten it; a
-consolidated one (a static cache's, :func:`~.layout.consolidate`) goes in as its one buffer and a layout id, with the
-kernel tables likewise, because TorchDynamo guards every tensor a compiled step reads (about 1 ms per step of a
-32-layer model for the thirty tensors per layer that the flattened form hands it: docs/e2e.md).
+consolidated one (a static cache's, :func:`~.layout.consolidate`) goes in as its one buffer and a layout id (the
+positions beside it: the layers of a cache may share them), with the kernel tables likewise, because TorchDynamo
+guards every tensor a compiled step reads (about 1 ms per step of a 32-layer model for the thirty tensors per layer
+that the flattened form hands it: docs/e2e.md).
 """
 
 
@@ -62,32 +63,33 @@ def _(keys, values, positions, mutated, others, bits, recent_window):
 
 
 @torch.library.custom_op("kvquant::decode_arena", mutates_args=())
-def _decode_arena(q_rot: torch.Tensor, arena: torch.Tensor, spec: int, constants: torch.Tensor, constants_spec: int,
-                  mask: torch.Tensor | None, bits: int, recent_window: int, sliding_window: int, block_n: int) -> torch.Tensor:
+def _decode_arena(q_rot: torch.Tensor, arena: torch.Tensor, spec: int, slot_positions: torch.Tensor, constants: torch.Tensor,
+                  constants_spec: int, mask: torch.Tensor | None, bits: int, recent_window: int, sliding_window: int,
+                  block_n: int) -> torch.Tensor:
     from .decode import decode_attention
 
-    cache = PackedCache(bits=bits, recent_window=recent_window, **arena_views(arena, spec))
+    cache = PackedCache(bits=bits, recent_window=recent_window, positions=slot_positions, **arena_views(arena, spec))
     consts = KernelConstants(block_n, **arena_views(constants, constants_spec))
     return decode_attention(q_rot, cache, consts, mask=mask, sliding_window=sliding_window)
 
 
 @_decode_arena.register_fake
-def _(q_rot, arena, spec, constants, constants_spec, mask, bits, recent_window, sliding_window, block_n):
+def _(q_rot, arena, spec, slot_positions, constants, constants_spec, mask, bits, recent_window, sliding_window, block_n):
     return torch.empty_like(q_rot)
 
 
-@torch.library.custom_op("kvquant::append_arena", mutates_args=("arena",))
+@torch.library.custom_op("kvquant::append_arena", mutates_args=("arena", "slot_positions"))
 def _append_arena(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, arena: torch.Tensor, spec: int,
-                  bits: int, recent_window: int) -> None:
+                  slot_positions: torch.Tensor, bits: int, recent_window: int) -> None:
     from .append import append_slots
 
-    cache = PackedCache(bits=bits, recent_window=recent_window, **arena_views(arena, spec))
+    cache = PackedCache(bits=bits, recent_window=recent_window, positions=slot_positions, **arena_views(arena, spec))
     append_slots(cache, keys, values, positions)
     cache.length.add_(keys.shape[2])  # in the operator: the length is a view into the arena
 
 
 @_append_arena.register_fake
-def _(keys, values, positions, arena, spec, bits, recent_window):
+def _(keys, values, positions, arena, spec, slot_positions, bits, recent_window):
     return None
 
 
@@ -95,7 +97,7 @@ def decode(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, mas
            sliding_window: int = 0) -> torch.Tensor:
     """:func:`~.decode.decode_attention` as one operator."""
     if cache.arena is not None and consts.arena is not None:
-        return _decode_arena(q_rot, cache.arena, cache.arena_spec, consts.arena, consts.arena_spec, mask, cache.bits,
+        return _decode_arena(q_rot, cache.arena, cache.arena_spec, cache.positions, consts.arena, consts.arena_spec, mask, cache.bits,
                              cache.recent_window, sliding_window, consts.block_n)
     return _decode(q_rot, [getattr(cache, n) for n in _CACHE_TENSORS], [getattr(consts, n) for n in _CONSTANTS], mask,
                    cache.bits, cache.recent_window, sliding_window, consts.block_n)
@@ -106,7 +108,7 @@ def append(cache: PackedCache, keys: torch.Tensor, values: torch.Tensor, positio
     if keys.shape[2] == 0:
         return
     if cache.arena is not None:
-        _append_arena(keys, values, positions, cache.arena, cache.arena_spec, cache.bits, cache.recent_window)
+        _append_arena(keys, values, positions, cache.arena, cache.arena_spec, cache.positions, cache.bits, cache.recent_window)
         return
     _append(keys, values, positions, [getattr(cache, n) for n in _MUTATED],
             [getattr(cache, n) for n in _CACHE_TENSORS if n not in _MUTATED], cache.bits, cache.recent_window)

@@ -240,7 +240,7 @@ def mixed_fits(stories_stats):
 
 
 def test_mixed_calibration_respects_the_budget_and_spends_it(mixed_fits, stories_stats):
-    from transformers_kvquant.calibration.mixed import stored_bytes
+    from transformers_kvquant.calibration.mixed import positions_bytes, stored_bytes
 
     fp = stories_stats.fingerprint
     tokens = stories_stats.keys[0].shape[1]
@@ -248,14 +248,16 @@ def test_mixed_calibration_respects_the_budget_and_spends_it(mixed_fits, stories
     totals = {}
     for avg, config in mixed_fits.items():
         meta = config.calibration["mixed_precision"]
-        stored = sum(stored_bytes(layer, config.layer_width(i), 0.01, fp.num_key_value_heads, fp.head_dim, tokens)
-                     for i, layer in enumerate(config.layers)) * 8 / elements
+        # each layer's own bytes, and the slots' positions once for the cache
+        stored = (sum(stored_bytes(layer, config.layer_width(i), 0.01, fp.num_key_value_heads, fp.head_dim, tokens)
+                      for i, layer in enumerate(config.layers)) + positions_bytes(tokens)) * 8 / elements
         assert stored <= avg and stored == pytest.approx(meta["stored_bits"], abs=1e-5)
         # the allocation is optimal for the measured errors: brute force over the 3**5 allocations agrees
         errors = [{int(w): e for w, e in le.items()} for le in meta["layer_errors"]]
         costs = [{w: stored_bytes(layer, w, 0.01, fp.num_key_value_heads, fp.head_dim, tokens) for w in (2, 3)}
                  for layer in config.layers]
-        assert meta["total_error"] == pytest.approx(_brute_force(errors, costs, int(avg * elements / 8))[0], rel=1e-9)
+        budget = int(avg * elements / 8) - positions_bytes(tokens)
+        assert meta["total_error"] == pytest.approx(_brute_force(errors, costs, budget)[0], rel=1e-9)
         totals[avg] = meta["total_error"]
         assert config.bits == max(config.layer_bits) and config.format_version == 2
         for i, w in enumerate(config.layer_bits):

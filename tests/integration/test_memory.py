@@ -5,9 +5,9 @@ Two independent references for the report:
 - the storage of every tensor reachable from each layer store (found by walking the store's attributes, so a
   component the report forgot shows up), which equals the stored bytes when the buffers hold exactly the tokens
   (one prefill of more than 16 tokens, no recent window);
-- the byte layout written out from first principles (codes, 16-bit ranges and outliers, int16 indices, int32
-  positions, exact sink and recent-window copies), for caches filled by real generation with left padding, a
-  sink, a recent window and sliding-window eviction.
+- the byte layout written out from first principles (codes, 16-bit ranges and outliers, int16 indices, exact sink
+  and recent-window copies per layer; the int32 positions once for all layers), for caches filled by real generation
+  with left padding, a sink, a recent window and sliding-window eviction.
 
 ``benchmarks/memory.py`` measures the same on the full 30-layer SmolLM2 for docs/memory.md.
 """
@@ -34,14 +34,17 @@ TOKENS = 8192
 CONSTANTS = {"key_table", "value_table", "key_bounds", "value_bounds", "key_zero", "key_scale"}
 
 
-def store_storage_bytes(store) -> int:
-    """Bytes of the distinct storages of every tensor held by a layer store (the calibration constants excluded:
-    they are the model's, shared by every cache)."""
-    tensors = [t for t in vars(store).values() if isinstance(t, torch.Tensor)]
-    if getattr(store, "cache", None) is not None:
-        tensors += [t for n, t in store.cache.tensors().items() if n not in CONSTANTS]
-    else:
-        tensors += list(store.buffers.tensors.values())
+def cache_storage_bytes(cache) -> int:
+    """Bytes of the distinct storages of every tensor held by the cache's layer stores (a storage that layers share,
+    the slots' positions, once; the calibration constants excluded: they are the model's, shared by every cache)."""
+    tensors = []
+    for layer in cache.layers:
+        store = layer.store
+        tensors += [t for t in vars(store).values() if isinstance(t, torch.Tensor)]
+        if getattr(store, "cache", None) is not None:
+            tensors += [t for n, t in store.cache.tensors().items() if n not in CONSTANTS]
+        else:
+            tensors += list(store.buffers.tensors.values())
     seen, total = set(), 0
     for t in tensors:
         storage = t.untyped_storage()
@@ -51,9 +54,17 @@ def store_storage_bytes(store) -> int:
     return total
 
 
+def expected_cache_bytes(cache) -> int:
+    """What the cache's layers must hold, from the packed layout: each layer's own tensors, and the int32 RoPE
+    position of every written slot and row once for all layers (they store the same tokens at the same slots)."""
+    stores = [layer.store for layer in cache.layers]
+    assert len({s.cache.positions.data_ptr() for s in stores}) == 1  # one positions tensor for all layers
+    return sum(expected_layer_bytes(s) for s in stores) + stores[0].batch * stores[0].length * 4
+
+
 def expected_layer_bytes(store) -> int:
-    """The bytes one layer store must hold, from the packed layout (not from the store's own accounting): every
-    written slot (a sliding layer keeps its evicted slots' memory)."""
+    """The bytes one layer store must hold besides the shared positions, from the packed layout (not from the store's
+    own accounting): every written slot (a sliding layer keeps its evicted slots' memory)."""
     b, h, d = store.batch, store.heads, store.head_dim
     c = store.cache
     half = 2  # value ranges and outlier residuals are 16-bit
@@ -62,7 +73,6 @@ def expected_layer_bytes(store) -> int:
         2 * h * words_per_vector(d, store.bits) * 4  # key and value codes, int32 words
         + 2 * half  # per-token value zero and scale
         + h * (s_k + s_v) * (half + 1)  # bounded outliers: 16-bit residual and uint8 channel per slot
-        + 4  # int32 position
     )
     model_bytes = c.window_keys.element_size()
     sink = 2 * b * h * store.sink_tokens * d * model_bytes + b * store.sink_tokens * 8  # K, V and int64 slots
@@ -129,9 +139,9 @@ def test_stored_bytes_at_8192_tokens_meet_the_ceiling(bits, smollm2_shaped):
     assert fp16_bytes == 2 * 2 * TOKENS * 3 * 64 * 2  # layers x (K, V) x tokens x heads x dim x 2 bytes
 
     report = cache.memory_report()
-    walked = sum(store_storage_bytes(layer.store) for layer in cache.layers)
-    assert report.total_bytes == walked  # nothing stored is missing from the report, nothing extra is counted
-    assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
+    assert report.total_bytes == cache_storage_bytes(cache)  # nothing stored is missing, nothing extra is counted
+    assert report.total_bytes == expected_cache_bytes(cache)
+    assert report.bytes_by_component["positions"] == TOKENS * 4  # once, not once per layer
     assert report.elements == 2 * 2 * TOKENS * 3 * 64
     ratio = report.total_bytes / fp16_bytes
     assert ratio <= CEILING_AT_8K[bits], f"{bits}-bit cache is {ratio:.1%} of fp16, ceiling {CEILING_AT_8K[bits]:.0%}"
@@ -154,7 +164,7 @@ def test_report_matches_the_layout_after_generation(dtype):
         store = layer.store
         assert store.retained == stored_tokens and store.cache.recent_window == 3
         assert store.cache.sink_keys.dtype == dtype and store.cache.value_scale.element_size() == 2
-    assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
+    assert report.total_bytes == expected_cache_bytes(cache)
     assert report.elements == 2 * len(cache.layers) * 3 * stored_tokens * 2 * 16  # K+V x layers x rows x T x H x D
     components = report.bytes_by_component
     assert components["recent_window"] > 0 and components["sink"] > 0 and components["key_outlier_values"] > 0
@@ -177,7 +187,7 @@ def test_report_counts_the_sliding_layers_whole_history():
         assert window - 1 <= layer.store.retained <= window
         retained.add(layer.store.retained)
     report = cache.memory_report()
-    assert report.total_bytes == sum(expected_layer_bytes(layer.store) for layer in cache.layers)
+    assert report.total_bytes == expected_cache_bytes(cache)
     assert report.elements == 2 * len(cache.layers) * 2 * (7 + 16 - 1) * 2 * 16
 
 

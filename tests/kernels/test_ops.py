@@ -23,7 +23,7 @@ def _step(cache, consts, k, v, pos, q):
 @pytest.mark.parametrize("one_buffer", [False, True], ids=["tensors", "arena"])
 def test_compiled_step_equals_eager(one_buffer):
     """Both forms of the operators: the cache's tensors one by one, and a static cache's one buffer (``consolidate``),
-    whose compiled step reads two tensors of the layer (cache and kernel tables) instead of thirty."""
+    whose compiled step reads three tensors of the layer (cache, its slot positions and kernel tables) instead of thirty."""
     from torch._dynamo.backends.common import aot_autograd
 
     b, h, g, d, bits = 2, 2, 2, 64, 3
@@ -55,5 +55,6 @@ def test_compiled_step_equals_eager(one_buffer):
     for name, t in caches[0].tensors().items():
         assert torch.equal(t, caches[1].tensors()[name]), name
     assert int(caches[1].length) == 62
-    # graph inputs: k, v, positions, q and the cache (+ the kernel tables): 6 with the buffers, 34 without
-    assert inputs and inputs[0] == (6 if one_buffer else 4 + 21 + 9), inputs
+    # graph inputs: k, v, positions, q and the cache (+ the kernel tables): 7 with the buffers (the cache's buffer,
+    # its slot positions beside it, which a cache's layers share, and the tables' buffer), 34 without
+    assert inputs and inputs[0] == (7 if one_buffer else 4 + 21 + 9), inputs

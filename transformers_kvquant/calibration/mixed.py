@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..quant.memory import store_report
 from ..quant.quantizer import fake_quantize
-from ..quant.store import PackedStore
+from ..quant.store import PackedStore, SharedPositions
 from .fit import CalibrationResult, LayerCalibration, fit_calibration, layer_quantizers
 from .statistics import CalibrationStatistics
 
@@ -25,15 +25,21 @@ WIDTHS = (2, 3, 4)
 
 def stored_bytes(layer: LayerCalibration, width: int, outlier_fraction: float, heads: int, head_dim: int, tokens: int,
                  sink_tokens: int = 1) -> int:
-    """Bytes one layer's store holds for ``tokens`` tokens of a 16-bit model (batch 1), everything included.
+    """Bytes one layer's store holds for ``tokens`` tokens of a 16-bit model (batch 1), everything included but the
+    slots' positions, which the cache keeps once for all layers (:func:`positions_bytes`).
 
     The bounded layout stores a fixed number of outliers per token, so the bytes do not depend on the values.
     """
     kq, vq = layer_quantizers(layer, outlier_fraction, head_dim)
-    store = PackedStore(kq, vq, width, sink_tokens=sink_tokens)
+    store = PackedStore(kq, vq, width, sink_tokens=sink_tokens, shared_positions=SharedPositions())
     x = torch.zeros(1, heads, tokens, head_dim, dtype=torch.float16)
     store.append(x, x, torch.arange(tokens)[None])
     return store_report(store).total_bytes
+
+
+def positions_bytes(tokens: int) -> int:
+    """Bytes of the slots' int32 RoPE positions that a cache of ``tokens`` tokens (batch 1) keeps for all layers."""
+    return 4 * tokens
 
 
 @torch.no_grad()
@@ -120,14 +126,15 @@ def fit_mixed_precision(
             bar.update(1)
     bar.close()
     elements = 2 * heads * head_dim * tokens * stats.num_layers
-    budget = int(average_bits * elements / 8)  # whole bytes: never above the requested average
+    shared = positions_bytes(tokens)
+    budget = int(average_bits * elements / 8) - shared  # whole bytes: never above the requested average
     try:
         chosen = allocate_bits(errors, costs, budget)
     except ValueError as e:
-        lowest = 8 * sum(min(c.values()) for c in costs) / elements
+        lowest = 8 * (sum(min(c.values()) for c in costs) + shared) / elements
         raise ValueError(f"--mixed-precision {average_bits:g} is below the lowest average these widths reach "
                          f"({lowest:.3f} stored bits per element at {tokens} tokens)") from e
-    stored = 8 * sum(c[w] for c, w in zip(costs, chosen)) / elements
+    stored = 8 * (sum(c[w] for c, w in zip(costs, chosen)) + shared) / elements
     base = fits[max(chosen)]
     meta = dict(base.metadata)
     meta["mixed_precision"] = {

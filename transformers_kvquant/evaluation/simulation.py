@@ -26,7 +26,7 @@ from ..kernels.rope import apply_rope
 from ..quant.codebook import uniform_codebook
 from ..quant.memory import MemoryReport, store_report
 from ..quant.quantizer import TokenQuantizer, fake_quantize, half_dtype
-from ..quant.store import PackedStore
+from ..quant.store import PackedStore, SharedPositions, shared_positions_bytes
 from ..quant.uncapped_store import UncappedPackedStore
 
 
@@ -90,14 +90,20 @@ class KVQuantMethod(SimulatedMethod):
         (what the calibration aims for): the uncapped layout stores every out-of-range key element exactly (the
         bounded one a fixed number per token, whatever the keys).
         """
-        kind = PackedStore if self.outliers == "bounded" else UncappedPackedStore
+        bounded = self.outliers == "bounded"
         frac = self.config.outlier_fraction
         spread = 1 / torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - frac / 2)).item() if frac else 0.25
         # Every layer's store when the widths differ (mixed precision); layer 0's stands for all of them otherwise.
         layers = range(len(self.config.layers)) if self.config.layer_bits else [0]
         total = MemoryReport()
+        stores = []
         for i in layers:
-            store = kind(self._key_q[i], self._value_q[i], self.config.layer_width(i), self.sink_tokens, self.window)
+            if bounded:  # as in a KVQuantCache, whose packed layers keep the slots' positions once
+                store = PackedStore(self._key_q[i], self._value_q[i], self.config.layer_width(i), self.sink_tokens,
+                                    self.window, shared_positions=SharedPositions())
+            else:
+                store = UncappedPackedStore(self._key_q[i], self._value_q[i], self.config.layer_width(i), self.sink_tokens,
+                                            self.window)
             g = torch.Generator().manual_seed(0)
             layer = self.config.layers[i]
             z = torch.randn(1, heads, tokens, head_dim, generator=g) * spread
@@ -106,7 +112,10 @@ class KVQuantMethod(SimulatedMethod):
             k = (layer.key_zero.float()[:, None, :] + layer.key_scale.float()[:, None, :] * z).half()
             store.append(k, torch.randn(1, heads, tokens, head_dim, generator=g).half(), torch.arange(tokens)[None])
             total = total + store_report(store)
-        return total.avg_bits
+            stores.append(store)
+        # the shared positions of all the model's layers, counted for the layers built here
+        shared = shared_positions_bytes(stores[:1]) * len(stores) / len(self.config.layers)
+        return (total + MemoryReport({"positions": shared}, 0)).avg_bits
 
 
 class IntMethod(SimulatedMethod):

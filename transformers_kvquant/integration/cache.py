@@ -16,6 +16,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..calibration.support import check_supported, find_rotary
 from ..quant.memory import MemoryReport, store_report
+from ..quant.store import SharedPositions, shared_positions_bytes
 from ..kernels.rope import apply_rope
 from . import chunk_window, kernel_dispatch
 from .chunk_window import ChunkWindow
@@ -46,6 +47,7 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
         self._chunk = None  # the exact window of a prefill chunk, from update to attention (chunk_window)
         self._returned_begin = 0  # first slot of the keys returned by the last update
         self._kernels = None
+        self.shared_positions = None  # the cache's SharedPositions (KVQuantCache sets it)
 
     # ----------------------------------------------------------------------------- transformers contract
     @property
@@ -59,7 +61,7 @@ class KVQuantLayer(PreRopeLayer, CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.store = self.settings.make_store(self.layer_idx, key_states.dtype)
+        self.store = self.settings.make_store(self.layer_idx, key_states.dtype, self.shared_positions)
         self.store.initialize(key_states, value_states)
         if self.settings.max_length and not self.static:
             self.store.reserve(self.settings.max_length)
@@ -293,13 +295,25 @@ class KVQuantCache(PreRopeCache):
                 raise ValueError(f"layer {idx} has type {layer_type!r}; the KVQuant cache supports full and sliding attention")
         super().__init__(layers=layers)
         self.settings = settings
+        # the RoPE positions of the slots, the same in every layer: kept once per device instead of once per layer
+        self.shared_positions = SharedPositions()
+        for layer in layers:
+            layer.shared_positions = self.shared_positions
+
+    def reset(self) -> None:
+        super().reset()
+        self.shared_positions.reset()
 
     def memory_report(self) -> MemoryReport:
-        """Real bytes of every stored tensor over all layers, and average bits per cached K/V element."""
+        """Real bytes of every stored tensor over all layers (the shared positions once), and average bits per cached
+        K/V element."""
         total = MemoryReport()
-        for layer in self.layers:
-            if layer.store is not None:
-                total = total + store_report(layer.store)
+        stores = [layer.store for layer in self.layers if layer.store is not None]
+        for store in stores:
+            total = total + store_report(store)
+        shared = shared_positions_bytes(stores)
+        if shared:
+            total = total + MemoryReport({"positions": shared}, 0)
         return total
 
     @property

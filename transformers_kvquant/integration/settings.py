@@ -57,7 +57,9 @@ class CacheSettings:
             return None
         return self.max_cache_len if self.bits == 16 else round_capacity(self.max_cache_len)
 
-    def make_store(self, layer_idx: int, dtype: torch.dtype):
+    def make_store(self, layer_idx: int, dtype: torch.dtype, shared_positions=None):
+        """The store of one layer; ``shared_positions``: the cache's :class:`~..quant.store.SharedPositions` (used by
+        the bounded packed layout)."""
         if self.bits == 16:
             return StaticFullPrecisionStore(self.capacity) if self.static else FullPrecisionStore()
         check_dtype(dtype)
@@ -75,6 +77,7 @@ class CacheSettings:
             capacity=self.capacity if self.static else self.max_length,
             static=self.static,
             kernels={"reference": False, "triton": True}.get(self.backend),
+            shared_positions=shared_positions,
         )
 
     def describe(self) -> str:
