@@ -260,7 +260,8 @@ def outlier_section(folder: Path) -> list[str]:
              f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages ppl --rows outliers --windows "
              f"{windows}` then `python benchmarks/make_results_doc.py --outliers {folder}`. "
              + (f"Measured on {_env_line(env)}." if env else "**Partial**: the run had not finished when this was written "
-                "(rows missing below were not measured)."), ""] + _ppl_table(data)
+                "(rows missing below were not measured).")
+             + _recount_note(folder, "--at-128k "), ""] + _ppl_table(data)
     by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
     n = next(iter(data.values()))[0].get("windows") if data else "?"
     lines += ["", f"{n} windows of 2,048 tokens per dataset" + (" (fewer than the table above: a CPU run)." if n != 40 else ".")]
@@ -341,6 +342,13 @@ def mixed_section(folder: Path) -> list[str]:
 
 
 PRESET_MARKS = ("<!-- presets: begin -->", "<!-- presets: end -->")
+
+
+def _recount_note(folder: Path, flags: str = "") -> str:
+    """What benchmarks/recount_bits.py changed in a run's bits, if it ran on it."""
+    recount = (_load(folder, "ppl") or {}).get("bits_recounted")
+    return (f" Bits recounted ({recount}: `python benchmarks/recount_bits.py {flags}{folder}`); the perplexities are the "
+            "run's." if recount else "")
 
 
 def _ppl_run(folder: Path):
@@ -494,10 +502,7 @@ def long_context_section(folder: Path) -> list[str]:
              f"{windows}` (passkey: `--stages passkey --passkey-methods presets`; the 2-bit row without outliers: "
              f"`--rows no-outliers --out {folder.parent / 'no-outliers-40windows'}`) then `python "
              f"benchmarks/make_results_doc.py --long-context {folder}`. " + (f"Measured on {_env_line(env)}." if env else "**Partial**.")]
-    recount = (_load(folder, "ppl") or {}).get("bits_recounted")
-    if recount:
-        lines[-1] += (f" Bits recounted ({recount}: `python benchmarks/recount_bits.py {folder}`, and `--at-128k "
-                      f"{folder.parent / 'outliers-40windows'}`); the perplexities are the run's.")
+    lines[-1] += _recount_note(folder)
     lines.append("")
     lines += _ppl_table(data, bits="2k+128k")
     by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}

@@ -226,7 +226,8 @@ def test_prefill_chunks_read_their_window_exactly_with_the_kernels():
 def test_compiled_step_with_the_kernels_reads_one_buffer_per_layer_and_matches_eager():
     """gpt-fast style compiled decode steps over a static cache with the kernels: the same logits as eager steps,
     and the compiled graph takes from the cache only each layer's buffer and kernel tables (two tensors per layer:
-    TorchDynamo guards every tensor input, and a view of a mutated buffer as a second input is refused)."""
+    TorchDynamo guards every tensor input, and a view of a mutated buffer as a second input is refused), and the
+    slots' positions, one tensor for all layers."""
     model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=64).to(DEVICE)
     cfg = quick_config(model, bits=3, outlier_fraction=0.05)
     ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -256,4 +257,7 @@ def test_compiled_step_with_the_kernels_reads_one_buffer_per_layer_and_matches_e
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert len(placeholders) == 1  # one graph for every step
     from_cache = [n for n in placeholders[0] if "past_key_values" in n]
-    assert len(from_cache) == 4 and all(n.endswith("arena") for n in from_cache), from_cache
+    # each layer's buffer and kernel tables, and the one positions tensor the layers share (an input once)
+    arenas = [n for n in from_cache if n.endswith("arena")]
+    shared = [n for n in from_cache if n.endswith("store_cache_positions")]
+    assert len(arenas) == 4 and len(shared) == 1 and len(from_cache) == 5, from_cache
