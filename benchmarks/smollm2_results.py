@@ -69,6 +69,16 @@ def no_outlier_rows(model):
     return [("kvquant 2-bit bounded (no outliers)", make_method("kvquant", model, bits=2, outlier_fraction=0.0, outliers="bounded"))]
 
 
+def long_window_rows(model):
+    """(label, method): the shipped 4-bit 1% config with exact windows longer than the long-context preset's 128 (256
+    and 512: 0.02 and 0.05 bits more at 128K), for the 4-bit budget; no fp row (the presets run's fp is the same 8
+    windows)."""
+    from transformers_kvquant.evaluation.perplexity import make_method
+
+    return [(f"kvquant 4-bit 1% + window {w}", make_method("kvquant", model, bits=4, outlier_fraction=0.01, recent_window=w))
+            for w in (256, 512)]
+
+
 def window_rows(model):
     """(label, method): fp and the shipped 3- and 2-bit 1% configs (bounded outliers) with an exact recent window of
     0-128 tokens beside the sink: what a window buys at each width, for choosing presets."""
@@ -204,7 +214,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
         rows = mixed_rows(model, Path(args.out))
     else:
         rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows, "presets": preset_rows,
-                "long-context": long_context_rows, "no-outliers": no_outlier_rows}[args.rows](model)
+                "long-context": long_context_rows, "no-outliers": no_outlier_rows, "long-windows": long_window_rows}[args.rows](model)
     fp = model.config
     heads, head_dim = fp.num_key_value_heads, getattr(fp, "head_dim", None) or fp.hidden_size // fp.num_attention_heads
     bits_128k = {}  # label -> bits at 128K: a store of 131,072 tokens per layer, built once, not once per dataset
@@ -223,7 +233,7 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
             row = asdict(r)
             row["label"] = label
             row["config"] = getattr(method, "source", None)
-            if args.rows in ("presets", "long-context", "no-outliers"):  # where the memory matters: the exact ring is a constant
+            if args.rows in ("presets", "long-context", "no-outliers", "long-windows"):  # the exact ring is a constant there
                 if label not in bits_128k:
                     bits_128k[label] = round(method.avg_bits(heads, head_dim, 131072), 3) if method else 16.0
                 row["avg_bits_128k"] = bits_128k[label]
@@ -297,11 +307,12 @@ def main(argv=None) -> int:
     parser.add_argument("--c4", default=str(SHARED / "c4" / "c4-validation-sample-2k.jsonl"))
     parser.add_argument("--windows", type=int, default=80)
     parser.add_argument("--rows", default="table", choices=("table", "outliers", "windows", "mixed", "presets", "long-context",
-                                                            "no-outliers"),
+                                                            "no-outliers", "long-windows"),
                         help="ppl stage: the results table, bounded vs uncapped outliers at every width, exact windows, "
                              "mixed precision across layers (calibrated into OUT/configs first when missing), or the preset "
                              "candidates (windows on the 4-bit and mixed configs; with average bits at 128K), or the long-context preset at "
-                             "every width (with average bits at 128K), or the 2-bit config without outliers (bits at 128K)")
+                             "every width (with average bits at 128K), the 2-bit config without outliers, or the 4-bit 1% "
+                             "config with 256- and 512-token windows (bits at 128K)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--documents", type=int, default=8)
