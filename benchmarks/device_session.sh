@@ -10,7 +10,6 @@
 # $OUT; benchmarks/report.py turns them into docs/benchmarks.* and docs/e2e.*.
 set -u
 OUT=${OUT:-/tmp/out}
-ln -sfn ../kernels transformers_kvquant/kernels
 ln -sfn ../hub_configs transformers_kvquant/hub_configs
 mkdir -p /tmp/site "$OUT"
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1

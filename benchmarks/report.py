@@ -403,7 +403,7 @@ def trace_section() -> list[str]:
                   "ring, sink, the kernels' tables) against StaticCache's two, each guarded and checked again at the CUDA "
                   f"graph's replay: {guards(first):.2f} ms of guards against fp16's {guards(first_fp):.2f} in the first rows "
                   f"({first['source'].split('/')[0]}). A static cache's tensors are now views into one buffer per layer "
-                  "(kernels/layout.py `consolidate`), the custom operators take the buffer with a layout id, likewise the "
+                  "(transformers_kvquant/kernels/layout.py `consolidate`), the custom operators take the buffer with a layout id, likewise the "
                   "kernel tables, and the step reads no other tensor of the cache (tests/kernels/test_dispatch.py checks "
                   f"the compiled graph's inputs): {guards(kv):.2f} ms of guards against fp16's {guards(fp):.2f} "
                   f"({kv['source'].split('/')[0]}/{kv['source'].split('/')[1]}; that machine ran both caches faster than "

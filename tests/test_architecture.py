@@ -1,6 +1,6 @@
 """The package's layers import only downward: no upward import, no import cycle, no transformers below layer 3.
 
-Every module of ``kernels/`` (shipped as ``transformers_kvquant.kernels``) and ``transformers_kvquant/`` is parsed
+Every module of ``transformers_kvquant/`` (the kernels included: ``transformers_kvquant/kernels``) is parsed
 with ``ast``, never imported, so imports inside functions count too. docs/architecture.md describes the layers;
 rerun with ``pytest tests/test_architecture.py``.
 """
@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import REPO
 
 PACKAGE = "transformers_kvquant"
-SOURCES = {REPO / "kernels": f"{PACKAGE}.kernels", REPO / PACKAGE: PACKAGE}  # folder -> the package it ships as
+SOURCES = {REPO / PACKAGE: PACKAGE}  # folder -> the package it ships as
 
 # The layers, bottom to top, written once: a module belongs to the longest entry that is its name or a parent of it.
 LAYERS = {
@@ -200,3 +200,19 @@ def test_the_checker_keeps_the_kernels_self_contained():
 
 def test_the_checker_asks_for_a_layer_for_a_new_folder():
     assert problems(synthetic(plugins__x="")) == [f"{PACKAGE}.plugins.x has no layer: add its folder to LAYERS in tests/test_architecture.py"]
+
+
+def test_no_folder_at_the_repository_root_shadows_an_installed_package():
+    """``python -m ...`` (``make demo``) and pytest put the repository root on ``sys.path``: a top-level package there
+    named like an installed distribution's module would shadow it. It happened: the kernels lived in ``kernels/``,
+    and transformers 5.25 imports Hugging Face's ``kernels`` package when it is installed."""
+    import importlib.metadata as md
+
+    installed = set()
+    for dist in md.distributions():
+        top = dist.read_text("top_level.txt")
+        installed.update(top.split() if top else [(dist.metadata["Name"] or "").replace("-", "_").lower()])
+    ours = {p.stem for p in REPO.iterdir() if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"}
+    assert "kernels" not in ours  # the name of Hugging Face's package, whether or not it is installed here
+    clash = ours & (installed - {PACKAGE, "tests"})
+    assert not clash, f"top-level packages of the repository shadow installed ones: {sorted(clash)}"
