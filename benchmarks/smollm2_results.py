@@ -215,6 +215,8 @@ def stage_ppl(model, tokenizer, args, log) -> dict:
     else:
         rows = {"outliers": outlier_rows, "windows": window_rows, "table": ppl_rows, "presets": preset_rows,
                 "long-context": long_context_rows, "no-outliers": no_outlier_rows, "long-windows": long_window_rows}[args.rows](model)
+    if args.only:
+        rows = [(label, m) for label, m in rows if args.only in label]
     fp = model.config
     heads, head_dim = fp.num_key_value_heads, getattr(fp, "head_dim", None) or fp.hidden_size // fp.num_attention_heads
     bits_128k = {}  # label -> bits at 128K: a store of 131,072 tokens per layer, built once, not once per dataset
@@ -313,6 +315,7 @@ def main(argv=None) -> int:
                              "candidates (windows on the 4-bit and mixed configs; with average bits at 128K), or the long-context preset at "
                              "every width (with average bits at 128K), the 2-bit config without outliers, or the 4-bit 1% "
                              "config with 256- and 512-token windows (bits at 128K)")
+    parser.add_argument("--only", default="", help="ppl stage: only the rows whose label contains this text")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--documents", type=int, default=8)
