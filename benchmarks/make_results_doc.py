@@ -771,6 +771,74 @@ def fidelity_preset_section(specs: list[str]) -> list[str]:
     return lines + [FIDELITY_PRESET_MARKS[1]]
 
 
+WINDOW4_MARKS = ("<!-- long windows: begin -->", "<!-- long windows: end -->")
+
+
+def long_window_section(folder: Path) -> list[str]:
+    """The 4-bit 1% config with exact windows longer than the long-context preset's (``smollm2_results.py --rows
+    long-windows``: ``folder`` holds the 8-window run, its sibling ``long-windows-40windows`` the 40-window one),
+    against the preset's rows, and the same windows scored on late tokens only (tail_perplexity.py)."""
+    runs = folder.parent
+    short, _, _ = _ppl_run(folder)
+    presets, _, _ = _ppl_run(runs / "presets-8windows")
+    lines = [WINDOW4_MARKS[0], "## Longer exact windows at 4 bits (toward the 4-bit bar)", "",
+             "With the slots' positions kept once per cache the 4-bit 1% config with the long-context preset stores 4.49 "
+             "bits at 128K, 0.11 under the 4.6-bit budget; a longer exact window spends part of it (its ring, W + 64 "
+             "fp16 slots per layer, is a constant at 128K). Bits at 128K as the cache now stores them; the window-128 row "
+             "is the presets run's (its bits there were counted with per-layer positions: 4.565, 4.485 now).", "",
+             f"Reproduce: `python benchmarks/smollm2_results.py --out {folder} --stages ppl --rows long-windows --windows 8`, "
+             f"`python benchmarks/smollm2_results.py --out {runs / 'long-windows-40windows'} --stages ppl --rows long-windows "
+             "--only \"window 512\" --windows 40`, `python benchmarks/tail_perplexity.py --windows 8 --score-from 1024`, then "
+             f"`python benchmarks/make_results_doc.py --long-windows {folder}`.", "",
+             "| rows (8 windows) | wikitext2 Δ% | c4 Δ% | bits at 128K |", "|---|---|---|---|"]
+    fp = {n: next(r["ppl"] for r in rows if r["label"] == "fp") for n, rows in presets.items()}
+    rows8 = [(r["label"], n, r) for n, rs in presets.items() for r in rs if r["label"] == "kvquant 4-bit 1% + window 128"]
+    rows8 += [(r["label"], n, r) for n, rs in short.items() for r in rs]
+    by: dict = {}
+    for label, n, r in rows8:
+        by.setdefault(label, {})[n] = r
+    for label, per in by.items():
+        bits = 4.485 if label.endswith("window 128") else per["wikitext2"]["avg_bits_128k"]
+        lines.append(f"| {label} | {100 * (per['wikitext2']['ppl'] / fp['wikitext2'] - 1):+.2f} | "
+                     f"{100 * (per['c4']['ppl'] / fp['c4'] - 1):+.2f} | {bits:.2f} |")
+    long40 = runs / "long-windows-40windows"
+    lc, _, _ = _ppl_run(runs / "long-context-40windows")
+    fp40 = {n: next(r["ppl"] for r in rows if r["label"] == "fp") for n, rows in lc.items()}
+    if long40.exists():
+        data40, env40, _ = _ppl_run(long40)
+        lines += ["", "| rows (40 windows, the long-context table's fp) | wikitext2 Δ% | c4 Δ% | bits at 128K |", "|---|---|---|---|"]
+        for n40 in ("kvquant 4-bit 1% (long-context preset)",):
+            r = {n: next(x for x in rows if x["label"] == n40) for n, rows in lc.items()}
+            lines.append(f"| {n40} (window 128) | {100 * (r['wikitext2']['ppl'] / fp40['wikitext2'] - 1):+.2f} | "
+                         f"{100 * (r['c4']['ppl'] / fp40['c4'] - 1):+.2f} | {r['wikitext2']['avg_bits_128k']:.2f} |")
+        labels = sorted({x["label"] for rows in data40.values() for x in rows})
+        for label in labels:
+            r = {n: next((x for x in rows if x["label"] == label), None) for n, rows in data40.items()}
+            cells = [f"{100 * (r[n]['ppl'] / fp40[n] - 1):+.2f}" if r.get(n) else "not run" for n in ("wikitext2", "c4")]
+            b = next(x["avg_bits_128k"] for x in r.values() if x)
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} | {b:.2f} |")
+        lines += ["", f"40 windows: {_env_line(env40) if env40 else 'partial run'}."]
+    tail_file = runs / "tail-ppl-8windows" / "tail_ppl.json"
+    if tail_file.exists():
+        t = json.loads(tail_file.read_text())
+        lines += ["", f"Scored on positions ≥ {t['score_from']} of each window only ({t['windows']} windows; every scored token "
+                  "then sees quantized keys, where in the harness's scoring a window's first W tokens see none):", "",
+                  "| rows | wikitext2 Δ% | c4 Δ% |", "|---|---|---|"]
+        base = t["rows"]["fp"]
+        for label, per in t["rows"].items():
+            if label != "fp":
+                lines.append(f"| {label} | {100 * (per['wikitext2'] / base['wikitext2'] - 1):+.2f} | "
+                             f"{100 * (per['c4'] / base['c4'] - 1):+.2f} |")
+    lines += ["", "A 512-token window takes WikiText-2 under the 4-bit bar (+0.7% at ≤ 4.6 bits) on 40 windows in the "
+              "harness's scoring, at 4.53 bits at 128K; scored on late tokens only it still halves the window-128 "
+              "error (WikiText-2 +1.50% → +0.80%, C4 +0.14% → 0.00%), so most of the gain is not the scoring's "
+              "exact first tokens. Not yet a preset: the `long-context` preset keeps 128 at every width (the 3- and "
+              "2-bit rows above were measured with it); `cache_config={\"bits\": 4, \"outlier_fraction\": 0.01, "
+              "\"recent_window\": 512}` gives this point. Below about 2K tokens the ring (576 fp16 slots per layer) "
+              "outweighs the packed tokens.", WINDOW4_MARKS[1]]
+    return lines
+
+
 def _put_section(text: str, lines: list[str], marks: tuple[str, str]) -> str:
     """``text`` with the section between ``marks`` replaced by ``lines`` (appended when it is not there yet)."""
     begin, end = marks
@@ -792,6 +860,7 @@ def main(argv=None) -> int:
     parser.add_argument("--long-context", default=None, help="a --rows long-context run: (re)write its section of results.md only")
     parser.add_argument("--head-codebooks", default=None, help="head_codebooks.py results: (re)write its section of results.md only")
     parser.add_argument("--outlier-split", default=None, help="outlier_split.py results: (re)write its section of results.md only")
+    parser.add_argument("--long-windows", default=None, help="a --rows long-windows 8-window run: (re)write its section only")
     parser.add_argument("--fidelity-presets", default=None,
                         help="--stages fidelity --fidelity-methods presets runs, comma-separated (one per chunk size): "
                              "(re)write their section of fidelity.md only")
@@ -802,7 +871,8 @@ def main(argv=None) -> int:
         section = fidelity_preset_section(args.fidelity_presets.split(","))
         path.write_text(_put_section(path.read_text(), section, FIDELITY_PRESET_MARKS))
         return 0
-    if args.outliers or args.windows or args.mixed or args.presets or args.block or args.long_context or args.head_codebooks or args.outlier_split:
+    if (args.outliers or args.windows or args.mixed or args.presets or args.block or args.long_context or args.head_codebooks
+            or args.outlier_split or args.long_windows):
         path = docs / "results.md"
         text = path.read_text()
         for folder, make, (begin, end) in ((args.outliers, outlier_section, (MARK_BEGIN, MARK_END)),
@@ -812,7 +882,8 @@ def main(argv=None) -> int:
                                            (args.block, block_section, BLOCK_MARKS),
                                            (args.long_context, long_context_section, LONG_MARKS),
                                            (args.head_codebooks, head_codebook_section, HEAD_MARKS),
-                                           (args.outlier_split, outlier_split_section, SPLIT_MARKS)):
+                                           (args.outlier_split, outlier_split_section, SPLIT_MARKS),
+                                           (args.long_windows, long_window_section, WINDOW4_MARKS)):
             if folder is not None:
                 text = _put_section(text, make(Path(folder)), (begin, end))
         path.write_text(text)
