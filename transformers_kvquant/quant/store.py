@@ -330,9 +330,6 @@ class SharedPositions:
         self._by_device[new.device] = new
         return new
 
-    def held(self) -> list[torch.Tensor]:
-        return list(self._by_device.values())
-
 
 class PackedStore(KVStore):
     """KVQuant storage in the packed layout: codes, per-channel key and per-token value ranges, bounded outliers,
@@ -424,9 +421,7 @@ class PackedStore(KVStore):
     def reserve(self, total_slots: int) -> None:
         """Room for ``total_slots`` slots (dynamic stores; avoids growth copies for known lengths)."""
         if self.initialized and not self.static and total_slots > self.capacity:
-            from ..kernels.layout import regrow
-
-            from ..kernels.layout import round_capacity
+            from ..kernels.layout import regrow, round_capacity
 
             shared = self.shared_positions
             positions = None if shared is None else shared.grown(self.cache.positions, round_capacity(total_slots), self.length)
