@@ -486,14 +486,37 @@ def _preset_plot(by: dict, peers: dict, extra: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+FOUR_BIT_PRESET = "kvquant 4-bit 1% (long-context preset)"
+
+
+def _four_bit_preset(folder: Path, data: dict) -> Path | None:
+    """Since 2026-12-03 the long-context preset keeps 512 tokens at 4 bits: its row is the 40-window run of that
+    config (``--rows long-windows``), and the run's 4-bit row (window 128) stays, relabelled. Edits ``data``."""
+    run = folder.parent / "long-windows-40windows"
+    if not run.exists():
+        return None
+    for name, rows in _ppl_run(run)[0].items():
+        new = next((r for r in rows if r["label"] == "kvquant 4-bit 1% + window 512"), None)
+        if new is None or name not in data:
+            continue
+        for r in data[name]:
+            if r["label"] == FOUR_BIT_PRESET:
+                r["label"] = "kvquant 4-bit 1% + window 128 (the preset until 2026-12-03)"
+        at = next((i for i, r in enumerate(data[name]) if r["label"].startswith("kvquant 4-bit")), len(data[name]))
+        data[name].insert(at, {**new, "label": FOUR_BIT_PRESET})
+    return run
+
+
 def long_context_section(folder: Path) -> list[str]:
     """The long-context preset at every budget on 40 windows (``smollm2_results.py --rows long-context``), the
     issue's bars checked with bits at 128K and at 2K, the peers at 128K, and the passkey check when run."""
     data, env, windows = _ppl_run(folder)
+    four = _four_bit_preset(folder, data)
     lines = [LONG_MARKS[0], "## The long-context preset at every budget (40 windows)", "",
              "The shipped 1% configs of each width with the `long-context` preset (the newest 128 tokens exact beside "
-             "the sink), and the mixed-precision config without outliers (2.55 bits, section below) with it. Bits at "
-             "2K are the harness's usual count over a 2,048-token window, where the window's ring (192 fp16 slots per "
+             "the sink at 3 and 2 bits, 512 at 4 bits), and the mixed-precision config without outliers (2.55 bits, "
+             "section below) with it. Bits at "
+             "2K are the harness's usual count over a 2,048-token window, where the window's ring (W + 64 fp16 slots per "
              "layer) is a large share; bits at 128K count a store of 131,072 tokens, where the ring is a constant. The "
              "checks compare the int and KIVI rows of the 40-window table at their bits at 128K (KIVI's 128 exact "
              "tokens are then a constant too) with these rows and the shipped configs without a window (bounded "
@@ -503,6 +526,10 @@ def long_context_section(folder: Path) -> list[str]:
              f"`--rows no-outliers --out {folder.parent / 'no-outliers-40windows'}`) then `python "
              f"benchmarks/make_results_doc.py --long-context {folder}`. " + (f"Measured on {_env_line(env)}." if env else "**Partial**.")]
     lines[-1] += _recount_note(folder)
+    if four:
+        lines[-1] += (f" The 4-bit preset's row is the window-512 row of `{four}` (the same config, windows and harness: "
+                      "`--rows long-windows --only \"window 512\"`, section \"Longer exact windows at 4 bits\"); the "
+                      "preset kept 128 tokens at 4 bits too until 2026-12-03 (the row marked so).")
     lines.append("")
     lines += _ppl_table(data, bits="2k+128k")
     by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
@@ -809,7 +836,7 @@ def long_window_section(folder: Path) -> list[str]:
         lines += ["", "| rows (40 windows, the long-context table's fp) | wikitext2 Δ% | c4 Δ% | bits at 128K |", "|---|---|---|---|"]
         for n40 in ("kvquant 4-bit 1% (long-context preset)",):
             r = {n: next(x for x in rows if x["label"] == n40) for n, rows in lc.items()}
-            lines.append(f"| {n40} (window 128) | {100 * (r['wikitext2']['ppl'] / fp40['wikitext2'] - 1):+.2f} | "
+            lines.append(f"| kvquant 4-bit 1% + window 128 (the long-context preset until 2026-12-03) | {100 * (r['wikitext2']['ppl'] / fp40['wikitext2'] - 1):+.2f} | "
                          f"{100 * (r['c4']['ppl'] / fp40['c4'] - 1):+.2f} | {r['wikitext2']['avg_bits_128k']:.2f} |")
         labels = sorted({x["label"] for rows in data40.values() for x in rows})
         for label in labels:
@@ -832,9 +859,9 @@ def long_window_section(folder: Path) -> list[str]:
     lines += ["", "A 512-token window takes WikiText-2 under the 4-bit bar (+0.7% at ≤ 4.6 bits) on 40 windows in the "
               "harness's scoring, at 4.53 bits at 128K; scored on late tokens only it still halves the window-128 "
               "error (WikiText-2 +1.50% → +0.80%, C4 +0.14% → 0.00%), so most of the gain is not the scoring's "
-              "exact first tokens. Not yet a preset: the `long-context` preset keeps 128 at every width (the 3- and "
-              "2-bit rows above were measured with it); `cache_config={\"bits\": 4, \"outlier_fraction\": 0.01, "
-              "\"recent_window\": 512}` gives this point. Below about 2K tokens the ring (576 fp16 slots per layer) "
+              "exact first tokens. Since 2026-12-03 this is the 4-bit `long-context` preset (`cache_config={\"bits\": 4, "
+              "\"outlier_fraction\": 0.01, \"preset\": \"long-context\"}`; 128 tokens at 3 and 2 bits, as measured "
+              "above). Below about 2K tokens the ring (576 fp16 slots per layer) "
               "outweighs the packed tokens.", WINDOW4_MARKS[1]]
     return lines
 

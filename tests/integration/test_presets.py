@@ -8,7 +8,8 @@ import torch
 
 from tests.helpers import quick_config
 from transformers_kvquant import KVQuantCache
-from transformers_kvquant.config.presets import PRESETS, preset_options
+from transformers_kvquant.config import KVQuantConfig
+from transformers_kvquant.config.presets import LONG_CONTEXT_WINDOW, PRESETS, preset_options, preset_window
 from transformers_kvquant.evaluation.perplexity import make_method
 from transformers_kvquant.quant.uncapped_store import UncappedPackedStore
 
@@ -33,11 +34,20 @@ def test_paper_preset_is_the_papers_recipe(stories):
     assert isinstance(cache.layers[0].store, UncappedPackedStore)
 
 
-def test_long_context_preset_keeps_128_exact_tokens(stories):
+def test_long_context_preset_window_follows_the_width(stories):
+    """128 exact tokens at 2 and 3 bits, 512 at 4; a mixed config gets its narrowest layer's window."""
     model, _ = stories
-    config = quick_config(model, bits=3)
-    s = KVQuantCache(model, config, preset="long-context").settings
-    assert (s.recent_window, s.outliers, config.recent_window) == (128, "bounded", 0)
+    for bits, window in ((2, 128), (3, 128), (4, 512)):
+        config = quick_config(model, bits=bits)
+        s = KVQuantCache(model, config, preset="long-context").settings
+        assert (s.recent_window, s.outliers, config.recent_window) == (window, "bounded", 0)
+        assert make_method("kvquant", model, config=config, preset="long-context").window == window
+    four, three = quick_config(model, bits=4), quick_config(model, bits=3)
+    layers = [three.layers[i] if i == 2 else layer for i, layer in enumerate(four.layers)]
+    mixed = KVQuantConfig(**{**four.__dict__, "layers": layers, "layer_bits": [4, 4, 3, 4, 4]})
+    assert KVQuantCache(model, mixed, preset="long-context").settings.recent_window == 128
+    assert preset_window(LONG_CONTEXT_WINDOW) == 512  # no config (bits=16): the widest entry
+    assert KVQuantCache(model, four, preset="long-context", recent_window=7).settings.recent_window == 7
 
 
 def test_explicit_keys_win_over_the_preset(stories):

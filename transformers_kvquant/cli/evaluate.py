@@ -37,7 +37,7 @@ def _register_ppl(subparsers) -> None:
     p.add_argument("--bits", type=int, default=None)
     p.add_argument("--outliers", type=float, default=None, help="outlier fraction of the kvquant config (default 0.01)")
     p.add_argument("--preset", choices=("default", "long-context", "paper"), default="default",
-                   help="kvquant: 'long-context' = 128 exact recent tokens; 'paper' = no window, uncapped outliers")
+                   help="kvquant: 'long-context' = the newest 128 tokens exact (512 at 4 bits); 'paper' = no window, uncapped outliers")
     p.add_argument("--outlier-layout", choices=("bounded", "uncapped"), default=None,
                    help="kvquant: ceil(f*head_dim) outliers per token and head (the cache's), or the paper's uncapped ones")
     p.add_argument("--ablation", choices=ABLATIONS, default=None, help="kvquant ablation")

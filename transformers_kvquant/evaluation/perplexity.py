@@ -95,11 +95,11 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
     if ablation is not None and ablation not in ABLATIONS:
         raise ValueError(f"--ablation must be one of {ABLATIONS}, got {ablation!r}")
     from ..config.discovery import find_config, load_for_model
-    from ..config.presets import preset_options
+    from ..config.presets import preset_options, preset_window
 
     chosen = preset_options(preset)
     outliers = outliers or chosen.get("outliers", "bounded")
-    recent_window = chosen.get("recent_window") if recent_window is None else recent_window
+    window_rule = chosen.get("recent_window")
     variant = ablation if ablation in ("post-rope", "no-fisher") else None
     flag = {"post-rope": "--key-rope post", "no-fisher": "--no-fisher"}.get(variant)
     if variant and config is None:
@@ -117,6 +117,7 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
         from ..config.calibrate import with_uniform_codebooks
 
         cfg = with_uniform_codebooks(cfg)
+    recent_window = preset_window(window_rule, cfg) if recent_window is None else recent_window
     label = cfg.name + (f" ({ablation})" if ablation else "") + (f" ({preset} preset)" if preset != "default" else "")
     sink = 0 if ablation == "no-sink" else sink_tokens
     if outliers != "bounded" and preset == "default":

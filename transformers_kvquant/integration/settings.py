@@ -10,7 +10,7 @@ import torch
 from ..config.discovery import find_config, load_for_model
 from ..config.errors import KVQuantConfigError
 from ..config.kvquant_config import KVQuantConfig
-from ..config.presets import preset_options
+from ..config.presets import preset_options, preset_window
 from ..kernels.layout import round_capacity
 from ..quant.store import FullPrecisionStore, PackedStore, StaticFullPrecisionStore
 from ..quant.uncapped_store import UncappedPackedStore
@@ -27,7 +27,7 @@ CACHE_CONFIG_KEYS = {
     "max_cache_len": "capacity of a static cache (fixed buffers, compileable); generate uses its own maximum length",
     "static": "True: a static cache (needs max_cache_len, or generate's length); False: a growing cache",
     "outliers": "'bounded' (default: ceil(f*head_dim) per token and head) or 'uncapped' (the paper's; reference path)",
-    "preset": "'default' (the config as shipped), 'long-context' (+ 128 exact recent tokens) or 'paper' (no window, uncapped outliers)",
+    "preset": "'default' (the config as shipped), 'long-context' (+ the newest 128 tokens exact at 2-3 bits, 512 at 4) or 'paper' (no window, uncapped outliers)",
     "max_length": "preallocate storage for this many tokens (growing cache)",
     "revision": "Hub revision for config lookups",
     "local_files_only": "never download configs",
@@ -108,7 +108,9 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
         listing = "; ".join(f"{k}: {v}" for k, v in CACHE_CONFIG_KEYS.items())
         raise ValueError(f"unknown cache_config key(s) {unknown}. Accepted keys: {listing}")
     preset = opts.pop("preset", "default")
-    for key, value in preset_options(preset).items():  # a preset fills what cache_config leaves out
+    chosen = preset_options(preset)
+    window_rule = chosen.pop("recent_window", None)  # may depend on the config's width: resolved once it is known
+    for key, value in chosen.items():  # a preset fills what cache_config leaves out
         opts.setdefault(key, value)
     if config is not None and opts.get("config") is not None:
         raise ValueError("pass the KVQuant config either as an argument or as cache_config['config'], not both")
@@ -148,6 +150,7 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
     if bits == 16:
         if config is not None:
             raise ValueError("bits=16 runs without quantization; do not pass a KVQuant config with it")
+        window = preset_window(window_rule) if window is None else window
         return CacheSettings(16, None, sink or 0, window or 0, backend, max_length, "", max_cache_len, static, outliers)
 
     if getattr(model, "dtype", None) is not None:
@@ -172,6 +175,8 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
             field="key_rope",
         )
     logger.info("KVQuant cache uses %s (%s)", cfg.name, source)
+    if window is None and window_rule is not None:
+        window = preset_window(window_rule, cfg)
     return CacheSettings(
         cfg.bits,
         cfg,
