@@ -28,9 +28,11 @@ from decode import ALIASES, SHAPES, Timer, fp16_sdpa, parse_format  # noqa: E402
 
 # name: (block_n or None for block_size(bits), warps or None for the launcher's, code-word blocks in flight in the key
 # loop, diagnostic module or None, register cap or None, with a bool attention mask by slot, keys decoded straight into
-# the tensor-core operand where the shape allows: decode.load_words_dot, code-word blocks in flight in the value loop)
+# the tensor-core operand where the shape allows: decode.load_words_dot, code-word blocks in flight in the value loop,
+# optionally the key outliers' query gathers a block ahead)
 VARIANTS = {
     "default": (None, None, 1, None, None, False, True, 1),
+    "outlier query a block ahead": (None, None, 1, None, None, False, True, 1, True),
     "values 2 blocks ahead": (None, None, 1, None, None, False, True, 2),
     "bool mask": (None, None, 1, None, None, True, True, 1),
     "168 registers": (None, None, 1, None, 168, False, True, 1),
@@ -93,7 +95,7 @@ def main() -> None:
         row = {"shape": shape, "batch": batch, "context": context, "format": fmt, "recent_window": window,
                "fp16_us": round(fp_us, 2), "variants": {}}
         mask = torch.ones(batch, cache.capacity, dtype=torch.bool, device="cuda")
-        for name, (bn, warps, pf, diag, maxnreg, masked, direct, pfv) in VARIANTS.items():
+        for name, (bn, warps, pf, diag, maxnreg, masked, direct, pfv, *ahead) in VARIANTS.items():
             if name not in args.variants.split(","):
                 continue
             if time.time() - start > args.budget:
@@ -103,7 +105,7 @@ def main() -> None:
             consts = kernel_constants(cache, rope_inv_freq(d).cuda(), bn or block_size(bits))
             fn = modules[diag].decode_attention
             try:
-                kw = {"maxnreg": maxnreg} if maxnreg else {}
+                kw = ({"maxnreg": maxnreg} if maxnreg else {}) | ({"query_ahead": True} if ahead else {})
                 us = timer(lambda: fn(q, cache, consts, num_warps=warps, prefetch=pf, mask=mask if masked else None,
                                       direct_keys=direct, value_prefetch=pfv, **kw))
             except Exception as e:  # noqa: BLE001 (a variant that does not compile or fit is reported, not fatal)

@@ -34,7 +34,8 @@ def case_id(c):
     return f"B{b}-H{h}x{g}-D{d}-L{n}-b{bits}-o{s}"
 
 
-def run(cache, groups=1, mask=None, window=0, splits=3, seed=0, prefetch=1, block=BLOCK, direct_keys=True, value_prefetch=None):
+def run(cache, groups=1, mask=None, window=0, splits=3, seed=0, prefetch=1, block=BLOCK, direct_keys=True, value_prefetch=None,
+        **kw):
     g = torch.Generator().manual_seed(seed)
     b, h, d = cache.batch, cache.heads, cache.head_dim
     inv_freq = rope_inv_freq(d)
@@ -42,7 +43,7 @@ def run(cache, groups=1, mask=None, window=0, splits=3, seed=0, prefetch=1, bloc
     length = int(cache.length)
     out = decode_attention(q, cache, kernel_constants(cache, inv_freq.to(DEVICE), block), mask=mask, sliding_window=window, n_splits=splits,
                            prefetch=prefetch, direct_keys=direct_keys,
-                           **({} if value_prefetch is None else {"value_prefetch": value_prefetch}))
+                           **({} if value_prefetch is None else {"value_prefetch": value_prefetch}), **kw)
     ref = decode_reference(q, cache, inv_freq.to(DEVICE), length, mask=mask, sliding_window=window)
     return out, ref
 
@@ -81,6 +82,18 @@ def test_two_blocks_in_flight(c):
     keys2, _ = run(cache, groups=g, prefetch=2, value_prefetch=1, splits=2)
     for o in (out, one, keys2):  # compiled, the schedules may round apart
         assert rel_err(o, ref) < TOL and rel_err(o, out) < 1e-5
+
+
+@pytest.mark.parametrize("c", [GRID[0], GRID[3], GRID[4], GRID[7]], ids=case_id)
+def test_outlier_query_gathered_a_block_ahead(c):
+    """The key outliers' query components gathered a block ahead (``query_ahead``): the same attention, over several
+    blocks per split so the carried gathers must belong to the right block."""
+    b, h, g, d, n, bits, s = c
+    n = max(n, 3 * BLOCK + 5)
+    cache = random_cache(b, h, d, bits, n, outliers=s, sink_tokens=1, recent_window=2, pads=[0, 2, 5][:b], device=DEVICE, seed=n)
+    ahead, ref = run(cache, groups=g, splits=2, query_ahead=True)
+    now, _ = run(cache, groups=g, splits=2, query_ahead=False)
+    assert rel_err(ahead, ref) < TOL and rel_err(ahead, now) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -82,7 +82,7 @@ def _decode_packed_kernel(
     H, cap, m_sb, max_split_blocks, n_splits, n_window, window,
     G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, N_SINK: tl.constexpr,
     BN: tl.constexpr, MASK_KIND: tl.constexpr, USE_ASM: tl.constexpr, FAST: tl.constexpr, SLOW_PATH: tl.constexpr = True,
-    PF: tl.constexpr = 1, PFV: tl.constexpr = 1, DOT_A: tl.constexpr = False,
+    PF: tl.constexpr = 1, PFV: tl.constexpr = 1, DOT_A: tl.constexpr = False, KQA: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -160,6 +160,12 @@ def _decode_packed_kernel(
     if S > 0:
         koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0)
         kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0.0)
+        if KQA:  # the query components at the outliers' channels gathered a block ahead (see the end of the loop)
+            gq = gr[None, None, :]
+            jq = koi_next.to(tl.int32) % HALF
+            th_next = tl.load(theta_ptr + jq)
+            ql_next = tl.load(qbase + gq * D + jq[:, :, None], mask=greal[None, None, :], other=0.0)
+            qh_next = tl.load(qbase + gq * D + HALF + jq[:, :, None], mask=greal[None, None, :], other=0.0)
     if MASK_KIND != 0:  # the attention mask by slot (a compiled static cache always has one), a block ahead too
         mk_next = tl.load(mask_ptr + b * m_sb + lo + n, mask=lo + n < hi, other=0)
     # the block's RoPE base is taken from its last written slot (a scalar load, no reduction across the block)
@@ -214,12 +220,18 @@ def _decode_packed_kernel(
             # the dot as its accumulator
             idx = koi.to(tl.int32)  # [BN, SP], loaded a block ahead (masked slots: residual 0)
             res = kov.to(tl.float32)
-            j = idx % HALF
             hh = idx >= HALF
-            c1, s1 = sincos(pos.to(tl.float32)[:, None] * tl.load(theta_ptr + j), FAST)
-            g3 = gr[None, None, :]
-            ql = tl.load(qbase + g3 * D + j[:, :, None], mask=greal[None, None, :], other=0.0)  # [BN, S, GR]
-            qh = tl.load(qbase + g3 * D + HALF + j[:, :, None], mask=greal[None, None, :], other=0.0)
+            if KQA:
+                th = th_next
+                ql = ql_next
+                qh = qh_next
+            else:
+                j = idx % HALF
+                th = tl.load(theta_ptr + j)
+                g3 = gr[None, None, :]
+                ql = tl.load(qbase + g3 * D + j[:, :, None], mask=greal[None, None, :], other=0.0)  # [BN, S, GR]
+                qh = tl.load(qbase + g3 * D + HALF + j[:, :, None], mask=greal[None, None, :], other=0.0)
+            c1, s1 = sincos(pos.to(tl.float32)[:, None] * th, FAST)
             c3 = c1[:, :, None]
             s3 = s1[:, :, None]
             sacc = pad16(tl.sum(res[:, :, None] * tl.where(hh[:, :, None], qh * c3 - ql * s3, ql * c3 + qh * s3), 1), GR, BN)
@@ -243,6 +255,15 @@ def _decode_packed_kernel(
         sR = sR + bias[:, None]
         tl.store(sbase + (t - lo)[:, None] * GR + gr[None, :], sR)
         m_lane = tl.maximum(m_lane, sR)
+        if S > 0:
+            if KQA:
+                # the next block's gathers, issued once its indices (loaded at this iteration's start) have had the
+                # whole block to arrive: with GQA the gather loaded and used in one iteration was the key loop's
+                # hottest stall (Nsight Compute, docs/kernels.md)
+                jq = koi_next.to(tl.int32) % HALF
+                th_next = tl.load(theta_ptr + jq)
+                ql_next = tl.load(qbase + gq * D + jq[:, :, None], mask=greal[None, None, :], other=0.0)
+                qh_next = tl.load(qbase + gq * D + HALF + jq[:, :, None], mask=greal[None, None, :], other=0.0)
     m_i = tl.max(m_lane, 0)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     tl.debug_barrier()
@@ -437,6 +458,7 @@ def programs_per_sm(registers: int, shared: int, warps: int, limits: tuple[int, 
 
 
 VALUE_PREFETCH = 1  # blocks of value code words in flight in the value loop (2: no faster on an H200, docs/kernels.md)
+QUERY_AHEAD = False  # the key outliers' query gathers a block ahead (an option until measured on the GPU)
 
 
 def default_warps(bits: int) -> int:
@@ -444,11 +466,12 @@ def default_warps(bits: int) -> int:
 
 
 def _variant(cache: PackedCache, groups: int, block_n: int, warps: int, unmasked: bool, prefetch: int = 1,
-             maxnreg: int | None = None, direct: bool = True, value_prefetch: int = VALUE_PREFETCH) -> tuple:
+             maxnreg: int | None = None, direct: bool = True, value_prefetch: int = VALUE_PREFETCH,
+             query_ahead: bool = QUERY_AHEAD) -> tuple:
     """What one compiled packed kernel is specialized to (its registers decide how many programs fit an SM)."""
     dev = cache.key_codes.device
     return (dev.index, cache.bits, cache.key_outlier_index.shape[2], groups, cache.head_dim, block_n, warps, unmasked,
-            cache.sink_slot.shape[1], prefetch, value_prefetch, maxnreg, direct and _direct(cache.head_dim, block_n, warps))
+            cache.sink_slot.shape[1], prefetch, value_prefetch, maxnreg, query_ahead, direct and _direct(cache.head_dim, block_n, warps))
 
 
 def planned_splits(cache: PackedCache, groups: int, block_n: int, *, masked: bool = False) -> int:
@@ -477,7 +500,7 @@ def default_splits(cache: PackedCache, block_n: int, resident: int = 4) -> int:
 def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelConstants, *, mask: torch.Tensor | None = None,
                      sliding_window: int = 0, n_splits: int | None = None, num_warps: int | None = None,
                      prefetch: int = 1, maxnreg: int | None = None, direct_keys: bool = True,
-                     value_prefetch: int = VALUE_PREFETCH) -> torch.Tensor:
+                     value_prefetch: int = VALUE_PREFETCH, query_ahead: bool = QUERY_AHEAD) -> torch.Tensor:
     """Attention of one query per row over ``cache``.
 
     ``q_rot``: fp32 ``[B, Hq, D]``, RoPE'd at the query position and scaled by ``softmax_scale * log2(e)`` (and the
@@ -486,6 +509,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     packed kernel (more resident programs per SM, paid in spills; None: the compiler's choice). ``direct_keys``:
     decode the keys straight into the tensor-core operand where the shape allows (False: the earlier tile, for
     comparison). ``prefetch`` / ``value_prefetch``: blocks of code words in flight in the key / value loop (1 or 2).
+    ``query_ahead``: gather the query components that the key outliers' corrections read a block ahead.
     Returns fp32 ``[B, Hq, D]``.
     """
     b, hq, d = q_rot.shape
@@ -498,7 +522,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
     use_asm = not interpreting()
     s = cache.key_outlier_index.shape[2]
     warps = num_warps or default_warps(cache.bits)
-    variant = _variant(cache, g, bn, warps, mask is None, prefetch, maxnreg, direct_keys, value_prefetch)
+    variant = _variant(cache, g, bn, warps, mask is None, prefetch, maxnreg, direct_keys, value_prefetch, query_ahead)
     dot_a = variant[-1]
     splits = n_splits or default_splits(cache, bn, _RESIDENT.get(variant, 2))
     max_split_blocks = triton.cdiv(cap // bn, splits)
@@ -529,7 +553,7 @@ def decode_attention(q_rot: torch.Tensor, cache: PackedCache, consts: KernelCons
         part_m, part_l, part_o, scratch,
         h, cap, m_sb, max_split_blocks, splits + 1, cache.recent_window, window,
         G=g, GR=gr, D=d, BITS=cache.bits, S=s, SP=max(1, triton.next_power_of_2(s)), N_SINK=n_sink, BN=bn, MASK_KIND=mask_kind, USE_ASM=use_asm, FAST=use_asm,
-        PF=prefetch, PFV=value_prefetch, DOT_A=dot_a, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PF=prefetch, PFV=value_prefetch, DOT_A=dot_a, KQA=query_ahead, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if variant not in _RESIDENT and dev.type == "cuda" and getattr(compiled, "n_regs", None):
         # the first launch of a variant uses 2 programs per SM; later ones how many its registers and shared
