@@ -6,7 +6,7 @@
     python hub_configs/recreate.py --skip-existing      # resume: only the configs not yet written
 
 For each model: one Fisher/activation pass over the calibration windows (shared by every config), then
-4/3/2-bit codebooks with 0% and 1% outliers and 4 bits with 2%, plus (SmolLM2 only) the two ablations that need their own
+4/3/2-bit codebooks with 0% and 1% outliers, plus (SmolLM2 only) the two ablations that need their own
 calibration at 3 bits / 1%: keys quantized after RoPE, and codebooks without Fisher weighting. Each config is
 written to hub_configs/<model>/<name>/ and listed in hub_configs/index.json.
 """
@@ -27,12 +27,12 @@ MODELS = {
     "smollm2": ("smollm2", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", 2048, True),
     "stories260k": (str(REPO.parent / "shared" / "models" / "stories260K"), "stories260k", None, 512, False),
 }
-GRID = [(bits, frac) for bits in (4, 3, 2) for frac in (0.0, 0.01)] + [(4, 0.02)]  # 4-bit 2%: two outliers per head
+GRID = [(bits, frac) for bits in (4, 3, 2) for frac in (0.0, 0.01)]
 ABLATIONS = {"post-rope": {"key_rope": "post"}, "no-fisher": {"fisher": False}}
 
 
 def config_dir_name(bits: int, frac: float, variant: str | None = None) -> str:
-    name = f"nuq{bits}" + (f"-{round(frac * 100)}pct" if frac else "")
+    name = f"nuq{bits}" + ("-1pct" if frac else "")
     return f"{name}-{variant}" if variant else name
 
 
