@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import quick_config
 from transformers_kvquant import KVQuantCache
-from transformers_kvquant.config import KVQuantConfig
+from transformers_kvquant.config import KVQuantConfig, KVQuantConfigError
 from transformers_kvquant.config.presets import LONG_CONTEXT_WINDOW, PRESETS, preset_options, preset_window
 from transformers_kvquant.evaluation.perplexity import make_method
 from transformers_kvquant.quant.uncapped_store import UncappedPackedStore
@@ -76,3 +76,51 @@ def test_evaluation_presets(stories):
     assert (default.outliers, default.window) == ("bounded", 6)
     with pytest.raises(ValueError, match="unknown preset"):
         make_method("kvquant", model, config=config, preset="nope")
+
+
+def test_outlier_slots_keep_more_outliers_per_token(stories):
+    """``outlier_slots``: a runtime number of bounded outliers per (token, KV head) on the calibrated ranges. The
+    cache's layout holds that many for keys and values, the stored keys and values come closer to the exact ones
+    than with the config's one slot, the bits grow by the slots' bytes, and the simulation matches."""
+    model, tok = stories
+    config = quick_config(model, bits=2, outlier_fraction=0.01)  # 2 bits: many elements compete for the slots
+    ids = tok("Once upon a time there was a little girl who liked to play in the park with her dog", return_tensors="pt").input_ids
+    errors, bytes_ = {}, {}
+    for slots in (None, 3):
+        cache = KVQuantCache(model, config, outlier_slots=slots)
+        exact = KVQuantCache(model, bits=16)
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, past_key_values=exact, use_cache=True)
+        store = cache.layers[1].store
+        assert store.cache.key_outlier_index.shape[2] == store.cache.value_outlier_index.shape[2] == (slots or config.head_slots)
+        k, v = store.keys_values()
+        ek, ev = exact.layers[1].store.keys_values()
+        errors[slots] = ((k.float() - ek.float()).norm() / ek.float().norm(), (v.float() - ev.float()).norm() / ev.float().norm())
+        bytes_[slots] = sum(store.nbytes().values())
+        assert f"{slots or 1} per token and head" in cache.settings.describe() or slots is None
+    assert config.head_slots == 1
+    assert errors[3][0] < errors[None][0] and errors[3][1] < errors[None][1]
+    assert bytes_[3] > bytes_[None]
+    one = make_method("kvquant", model, config=config)
+    three = make_method("kvquant", model, config=config, outlier_slots=3)
+    geometry = (config.fingerprint.num_key_value_heads, config.fingerprint.head_dim, 4096)
+    assert three.avg_bits(*geometry) > one.avg_bits(*geometry)
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"outlier_slots": 0}, "outlier_slots'\\] must be a positive integer, got 0"),
+    ({"outlier_slots": "2"}, "must be a positive integer"),
+    ({"outlier_slots": 2, "outliers": "uncapped"}, "uncapped outliers have no fixed count"),
+    ({"outlier_slots": 64}, "keeps at most"),
+])
+def test_bad_outlier_slots_are_clear_errors(stories, opts, message):
+    model, _ = stories
+    with pytest.raises(ValueError, match=message):
+        KVQuantCache(model, quick_config(model, bits=3), **opts)
+
+
+def test_outlier_slots_need_a_config_with_outliers(stories):
+    model, _ = stories
+    with pytest.raises(KVQuantConfigError, match="calibrated with outliers"):
+        KVQuantCache(model, quick_config(model, bits=3, outlier_fraction=0.0), outlier_slots=2)

@@ -57,10 +57,12 @@ class CalibrationResult:
     layer_bits: list[int] | None = None  # mixed precision: each layer's width (``bits`` is then the widest)
 
 
-def layer_quantizers(layer: LayerCalibration, outlier_fraction: float, head_dim: int) -> tuple[ChannelKeyQuantizer, TokenQuantizer]:
+def layer_quantizers(layer: LayerCalibration, outlier_fraction: float, head_dim: int,
+                     slots: int | None = None) -> tuple[ChannelKeyQuantizer, TokenQuantizer]:
     """(key, value) quantizers of one layer in the cache's bounded layout: ``ceil(f * head_dim)`` outliers per
-    (token, KV head), keys with the calibrated per-channel ranges, values per token."""
-    slots = head_outlier_slots(head_dim, outlier_fraction)
+    (token, KV head) (or ``slots``: a runtime choice, the ranges stay the calibrated ones), keys with the
+    calibrated per-channel ranges, values per token."""
+    slots = head_outlier_slots(head_dim, outlier_fraction) if slots is None else slots
     keys = ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=outlier_fraction > 0, head_slots=slots)
     return keys, TokenQuantizer(layer.value_codebook, slots, per_head=True)
 

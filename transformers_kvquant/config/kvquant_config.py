@@ -130,17 +130,18 @@ class KVQuantConfig:
         """Outliers per (token, KV head) of the bounded layout, for keys and for values: ``ceil(f * head_dim)``."""
         return head_outlier_slots(self.fingerprint.head_dim, self.outlier_fraction)
 
-    def key_quantizer(self, layer_idx: int, bounded: bool = True) -> ChannelKeyQuantizer:
-        """Keys of one layer; ``bounded=False``: the paper's uncapped outliers."""
+    def key_quantizer(self, layer_idx: int, bounded: bool = True, slots: int | None = None) -> ChannelKeyQuantizer:
+        """Keys of one layer; ``bounded=False``: the paper's uncapped outliers; ``slots``: bounded outliers per
+        (token, KV head) other than ``head_slots``."""
         layer = self.layers[layer_idx]
         if bounded:
-            return layer_quantizers(layer, self.outlier_fraction, self.fingerprint.head_dim)[0]
+            return layer_quantizers(layer, self.outlier_fraction, self.fingerprint.head_dim, slots)[0]
         return ChannelKeyQuantizer(layer.key_codebook, layer.key_zero, layer.key_scale, outliers=self.outlier_fraction > 0, head_slots=None)
 
-    def value_quantizer(self, layer_idx: int, bounded: bool = True) -> TokenQuantizer:
+    def value_quantizer(self, layer_idx: int, bounded: bool = True, slots: int | None = None) -> TokenQuantizer:
         """Values of one layer; ``bounded=False``: outliers chosen over the whole token vector."""
         if bounded:
-            return layer_quantizers(self.layers[layer_idx], self.outlier_fraction, self.fingerprint.head_dim)[1]
+            return layer_quantizers(self.layers[layer_idx], self.outlier_fraction, self.fingerprint.head_dim, slots)[1]
         return TokenQuantizer(self.layers[layer_idx].value_codebook, self.slots)
 
     def check_model(self, model: Any, source: str | None = None) -> None:

@@ -77,9 +77,9 @@ def evaluate_perplexity(model, windows: torch.Tensor, method: SimulatedMethod | 
 
 def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fraction: float | None = None, config=None,
                 ablation: str | None = None, recent_window: int | None = None, sink_tokens: int | None = None,
-                outliers: str | None = None, preset: str = "default") -> SimulatedMethod | None:
+                outliers: str | None = None, preset: str = "default", outlier_slots: int | None = None) -> SimulatedMethod | None:
     """Build an evaluation method. ``kvquant`` takes a config (object, path or repo) or finds the shipped one;
-    ``preset`` (``default`` or ``paper``) fills ``recent_window`` and ``outliers`` where they are not given."""
+    ``preset`` fills ``recent_window``, ``outliers`` and ``outlier_slots`` where they are not given."""
     if kind == "fp":
         return None
     if kind in ("int", "kivi"):
@@ -99,6 +99,7 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
 
     chosen = preset_options(preset)
     outliers = outliers or chosen.get("outliers", "bounded")
+    outlier_slots = chosen.get("outlier_slots") if outlier_slots is None else outlier_slots
     window_rule = chosen.get("recent_window")
     variant = ablation if ablation in ("post-rope", "no-fisher") else None
     flag = {"post-rope": "--key-rope post", "no-fisher": "--no-fisher"}.get(variant)
@@ -122,7 +123,8 @@ def make_method(kind: str, model=None, *, bits: int | None = None, outlier_fract
     sink = 0 if ablation == "no-sink" else sink_tokens
     if outliers != "bounded" and preset == "default":
         label += f" ({outliers} outliers)"
-    method = KVQuantMethod(cfg, sink_tokens=sink, recent_window=recent_window, label=label, outliers=outliers)
+    method = KVQuantMethod(cfg, sink_tokens=sink, recent_window=recent_window, label=label, outliers=outliers,
+                           outlier_slots=outlier_slots)
     method.source = source
     return method
 

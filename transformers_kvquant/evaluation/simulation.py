@@ -58,10 +58,11 @@ class SimulatedMethod:
 
 
 class KVQuantMethod(SimulatedMethod):
-    """KVQuant from a calibrated config; ``codebook="uniform"``/``sink_tokens=0`` give two of the ablations."""
+    """KVQuant from a calibrated config; ``codebook="uniform"``/``sink_tokens=0`` give two of the ablations.
+    ``outlier_slots``: bounded outliers per (token, KV head) other than the config's ``ceil(f * head_dim)``."""
 
     def __init__(self, config: KVQuantConfig, *, sink_tokens: int | None = None, recent_window: int | None = None, label: str | None = None,
-                 outliers: str = "bounded"):
+                 outliers: str = "bounded", outlier_slots: int | None = None):
         if outliers not in ("bounded", "uncapped"):
             raise ValueError(f"outliers must be 'bounded' or 'uncapped', got {outliers!r}")
         self.config = config
@@ -70,8 +71,11 @@ class KVQuantMethod(SimulatedMethod):
         self.window = config.recent_window if recent_window is None else recent_window
         self.post_rope = config.key_rope == "post"
         bounded = outliers == "bounded"
-        self._key_q = [config.key_quantizer(i, bounded=bounded) for i in range(len(config.layers))]
-        self._value_q = [config.value_quantizer(i, bounded=bounded) for i in range(len(config.layers))]
+        if outlier_slots is not None and not bounded:
+            raise ValueError("outlier_slots sets the bounded layout's outliers; uncapped outliers have no fixed count")
+        self.outlier_slots = outlier_slots
+        self._key_q = [config.key_quantizer(i, bounded=bounded, slots=outlier_slots) for i in range(len(config.layers))]
+        self._value_q = [config.value_quantizer(i, bounded=bounded, slots=outlier_slots) for i in range(len(config.layers))]
         self.name = label or config.name
 
     def keys_pre_rope(self, layer, keys):

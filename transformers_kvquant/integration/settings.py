@@ -27,6 +27,7 @@ CACHE_CONFIG_KEYS = {
     "max_cache_len": "capacity of a static cache (fixed buffers, compileable); generate uses its own maximum length",
     "static": "True: a static cache (needs max_cache_len, or generate's length); False: a growing cache",
     "outliers": "'bounded' (default: ceil(f*head_dim) per token and head) or 'uncapped' (the paper's; reference path)",
+    "outlier_slots": "bounded outliers per token and KV head, for keys and for values (default: ceil(f*head_dim))",
     "preset": "'default' (the config as shipped), 'long-context' (+ the newest 128 tokens exact at 2-3 bits, 512 at 4) or 'paper' (no window, uncapped outliers)",
     "max_length": "preallocate storage for this many tokens (growing cache)",
     "revision": "Hub revision for config lookups",
@@ -48,6 +49,7 @@ class CacheSettings:
     max_cache_len: int | None = None
     static: bool = False
     outliers: str = "bounded"
+    outlier_slots: int | None = None
 
     @property
     def capacity(self) -> int | None:
@@ -69,8 +71,8 @@ class CacheSettings:
             return UncappedPackedStore(cfg.key_quantizer(layer_idx, bounded=False), cfg.value_quantizer(layer_idx, bounded=False),
                                        width, sink_tokens=self.sink_tokens, recent_window=self.recent_window)
         return PackedStore(
-            cfg.key_quantizer(layer_idx),
-            cfg.value_quantizer(layer_idx),
+            cfg.key_quantizer(layer_idx, slots=self.outlier_slots),
+            cfg.value_quantizer(layer_idx, slots=self.outlier_slots),
             width,
             sink_tokens=self.sink_tokens,
             recent_window=self.recent_window,
@@ -84,7 +86,8 @@ class CacheSettings:
         kind = f"static {self.capacity}" if self.static else "growing"
         if self.bits == 16:
             return f"bits=16 (unquantized), {kind}"
-        text = f"{self.config.name}, {self.outliers} outliers, sink={self.sink_tokens}, window={self.recent_window}, backend={self.backend}, {kind}"
+        slots = f" ({self.outlier_slots} per token and head)" if self.outlier_slots is not None else ""
+        text = f"{self.config.name}, {self.outliers} outliers{slots}, sink={self.sink_tokens}, window={self.recent_window}, backend={self.backend}, {kind}"
         return text + (f", config={self.source}" if self.source else "")
 
 
@@ -125,6 +128,7 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
     max_cache_len = opts.pop("max_cache_len", None)
     static = opts.pop("static", None)
     outliers = opts.pop("outliers", "bounded")
+    slots = opts.pop("outlier_slots", None)
     if outliers not in OUTLIER_LAYOUTS:
         raise ValueError(f"cache_config['outliers'] must be one of {OUTLIER_LAYOUTS}, got {outliers!r}")
     if static is not None and not isinstance(static, bool):
@@ -142,6 +146,12 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
     for name, value in (("sink_tokens", sink), ("recent_window", window), ("max_length", max_length)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"cache_config['{name}'] must be a non-negative integer, got {value!r}")
+    if slots is not None:
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ValueError(f"cache_config['outlier_slots'] must be a positive integer, got {slots!r}")
+        if outliers == "uncapped":
+            raise ValueError("cache_config['outlier_slots'] sets the bounded layout's outliers; uncapped outliers have no "
+                             "fixed count (drop one of the two)")
     if bits is not None and bits not in (2, 3, 4, 16):
         raise ValueError(f"cache_config['bits'] must be 2, 3, 4 or 16, got {bits!r}")
     if fraction is not None and not (isinstance(fraction, (int, float)) and 0 <= fraction < 0.5):
@@ -188,4 +198,20 @@ def resolve_settings(model, config=None, cache_config: dict | None = None) -> Ca
         max_cache_len,
         static,
         outliers,
+        _check_slots(slots, cfg, source),
     )
+
+
+def _check_slots(slots: int | None, cfg: KVQuantConfig, source: str) -> int | None:
+    """``outlier_slots`` for ``cfg``: a config calibrated without outliers has ranges that hold every value (nothing
+    for the slots to keep), and a head keeps at most ``(head_dim - 2) // 2`` value outliers."""
+    if slots is None:
+        return None
+    if cfg.outlier_fraction == 0:
+        raise KVQuantConfigError("cache_config['outlier_slots'] needs a config calibrated with outliers "
+                                 "(outlier_fraction > 0); this one has none", file=source, field="outlier_fraction")
+    most = (cfg.fingerprint.head_dim - 2) // 2
+    if slots > most:
+        raise ValueError(f"cache_config['outlier_slots'] is {slots}; a head of {cfg.fingerprint.head_dim} channels keeps at "
+                         f"most {most}")
+    return slots
