@@ -64,7 +64,7 @@ def test_bad_presets_are_clear_errors(stories):
         KVQuantCache(model, config, preset="fast")
     with pytest.raises(ValueError, match="static.*'paper' preset"):
         KVQuantCache(model, config, preset="paper", static=True, max_cache_len=64)
-    assert set(PRESETS) == {"default", "long-context", "paper"} and preset_options("default") == {}
+    assert set(PRESETS) == {"default", "long-context", "quality", "paper"} and preset_options("default") == {}
 
 
 def test_evaluation_presets(stories):
@@ -124,3 +124,15 @@ def test_outlier_slots_need_a_config_with_outliers(stories):
     model, _ = stories
     with pytest.raises(KVQuantConfigError, match="calibrated with outliers"):
         KVQuantCache(model, quick_config(model, bits=3, outlier_fraction=0.0), outlier_slots=2)
+
+
+def test_quality_preset_adds_outlier_slots_to_the_long_context_window(stories):
+    model, _ = stories
+    four = quick_config(model, bits=4)
+    s = KVQuantCache(model, four, preset="quality").settings
+    assert (s.recent_window, s.outlier_slots) == (512, 2)
+    assert KVQuantCache(model, four, preset="quality", outlier_slots=3).settings.outlier_slots == 3
+    m = make_method("kvquant", model, config=four, preset="quality")
+    assert (m.window, m.outlier_slots) == (512, 2) and "quality" in m.name
+    with pytest.raises(KVQuantConfigError, match="calibrated with outliers"):
+        KVQuantCache(model, quick_config(model, bits=4, outlier_fraction=0.0), preset="quality")

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import torch
 
 from ..calibration.support import check_supported
+from ..config.presets import PRESETS
 from ..evaluation.datasets import load_text, parse_documents
 from ..evaluation.fidelity import (
     default_methods,
@@ -36,8 +37,8 @@ def _register_ppl(subparsers) -> None:
     p.add_argument("--kvquant-config", default=None, help="config folder/file/Hub repo (default: the shipped hub_configs/ one)")
     p.add_argument("--bits", type=int, default=None)
     p.add_argument("--outliers", type=float, default=None, help="outlier fraction of the kvquant config (default 0.01)")
-    p.add_argument("--preset", choices=("default", "long-context", "paper"), default="default",
-                   help="kvquant: 'long-context' = the newest 128 tokens exact (512 at 4 bits); 'paper' = no window, uncapped outliers")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                   help="kvquant: 'long-context' = the newest 128 tokens exact (512 at 4 bits); 'quality' = long-context + 2 outliers per token and head; 'paper' = no window, uncapped outliers")
     p.add_argument("--outlier-layout", choices=("bounded", "uncapped"), default=None,
                    help="kvquant: ceil(f*head_dim) outliers per token and head (the cache's), or the paper's uncapped ones")
     p.add_argument("--ablation", choices=ABLATIONS, default=None, help="kvquant ablation")

@@ -28,7 +28,7 @@ CACHE_CONFIG_KEYS = {
     "static": "True: a static cache (needs max_cache_len, or generate's length); False: a growing cache",
     "outliers": "'bounded' (default: ceil(f*head_dim) per token and head) or 'uncapped' (the paper's; reference path)",
     "outlier_slots": "bounded outliers per token and KV head, for keys and for values (default: ceil(f*head_dim))",
-    "preset": "'default' (the config as shipped), 'long-context' (+ the newest 128 tokens exact at 2-3 bits, 512 at 4) or 'paper' (no window, uncapped outliers)",
+    "preset": "'default' (the config as shipped), 'long-context' (+ the newest 128 tokens exact at 2-3 bits, 512 at 4), 'quality' (long-context + 2 outliers per token and head) or 'paper' (no window, uncapped outliers)",
     "max_length": "preallocate storage for this many tokens (growing cache)",
     "revision": "Hub revision for config lookups",
     "local_files_only": "never download configs",
