@@ -487,31 +487,38 @@ def _preset_plot(by: dict, peers: dict, extra: dict, path: Path) -> None:
 
 
 FOUR_BIT_PRESET = "kvquant 4-bit 1% (long-context preset)"
+# rows measured in runs of their own that are presets' rows: (run folder, row label there, preset row label)
+PRESET_ROWS = [("long-windows-40windows", "kvquant 4-bit 1% + window 512", FOUR_BIT_PRESET),
+               ("slots-40windows", "kvquant 4-bit 1% + window 512, 2 outliers per head", "kvquant 4-bit 1% (quality preset)")]
 
 
-def _four_bit_preset(folder: Path, data: dict) -> Path | None:
+def _preset_rows(folder: Path, data: dict) -> list[Path]:
     """Since 2026-12-03 the long-context preset keeps 512 tokens at 4 bits: its row is the 40-window run of that
-    config (``--rows long-windows``), and the run's 4-bit row (window 128) stays, relabelled. Edits ``data``."""
-    run = folder.parent / "long-windows-40windows"
-    if not run.exists():
-        return None
-    for name, rows in _ppl_run(run)[0].items():
-        new = next((r for r in rows if r["label"] == "kvquant 4-bit 1% + window 512"), None)
-        if new is None or name not in data:
+    config (``--rows long-windows``), and the run's 4-bit row (window 128) stays, relabelled; the quality preset's
+    row likewise. Edits ``data``; returns the runs used."""
+    used = []
+    for run_name, source, label in PRESET_ROWS:
+        run = folder.parent / run_name
+        if not run.exists():
             continue
-        for r in data[name]:
-            if r["label"] == FOUR_BIT_PRESET:
-                r["label"] = "kvquant 4-bit 1% + window 128 (the preset until 2026-12-03)"
-        at = next((i for i, r in enumerate(data[name]) if r["label"].startswith("kvquant 4-bit")), len(data[name]))
-        data[name].insert(at, {**new, "label": FOUR_BIT_PRESET})
-    return run
+        used.append(run)
+        for name, rows in _ppl_run(run)[0].items():
+            new = next((r for r in rows if r["label"] == source), None)
+            if new is None or name not in data:
+                continue
+            for r in data[name]:
+                if r["label"] == label:
+                    r["label"] = "kvquant 4-bit 1% + window 128 (the preset until 2026-12-03)"
+            at = next((i for i, r in enumerate(data[name]) if r["label"].startswith("kvquant 3-bit")), len(data[name]))
+            data[name].insert(at, {**new, "label": label})
+    return used
 
 
 def long_context_section(folder: Path) -> list[str]:
     """The long-context preset at every budget on 40 windows (``smollm2_results.py --rows long-context``), the
     issue's bars checked with bits at 128K and at 2K, the peers at 128K, and the passkey check when run."""
     data, env, windows = _ppl_run(folder)
-    four = _four_bit_preset(folder, data)
+    used = _preset_rows(folder, data)
     lines = [LONG_MARKS[0], "## The long-context preset at every budget (40 windows)", "",
              "The shipped 1% configs of each width with the `long-context` preset (the newest 128 tokens exact beside "
              "the sink at 3 and 2 bits, 512 at 4 bits), and the mixed-precision config without outliers (2.55 bits, "
@@ -526,10 +533,12 @@ def long_context_section(folder: Path) -> list[str]:
              f"`--rows no-outliers --out {folder.parent / 'no-outliers-40windows'}`) then `python "
              f"benchmarks/make_results_doc.py --long-context {folder}`. " + (f"Measured on {_env_line(env)}." if env else "**Partial**.")]
     lines[-1] += _recount_note(folder)
-    if four:
-        lines[-1] += (f" The 4-bit preset's row is the window-512 row of `{four}` (the same config, windows and harness: "
-                      "`--rows long-windows --only \"window 512\"`, section \"Longer exact windows at 4 bits\"); the "
-                      "preset kept 128 tokens at 4 bits too until 2026-12-03 (the row marked so).")
+    if used:
+        lines[-1] += (" The 4-bit presets' rows come from runs of the same configs, windows and harness: long-context "
+                      "from `docs/cpu_runs/long-windows-40windows` (`--rows long-windows --only \"window 512\"`, section "
+                      "\"Longer exact windows at 4 bits\"; the preset kept 128 tokens at 4 bits too until 2026-12-03, the row "
+                      "marked so), quality from `docs/cpu_runs/slots-40windows` (`--rows long-windows --only \"2 outliers per "
+                      "head\" --out docs/cpu_runs/slots-40windows`).")
     lines.append("")
     lines += _ppl_table(data, bits="2k+128k")
     by = {name: {r["label"]: r for r in rows} for name, rows in data.items()}
@@ -562,7 +571,7 @@ def long_context_section(folder: Path) -> list[str]:
         for name, (ppct, pbits) in per.items():
             fp = by.get(name, {}).get("fp")
             ours = [(100 * (r["ppl"] / fp["ppl"] - 1), r["avg_bits_128k"], lab) for lab, r in by.get(name, {}).items()
-                    if lab != "fp" and fp and "avg_bits_128k" in r] + extra.get(name, [])
+                    if lab != "fp" and fp and "avg_bits_128k" in r and "preset until" not in lab] + extra.get(name, [])
             better = [o for o in ours if o[1] <= pbits and o[0] <= ppct]
             verdict = (f"not dominated: {better[0][2]} {better[0][0]:+.2f}% at {better[0][1]:.2f} bits" if better
                        else "no preset here has as few bits and as low a perplexity: FAIL")
