@@ -792,7 +792,8 @@ def fidelity_preset_section(specs: list[str]) -> list[str]:
         path, _, tag = spec.partition("@")
         runs.append((_load(Path(path), "fidelity")["result"], Path(path), tag == "before", spec))
     lines = [FIDELITY_PRESET_MARKS[0], "## The long-context preset at 8K", "",
-             "The shipped 1% configs with the `long-context` preset (the newest 128 tokens exact beside the sink) through "
+             "The shipped 1% configs with the `long-context` preset (the newest 128 tokens exact beside the sink; 512 at "
+             "4 bits since 2026-12-03, in the runs measured from then on) through "
              "the fidelity harness, which feeds each document in chunks. Each query of a chunk reads its own 128 newest "
              "tokens exactly, as a decode step does (`integration/chunk_window.py`, since 2026-12-02), so the chunk size "
              "does not change what a query sees. The runs marked *before chunk windows* were measured when a chunk was "
@@ -800,7 +801,8 @@ def fidelity_preset_section(specs: list[str]) -> list[str]:
              "at position i of a chunk of C tokens then read only max(0, i - C + 129) of its recent tokens exactly, none "
              "for the first 383 queries of a 512-token chunk. "
              "The bits at 8K count the exact copies in the model's dtype, fp32 on these CPU runs: the 192-slot "
-             "ring adds 0.75 bits per element here and 0.375 for a 16-bit model. Render with `python "
+             "ring adds 0.75 bits per element here and 0.375 for a 16-bit model (the 576-slot ring of 4 bits: 2.25 and "
+             "1.125). Render with `python "
              "benchmarks/make_results_doc.py --fidelity-presets " + ",".join(spec for *_, spec in runs) + "`.", ""]
     for _, folder, before, _ in sorted(runs, key=lambda r: (r[2], -r[0]["chunk"])):
         lines += _fidelity_preset_run(folder, before)
