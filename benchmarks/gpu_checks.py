@@ -8,7 +8,8 @@
    ``StaticCache``, eager and compiled by generate (max |delta logit| and tokens).
 3. A quantized cache with the kernels against the reference path (tokens, max |delta logit|), eager and compiled:
    generate's own compile and a gpt-fast loop with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); and with
-   an exact recent window of 128 tokens (growing, and static compiled by generate).
+   an exact recent window of 128 tokens (growing, and static compiled by generate); and with two outliers per
+   (token, head) (``outlier_slots=2``, the quality preset's layout) beside a window of 64.
 4. Two compiled generate calls in a row, the second shorter: no recompilation (the capacity is kept), as "static".
 Writes ``gpu_checks.json``.
 """
@@ -116,11 +117,13 @@ def quantized(out: dict) -> dict:
         inputs = {"input_ids": ids.to(DEV), "attention_mask": mask.to(DEV)}
         shape = f"{heads}q/{kv}kv x{d}"
 
-        def against_reference(config, labels, prefix=""):
-            """Generate with the kernels in each of ``labels``' ways and compare with the reference path's run."""
-            ref = run_generate(model, inputs, max_new_tokens=DRY["new"], past_key_values=KVQuantCache(model, config, backend="reference"))
-            static = {"cache_implementation": "kvquant", "cache_config": {"config": config, "backend": "triton"}}
-            ways = {"triton-growing": lambda: {"past_key_values": KVQuantCache(model, config, backend="triton")},
+        def against_reference(config, labels, prefix="", **extra):
+            """Generate with the kernels in each of ``labels``' ways and compare with the reference path's run
+            (``extra``: more cache_config keys for every cache)."""
+            ref = run_generate(model, inputs, max_new_tokens=DRY["new"],
+                               past_key_values=KVQuantCache(model, config, backend="reference", **extra))
+            static = {"cache_implementation": "kvquant", "cache_config": {"config": config, "backend": "triton", **extra}}
+            ways = {"triton-growing": lambda: {"past_key_values": KVQuantCache(model, config, backend="triton", **extra)},
                     "triton-static-eager": lambda: {**static, "disable_compile": True},
                     "triton-static-compiled": lambda: static}  # generate's compiled path (each compile costs device time)
             for label in labels:
@@ -132,6 +135,9 @@ def quantized(out: dict) -> dict:
                 del model._compiled_call
 
         against_reference(cfg, ("triton-growing", "triton-static-eager", "triton-static-compiled"))
+        # two outliers per (token, head) with an exact window (the quality preset's layout; 1 slot at 1% otherwise)
+        against_reference(cfg.with_runtime(recent_window=64), ("triton-growing", "triton-static-compiled"), "slots-2 window-64 ",
+                          outlier_slots=2)
         if d == 128:  # an exact recent window (the long-context preset keeps 128): the ring beside the packed slots
             against_reference(cfg.with_runtime(recent_window=128), ("triton-growing", "triton-static-compiled"), "window-128 ")
             res[f"{shape} gpt-fast reduce-overhead"] = gpt_fast(model, cfg, inputs)
