@@ -458,23 +458,37 @@ def _preset_plot(by: dict, peers: dict, extra: dict, path: Path) -> None:
     for ax, name in zip(axes[0], names):
         fp = by[name]["fp"]["ppl"]
         groups = {
-            "KVQuant, long-context preset": [(r["avg_bits_128k"], 100 * (r["ppl"] / fp - 1), lab) for lab, r in by[name].items()
-                                             if lab != "fp" and "avg_bits_128k" in r],
+            "KVQuant, presets": [(r["avg_bits_128k"], 100 * (r["ppl"] / fp - 1), lab) for lab, r in by[name].items()
+                                 if lab != "fp" and "avg_bits_128k" in r and "preset until" not in lab],
             "KVQuant, shipped configs (no window)": [(bits, pct, lab) for pct, bits, lab in extra.get(name, [])],
             "int": [(b, pct, lab) for lab, per in peers.items() if lab.startswith("int") for pct, b in [per[name]]],
             "KIVI": [(b, pct, lab) for lab, per in peers.items() if lab.startswith("kivi") for pct, b in [per[name]]],
         }
+        # the 4-bit points sit within a percent of fp: an inset shows them apart
+        zoom = ax.inset_axes([0.42, 0.3, 0.55, 0.38])
         for (g, pts), marker in zip(groups.items(), "osDv"):
             pts = sorted(pts)
             if not pts:
                 continue
             shown = [(x, min(y, top), lab, y) for x, y, lab in pts]
-            ax.plot([p[0] for p in shown], [p[1] for p in shown], marker=marker, label=g)
+            line = ax.plot([p[0] for p in shown], [p[1] for p in shown], marker=marker, label=g)[0]
+            near = [p for p in shown if p[0] >= 4.3 and p[3] <= 2.5]
+            zoom.plot([p[0] for p in near], [p[1] for p in near], marker=marker, ls="", color=line.get_color())
             for x, y, lab, real in shown:
                 short = lab.replace("kvquant ", "").replace(" (long-context preset)", "").replace(" no outliers", "")
                 short = short.replace(" bounded", "")
+                if (x, y, lab, real) in near:
+                    below = "quality" in lab  # beside KIVI-4's point: its label under the marker
+                    zoom.annotate(f"{short} ({real:+.2f}%)", (x, y), textcoords="offset points", xytext=(-30 if below else 4, -9 if below else 3),
+                                  fontsize=6)
+                    continue
                 text = f"{short} ({real:+.0f}%, off the axis)" if real > top else short
                 ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10 if real > top else 4), fontsize=7)
+        zoom.axhline(0.0, color="gray", ls="--")
+        zoom.set_xlim(4.3, 5.4)
+        zoom.set_title("4-bit region", fontsize=7)
+        zoom.tick_params(labelsize=6)
+        ax.indicate_inset_zoom(zoom, edgecolor="gray")
         ax.axhline(0.0, color="gray", ls="--", label="fp")
         ax.set_ylim(-2, top + 3)
         ax.set_xlabel("average bits per K/V element at a 128K context")
