@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-# (bits, outliers per token and head, query heads per KV head, head_dim, mask kind, code-word blocks in flight)
+# (bits, outliers per token and head, query heads per KV head, head_dim, mask kind, code-word blocks in flight[, query_ahead])
 DECODE = [
     (3, 1, 1, 128, 0, 1),  # MHA, 1%
     (3, 2, 4, 128, 1, 1),  # GQA with a bool mask (a compiled static cache)
@@ -23,6 +23,7 @@ DECODE = [
     (4, 0, 3, 64, 0, 1),  # SmolLM2's geometry
     (3, 1, 3, 64, 1, 2),  # two blocks in flight
     (2, 3, 2, 64, 0, 2),
+    (3, 2, 4, 128, 1, 1, True),  # the key outliers' query gathers a block ahead (query_ahead)
 ]
 OTHERS = [(1, 128, 1, 32, 3, 2), (4, 128, 0, 3, 4, 1), (3, 64, 4, 8, 2, 0)]  # (G, D, sink, heads, bits, outliers)
 
@@ -43,9 +44,9 @@ def attempt(name, fn, const, warps, over=None):
     except Exception as e:
         failures.append(f"{name}: {str(e).strip().splitlines()[-1][:300]}")
 
-for bits, s, g, d, mask_kind, pf in decode_cases:
+for bits, s, g, d, mask_kind, pf, *ahead in decode_cases:
     const = dict(G=g, GR=max(2, next_pow2(g)), D=d, BITS=bits, S=s, SP=max(1, next_pow2(s)), N_SINK=1,
-                 BN=block_size(bits), MASK_KIND=mask_kind, USE_ASM=True, FAST=True, PF=pf,
+                 BN=block_size(bits), MASK_KIND=mask_kind, USE_ASM=True, FAST=True, PF=pf, KQA=bool(ahead),
                  DOT_A=decode._direct(d, block_size(bits), decode.default_warps(bits)))  # as the launcher picks
     attempt(f"decode {bits, s, g, d, mask_kind, pf}", decode._decode_packed_kernel, const, decode.default_warps(bits),
             {"mask_ptr": "*fp32"} if mask_kind == 2 else None)

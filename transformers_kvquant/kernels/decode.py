@@ -160,12 +160,16 @@ def _decode_packed_kernel(
     if S > 0:
         koi_next = tl.load(koi_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0)
         kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0.0)
-        if KQA:  # the query components at the outliers' channels gathered a block ahead (see the end of the loop)
-            gq = gr[None, None, :]
-            jq = koi_next.to(tl.int32) % HALF
-            th_next = tl.load(theta_ptr + jq)
-            ql_next = tl.load(qbase + gq * D + jq[:, :, None], mask=greal[None, None, :], other=0.0)
-            qh_next = tl.load(qbase + gq * D + HALF + jq[:, :, None], mask=greal[None, None, :], other=0.0)
+    gq = gr[None, None, :]
+    if S > 0 and KQA:  # the query components at the outliers' channels gathered a block ahead (see the end of the loop)
+        jq = koi_next.to(tl.int32) % HALF
+        th_next = tl.load(theta_ptr + jq)
+        ql_next = tl.load(qbase + gq * D + jq[:, :, None], mask=greal[None, None, :], other=0.0)
+        qh_next = tl.load(qbase + gq * D + HALF + jq[:, :, None], mask=greal[None, None, :], other=0.0)
+    else:  # never read: Triton 3.9 wants every name the loop assigns (even in a pruned branch) defined before it
+        th_next = tl.zeros((BN, SP), tl.float32)
+        ql_next = tl.zeros((BN, SP, GR), tl.float32)
+        qh_next = ql_next
     if MASK_KIND != 0:  # the attention mask by slot (a compiled static cache always has one), a block ahead too
         mk_next = tl.load(mask_ptr + b * m_sb + lo + n, mask=lo + n < hi, other=0)
     # the block's RoPE base is taken from its last written slot (a scalar load, no reduction across the block)
