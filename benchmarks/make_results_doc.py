@@ -520,8 +520,8 @@ def _preset_rows(folder: Path, data: dict) -> list[Path]:
             new = next((r for r in rows if r["label"] == source), None)
             if new is None or name not in data:
                 continue
-            for r in data[name]:
-                if r["label"] == label:
+            for r in data[name]:  # the run's own long-context row is the 128-token window the preset had before
+                if r["label"] == label == FOUR_BIT_PRESET:
                     r["label"] = "kvquant 4-bit 1% + window 128 (the preset until 2026-12-03)"
             at = next((i for i, r in enumerate(data[name]) if r["label"].startswith("kvquant 3-bit")), len(data[name]))
             data[name].insert(at, {**new, "label": label})

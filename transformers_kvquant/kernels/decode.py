@@ -74,6 +74,17 @@ def _key_tile(kw, tab, t16_ptr, s_lo_a, z_lo_a, s_hi_a, z_hi_a, s_lo_b, z_lo_b, 
 
 
 @triton.jit
+def _outlier_query(idx, theta_ptr, qbase, gq, greal, D: tl.constexpr, HALF: tl.constexpr):
+    """What a key outlier's score correction reads at its channel (``idx`` ``[BN, SP]``, pre-RoPE channels): the
+    RoPE frequency ``[BN, SP]`` and the G query heads' components of the pair, low and high ``[BN, SP, GR]``."""
+    j = idx.to(tl.int32) % HALF
+    th = tl.load(theta_ptr + j)
+    ql = tl.load(qbase + gq * D + j[:, :, None], mask=greal[None, None, :], other=0.0)
+    qh = tl.load(qbase + gq * D + HALF + j[:, :, None], mask=greal[None, None, :], other=0.0)
+    return th, ql, qh
+
+
+@triton.jit
 def _decode_packed_kernel(
     qrot_ptr, pchan_ptr, vchan_ptr, theta_ptr, offc_ptr, offs_ptr,
     kc_ptr, vc_ptr, ktab_ptr, vtab_ptr, kt16_ptr, vt16_ptr, kz_ptr, ks_ptr, vz_ptr, vs_ptr,
@@ -162,10 +173,7 @@ def _decode_packed_kernel(
         kov_next = tl.load(kov_ptr + (bh * S + ee) * cap + (lo + n)[:, None], mask=((lo + n) < hi)[:, None] & (ee < S), other=0.0)
     gq = gr[None, None, :]
     if S > 0 and KQA:  # the query components at the outliers' channels gathered a block ahead (see the end of the loop)
-        jq = koi_next.to(tl.int32) % HALF
-        th_next = tl.load(theta_ptr + jq)
-        ql_next = tl.load(qbase + gq * D + jq[:, :, None], mask=greal[None, None, :], other=0.0)
-        qh_next = tl.load(qbase + gq * D + HALF + jq[:, :, None], mask=greal[None, None, :], other=0.0)
+        th_next, ql_next, qh_next = _outlier_query(koi_next, theta_ptr, qbase, gq, greal, D, HALF)
     else:  # never read: Triton 3.9 wants every name the loop assigns (even in a pruned branch) defined before it
         th_next = tl.zeros((BN, SP), tl.float32)
         ql_next = tl.zeros((BN, SP, GR), tl.float32)
@@ -230,11 +238,7 @@ def _decode_packed_kernel(
                 ql = ql_next
                 qh = qh_next
             else:
-                j = idx % HALF
-                th = tl.load(theta_ptr + j)
-                g3 = gr[None, None, :]
-                ql = tl.load(qbase + g3 * D + j[:, :, None], mask=greal[None, None, :], other=0.0)  # [BN, S, GR]
-                qh = tl.load(qbase + g3 * D + HALF + j[:, :, None], mask=greal[None, None, :], other=0.0)
+                th, ql, qh = _outlier_query(idx, theta_ptr, qbase, gq, greal, D, HALF)
             c1, s1 = sincos(pos.to(tl.float32)[:, None] * th, FAST)
             c3 = c1[:, :, None]
             s3 = s1[:, :, None]
@@ -264,10 +268,7 @@ def _decode_packed_kernel(
                 # the next block's gathers, issued once its indices (loaded at this iteration's start) have had the
                 # whole block to arrive: with GQA the gather loaded and used in one iteration was the key loop's
                 # hottest stall (Nsight Compute, docs/kernels.md)
-                jq = koi_next.to(tl.int32) % HALF
-                th_next = tl.load(theta_ptr + jq)
-                ql_next = tl.load(qbase + gq * D + jq[:, :, None], mask=greal[None, None, :], other=0.0)
-                qh_next = tl.load(qbase + gq * D + HALF + jq[:, :, None], mask=greal[None, None, :], other=0.0)
+                th_next, ql_next, qh_next = _outlier_query(koi_next, theta_ptr, qbase, gq, greal, D, HALF)
     m_i = tl.max(m_lane, 0)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     tl.debug_barrier()
